@@ -1,0 +1,28 @@
+"""gradfn: functional multi-task gradients for PyTorch.
+
+Pure functions over parameter pytrees (optree), executed with ``torch.func``:
+
+* :mod:`gradfn.tree` — pytree helpers (task-stacked gradients, Gramian, weighted sums).
+* :mod:`gradfn.autodiff` — the per-task gradient engine (``per_task_grads``).
+"""
+
+from gradfn import tree
+from gradfn.base import Transform
+from gradfn.autodiff import (
+    functional_loss,
+    per_task_grads,
+    split_module,
+    value_and_per_task_grads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "functional_loss",
+    "per_task_grads",
+    "split_module",
+    "Transform",
+    "tree",
+    "value_and_per_task_grads",
+]
