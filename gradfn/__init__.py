@@ -7,22 +7,24 @@ Pure functions over parameter pytrees (optree), executed with ``torch.func``:
 """
 
 from gradfn import tree
-from gradfn.base import Transform
 from gradfn.autodiff import (
     functional_loss,
     per_task_grads,
     split_module,
     value_and_per_task_grads,
+    value_and_weighted_grad,
 )
+from gradfn.base import Transform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Transform",
     "__version__",
     "functional_loss",
     "per_task_grads",
     "split_module",
-    "Transform",
     "tree",
     "value_and_per_task_grads",
+    "value_and_weighted_grad",
 ]

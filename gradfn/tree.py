@@ -164,7 +164,9 @@ def weighted_sum(stacked: PyTree, weights: Tensor) -> PyTree:
     ``weights`` has shape ``(K,)``. The contraction runs in the leaf's dtype (weights are cast).
     """
     if weights.dim() != 1:
-        raise ValueError(f"weighted_sum: `weights` must be 1-D (K,), got shape {tuple(weights.shape)}")
+        raise ValueError(
+            f"weighted_sum: `weights` must be 1-D (K,), got shape {tuple(weights.shape)}"
+        )
 
     def one(leaf: Tensor) -> Tensor:
         k = leaf.shape[0]
