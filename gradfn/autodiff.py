@@ -266,18 +266,23 @@ def _task_batched_grads(loss_fn, selected, rest, batch, has_aux, strategy, num_t
     def one(sel, b):
         out, aux = _split_aux(loss_fn(_merge(sel, rest), b), has_aux)
         loss = _scalar_loss(out)
-        return loss, (loss, aux)
+        return loss, ((loss, aux) if has_aux else loss)
+
+    def split(out):
+        return out if has_aux else (out, None)
 
     if strategy == "vmap":
-        grads, (losses, aux) = torch.func.vmap(
-            torch.func.grad(one, has_aux=True), in_dims=(None, 0)
-        )(selected, batch)
+        grads, out = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0))(
+            selected, batch
+        )
+        losses, aux = split(out)
         return losses, aux, grads
     per_task = []
     losses, auxes = [], []
     for i in range(k):
         b = optree.tree_map(lambda x, i=i: x[i], batch)
-        g, (loss, aux) = torch.func.grad(one, has_aux=True)(selected, b)
+        g, out = torch.func.grad(one, has_aux=True)(selected, b)
+        loss, aux = split(out)
         per_task.append(g)
         losses.append(loss)
         auxes.append(aux)
