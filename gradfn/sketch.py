@@ -1,0 +1,86 @@
+"""Seeded random projection of task-stacked gradients (SON-GOKU sketched EMA, spec §2.4).
+
+``sketch(stacked, dim, seed)`` maps every task's shared gradient ``g_k ∈ R^n`` to
+``s_k = P g_k ∈ R^dim`` with a Johnson–Lindenstrauss matrix ``P`` of independent Rademacher
+entries ``±1/sqrt(dim)`` (``E[<Pa, Pb>] = <a, b>``). The EMA of SON-GOKU then lives in ``K × dim``
+memory instead of ``K × n``, and a refresh costs ``O(K² dim)`` for the Gramian (paper §2.4).
+
+``P`` is never stored: its entries are a counter-based hash of ``(seed, leaf, row, column)``,
+regenerated chunk by chunk (``chunk`` rows of ``P`` at a time, leaf by leaf). The same
+``(seed, dim)`` always gives the same ``P``, chunking does not change the result, and everything
+is tensor-only integer arithmetic, so it traces under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradfn.tree import leaves, num_tasks
+
+__all__ = ["projection_block", "sketch"]
+
+PyTree = Any
+_MASK = 0x7FFFFFFF  # 31 bits: every product below stays < 2**62 in int64.
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 31-bit integer hash (xorshift-multiply rounds); ``x`` int64 in ``[0, 2**31)``."""
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK
+    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK
+    return x ^ (x >> 16)
+
+
+def _mix_int(x: int) -> int:
+    """:func:`_mix` on a Python integer (same values)."""
+    x &= _MASK
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK
+    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK
+    return x ^ (x >> 16)
+
+
+def projection_block(
+    seed: int, leaf: int, rows: Tensor, dim: int, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Rows ``rows`` (1-D int64) of leaf ``leaf``'s block of ``P``: ``(len(rows), dim)``.
+
+    Entries are ``±1/sqrt(dim)``, a deterministic function of ``(seed, leaf, row, column)``.
+    """
+    device = rows.device
+    base = _mix_int(_mix_int(int(seed)) ^ (int(leaf) * 0x9E3779B1))
+    h_rows = _mix((rows.to(torch.int64) ^ base) & _MASK)  # (c,)
+    cols = torch.arange(dim, dtype=torch.int64, device=device)
+    h_cols = _mix((cols * 0x5BD1E995 + 0x632BE5AB) & _MASK)  # (dim,)
+    h = _mix(((h_rows[:, None] * 31) ^ h_cols[None, :]) & _MASK)
+    sign = ((h >> 11) & 1).to(dtype) * 2 - 1
+    return sign / math.sqrt(dim)
+
+
+def sketch(stacked: PyTree, dim: int, seed: int = 0, *, chunk: int = 8192) -> Tensor:
+    """Project a task-stacked pytree to ``(K, dim)`` float32: ``s_k = P g_k`` (module docstring).
+
+    Leaves are visited in the pytree's canonical order; the projection of leaf ``l`` is generated
+    ``chunk`` rows at a time, so the peak extra memory is ``chunk × dim``.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}")
+    k = num_tasks(stacked)
+    ls = leaves(stacked)
+    out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
+    for index, leaf in enumerate(ls):
+        rows = leaf.reshape(k, -1)
+        n = rows.shape[1]
+        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            ids = torch.arange(start, stop, dtype=torch.int64, device=leaf.device)
+            block = projection_block(seed, index, ids, dim, dtype=acc)
+            out = out + (rows[:, start:stop].to(acc) @ block).to(torch.float32)
+    return out
