@@ -1,0 +1,315 @@
+"""GCond conflict resolution in K×K coefficient space (gcond spec §2.3–§2.5).
+
+GCond repeatedly picks the most conflicting pair of task gradients (lowest cosine below the *weak*
+threshold) and projects them against each other. Every projection is linear in the task gradients,
+so the whole procedure can be tracked by a coefficient matrix ``C`` (K×K) with
+
+    g_i = Σ_j C_ij g⁰_j,        <g_i, g_j> = (C G⁰ Cᵀ)_ij,        G⁰ = Gramian of the g⁰.
+
+One resolution step therefore costs O(K²·n) for the Gramian plus O(iters·K³) scalar work, instead of
+O(iters·K²·n) for the pairwise vector implementation; the resolved gradients are ``combine(C, g⁰)``
+and their sum is ``weighted_sum(g⁰, C.sum(0))``.
+
+Rules (``thresholds = (t_c, t_m, t_w)`` = (critical, main, weak), ``c`` the pair's cosine):
+
+* ``"smooth"`` (§2.4, default): effective angle ``α(c)`` — weak zone ``c >= t_m``:
+  ``α = (π/2)(1 − clamp((c−t_m)/(t_w−t_m+eps), 0, 1))``; main zone ``t_c < c < t_m``:
+  ``α = π/2 + (π/2)·((c−t_m)/(t_c−t_m+eps))^p``; critical ``c <= t_c``: ``α = π``. With
+  ``s_w = sin α``, ``s_l = sin(min(α, π/2))`` and ``d = <g_i, g_j>``, simultaneously
+  ``g_w ← g_w − s_w·d/(||g_l||²+eps)·g_l`` and ``g_l ← g_l − s_l·d/(||g_w||²+eps)·g_w``.
+* ``"zones"`` (§2.5, the reference's ``use_smooth_logic=False``): critical ``c < t_c``: the loser is
+  zeroed; main ``t_c <= c < t_m``: ``g_l ← g_l − d/(||g_w||²+eps)·g_w``; weak ``t_m <= c < t_w``:
+  symmetric projection with ``d̃ = c·||g_i||·||g_j||`` and no arbitration.
+
+The loop runs a fixed number of iterations (``max_iters``, default ``2K``); an iteration that finds
+no pair below the weak threshold changes nothing (the reference stops there), so the result equals the
+reference's early exit. No ``.item()``, no Python branch on tensor values: it traces under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn.arbitrator import DominanceRule, arbitrate, pick, push_history, stability
+
+__all__ = [
+    "ResolveResult",
+    "Rule",
+    "check_thresholds",
+    "cross_gramian",
+    "pair_cosines",
+    "resolve",
+    "resolve_gramian",
+    "true_min_cosine",
+]
+
+Rule = Literal["smooth", "zones"]
+PyTree = Any
+
+
+class ResolveResult(NamedTuple):
+    """Output of :func:`resolve_gramian` / :func:`resolve` (``T`` = iterations run).
+
+    * ``coefficients`` (K, K): resolved ``g_i = Σ_j C_ij g⁰_j``.
+    * ``weights`` (K,): ``C.sum(0)``, so ``Σ_i g_i = Σ_j weights_j g⁰_j``.
+    * ``gramian`` (K, K): ``C G⁰ Cᵀ``, the Gramian of the resolved gradients.
+    * ``min_cosine_before`` / ``min_cosine_after``: true minimum pairwise cosine over the pairs whose
+      norms pass the floor, before / after resolution (1.0 when there is no such pair).
+    * ``iterations``: 0-d int64, iterations that resolved a pair (the reference's ``proj_iters``).
+    * ``pairs`` (T, 2) int64: the pair treated at each iteration, ``-1`` for a no-op iteration.
+    * ``winners`` (T,) int64: the arbitrated winner, ``-1`` where nobody was arbitrated.
+    * ``history`` (W,) int64: the updated winner ring.
+    * ``grads``: the resolved task-stacked gradients (:func:`resolve` only, else ``None``).
+    """
+
+    coefficients: Tensor
+    weights: Tensor
+    gramian: Tensor
+    min_cosine_before: Tensor
+    min_cosine_after: Tensor
+    iterations: Tensor
+    pairs: Tensor
+    winners: Tensor
+    history: Tensor
+    grads: PyTree | None = None
+
+
+def check_thresholds(thresholds: Sequence[float], name: str = "thresholds") -> tuple[float, ...]:
+    """Validate ``(critical, main, weak)``: three numbers in [-1, 1], non-decreasing."""
+    try:
+        t = tuple(float(x) for x in thresholds)
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be a sequence of 3 numbers, got {thresholds!r}") from err
+    if len(t) != 3:
+        raise ValueError(f"`{name}` must hold 3 numbers (critical, main, weak), got {thresholds!r}")
+    if any(not -1.0 <= x <= 1.0 for x in t):
+        raise ValueError(f"`{name}` must lie in [-1, 1], got {thresholds!r}")
+    if not t[0] <= t[1] <= t[2]:
+        raise ValueError(f"`{name}` must be non-decreasing (critical <= main <= weak), got {t!r}")
+    return t
+
+
+def pair_cosines(gram: Tensor, eps: float, norm_floor: float) -> tuple[Tensor, Tensor]:
+    """Cosines ``G_ij / (||g_i||·||g_j|| + eps)`` (K×K) and the mask of pairs ``i < j`` whose
+    norms are both ``>= norm_floor``."""
+    k = gram.shape[0]
+    sq = torch.diagonal(gram)
+    norms = torch.sqrt(torch.clamp(sq, min=0.0))
+    cos = gram / (norms[:, None] * norms[None, :] + eps)
+    valid = sq >= norm_floor * norm_floor
+    upper = torch.ones(k, k, dtype=torch.bool, device=gram.device).triu(1)
+    return cos, upper & valid[:, None] & valid[None, :]
+
+
+def true_min_cosine(gram: Tensor, eps: float = 1e-8, norm_floor: float | None = None) -> Tensor:
+    """Minimum pairwise cosine over the valid pairs of a Gramian (1.0 if there is none)."""
+    cos, mask = pair_cosines(gram, eps, eps if norm_floor is None else norm_floor)
+    one = torch.ones((), dtype=gram.dtype, device=gram.device)
+    return torch.where(mask, cos, one).amin() if gram.shape[0] > 1 else one
+
+
+def _angle(c: Tensor, t: tuple[float, float, float], p: float, eps: float) -> Tensor:
+    """The smooth rule's effective conflict angle ``α(c)`` (spec §2.4 item 2)."""
+    t_c, t_m, t_w = t
+    c = torch.clamp(c, -1.0, 1.0)
+    u_weak = torch.clamp((c - t_m) / (t_w - t_m + eps), 0.0, 1.0)
+    a_weak = (math.pi / 2) * (1.0 - u_weak)
+    u_main = torch.clamp((c - t_m) / (t_c - t_m + eps), min=0.0)
+    a_main = math.pi / 2 + (math.pi / 2) * u_main**p
+    return torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, torch.full_like(c, math.pi)))
+
+
+def resolve_gramian(
+    gram: Tensor,
+    thresholds: Sequence[float] = (-0.8, -0.5, 0.0),
+    *,
+    rule: Rule = "smooth",
+    max_iters: int | None = None,
+    remap_power: float = 2.0,
+    eps: float = 1e-8,
+    norm_floor: float | None = None,
+    norm_ema: Tensor | None = None,
+    prev_cross: Tensor | None = None,
+    prev_sq_norms: Tensor | None = None,
+    history: Tensor | None = None,
+    tie_breaking_weights: Sequence[float] = (0.8, 0.2),
+    dominance: DominanceRule = "loses",
+    arbitrate_weak: bool = False,
+) -> ResolveResult:
+    """Resolve the conflicts of the gradients whose Gramian is ``gram`` (K×K), spec §2.3.
+
+    Args:
+        gram: ``G⁰_ij = <g⁰_i, g⁰_j>`` (float32 or float64; the work is done in this dtype).
+        thresholds: ``(critical, main, weak)``, non-decreasing, in [-1, 1].
+        rule: ``"smooth"`` (§2.4) or ``"zones"`` (§2.5).
+        max_iters: iterations ``T`` (``None`` → ``2K``, the reference's default; ``0`` → none).
+        remap_power: ``p`` of the smooth rule's main-zone remap.
+        eps: the reference's ``eps`` (cosine and projection denominators).
+        norm_floor: pairs with a gradient of norm ``< norm_floor`` are skipped. ``None`` → ``eps``
+            (a test on the norm); the reference tests the *squared* norm against ``eps``, i.e.
+            ``norm_floor = sqrt(eps)``.
+        norm_ema: the tasks' norm EMAs ``e_k`` (K,) for the arbitrator's strength (default ones).
+        prev_cross: ``X_mk = <g⁰_m, p_k>`` (K×K) with the previous-step gradients ``p_k``, and
+        prev_sq_norms: ``||p_k||²`` (K,); both ``None`` → stability 0 (as on the first step).
+        history: winner ring ``(W,)`` int64 (see :mod:`gradfn.arbitrator`); ``None`` → no rotation.
+        tie_breaking_weights: ``(w_stability, w_strength)``.
+        dominance: ``"loses"`` (the reference: a dominant task is forced to lose) or ``"wins"``.
+        arbitrate_weak: smooth rule only — also arbitrate (and record in the history) weak-zone pairs,
+            as the reference does; the winner does not change a weak-zone projection, so the default
+            ``False`` only keeps those pairs out of the history.
+
+    Returns:
+        :class:`ResolveResult` (``grads`` is ``None``).
+    """
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(
+            f"resolve_gramian: `gram` must be a square (K, K) tensor, got {gram!r:.80}"
+        )
+    t = check_thresholds(thresholds)
+    if rule not in ("smooth", "zones"):
+        raise ValueError(f"resolve_gramian: `rule` must be 'smooth' or 'zones', got {rule!r}")
+    if dominance not in ("loses", "wins"):
+        raise ValueError(
+            f"resolve_gramian: `dominance` must be 'loses' or 'wins', got {dominance!r}"
+        )
+    if not remap_power > 0:
+        raise ValueError(f"resolve_gramian: `remap_power` must be > 0, got {remap_power!r}")
+    w = tuple(float(x) for x in tie_breaking_weights)
+    if len(w) != 2:
+        raise ValueError(f"resolve_gramian: `tie_breaking_weights` must hold 2 numbers, got {w!r}")
+    if (prev_cross is None) != (prev_sq_norms is None):
+        raise ValueError("resolve_gramian: give both `prev_cross` and `prev_sq_norms`, or neither")
+    k = gram.shape[0]
+    if max_iters is None:
+        max_iters = 2 * k
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"resolve_gramian: `max_iters` must be an int >= 0, got {max_iters!r}")
+    floor = eps if norm_floor is None else float(norm_floor)
+    t_c, t_m, t_w = t
+
+    dtype, device = gram.dtype, gram.device
+    eye = torch.eye(k, dtype=dtype, device=device)
+    ema = torch.ones(k, dtype=dtype, device=device) if norm_ema is None else norm_ema.to(dtype)
+    if history is None:
+        history = torch.empty(0, dtype=torch.int64, device=device)
+    if prev_cross is not None:
+        prev_cross = prev_cross.to(dtype)
+        prev_sq_norms = prev_sq_norms.to(dtype)  # type: ignore[union-attr]
+
+    coeff = eye
+    cur = gram
+    pairs, winners = [], []
+    iterations = torch.zeros((), dtype=torch.int64, device=device)
+    minus_one = torch.full((), -1, dtype=torch.int64, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+
+    for _ in range(max_iters):
+        cos, mask = pair_cosines(cur, eps, floor)
+        masked = torch.where(mask, cos, torch.full_like(cos, math.inf)).reshape(-1)
+        flat = torch.argmin(masked)  # first minimum = earliest pair (i < j, row-major) on ties
+        c = masked.amin()
+        active = c < t_w
+        i, j = flat // k, flat % k
+        sq = torch.diagonal(cur)
+        d, n_i, n_j = pick(cur.reshape(-1), flat), pick(sq, i), pick(sq, j)
+        c = torch.where(active, c, zero)  # keep inactive arithmetic finite
+
+        norms = torch.sqrt(torch.clamp(sq, min=0.0))
+        stab = stability(coeff, prev_cross, sq, prev_sq_norms, eps)
+        winner, loser = arbitrate(
+            i, j, norms, ema, stab, history, tie_breaking_weights=w, dominance=dominance, eps=eps
+        )
+        n_w = torch.where(winner == i, n_i, n_j)
+        n_l = torch.where(winner == i, n_j, n_i)
+        ar = torch.arange(k, device=device)
+        e_w, e_l = (ar == winner).to(dtype), (ar == loser).to(dtype)
+        e_i, e_j = (ar == i).to(dtype), (ar == j).to(dtype)
+
+        if rule == "smooth":
+            alpha = _angle(c, t, remap_power, eps)
+            s_w = torch.sin(alpha)
+            s_l = torch.sin(torch.clamp(alpha, max=math.pi / 2))
+            a = torch.where(active, s_w * d / (n_l + eps), zero)  # g_w -= a g_l
+            b = torch.where(active, s_l * d / (n_w + eps), zero)  # g_l -= b g_w
+            step = eye - a * torch.outer(e_w, e_l) - b * torch.outer(e_l, e_w)
+            arbitrated = active & (c < t_m) if not arbitrate_weak else active
+        else:
+            crit = active & (c < t_c)
+            main = active & (c >= t_c) & (c < t_m)
+            weak = active & (c >= t_m)
+            b_main = torch.where(main, d / (n_w + eps), zero)
+            d_tilde = c * torch.sqrt(torch.clamp(n_i * n_j, min=0.0))
+            a_ij = torch.where(weak, d_tilde / (n_j + eps), zero)  # g_i -= a_ij g_j
+            a_ji = torch.where(weak, d_tilde / (n_i + eps), zero)  # g_j -= a_ji g_i
+            kill = torch.where(crit, torch.ones_like(zero), zero)
+            step = (
+                eye
+                - kill * torch.outer(e_l, e_l)
+                - b_main * torch.outer(e_l, e_w)
+                - a_ij * torch.outer(e_i, e_j)
+                - a_ji * torch.outer(e_j, e_i)
+            )
+            arbitrated = crit | main
+
+        coeff = step @ coeff
+        cur = coeff @ gram @ coeff.T
+        history = push_history(history, winner, arbitrated)
+        iterations = iterations + active.to(torch.int64)
+        pairs.append(torch.where(active, torch.stack([i, j]), minus_one))
+        winners.append(torch.where(arbitrated, winner, minus_one))
+
+    return ResolveResult(
+        coefficients=coeff,
+        weights=coeff.sum(dim=0),
+        gramian=cur,
+        min_cosine_before=true_min_cosine(gram, eps, floor),
+        min_cosine_after=true_min_cosine(cur, eps, floor),
+        iterations=iterations,
+        pairs=torch.stack(pairs) if pairs else torch.empty(0, 2, dtype=torch.int64, device=device),
+        winners=torch.stack(winners)
+        if winners
+        else torch.empty(0, dtype=torch.int64, device=device),
+        history=history,
+    )
+
+
+def resolve(
+    grads: PyTree,
+    thresholds: Sequence[float] = (-0.8, -0.5, 0.0),
+    *,
+    gram_dtype: torch.dtype = torch.float32,
+    prev: PyTree | None = None,
+    **kwargs: Any,
+) -> ResolveResult:
+    """Resolve the conflicts of task-stacked ``grads`` (leaves ``(K, ...)``), spec §2.3.
+
+    Computes the Gramian leaf by leaf (in ``gram_dtype``), runs :func:`resolve_gramian` (every keyword
+    argument of which is accepted) and returns its result with ``grads`` = the resolved task-stacked
+    gradients ``combine(C, grads)``. ``prev`` (task-stacked, optional) are the previous-step gradients
+    for the arbitrator's stability; their cross-Gramian with ``grads`` is computed here.
+    """
+    gram = tree.gramian(grads, dtype=gram_dtype)
+    if prev is not None:
+        kwargs["prev_cross"] = cross_gramian(grads, prev, dtype=gram_dtype)
+        kwargs["prev_sq_norms"] = torch.diagonal(tree.gramian(prev, dtype=gram_dtype))
+    result = resolve_gramian(gram, thresholds, **kwargs)
+    return result._replace(grads=tree.combine(result.coefficients, grads))
+
+
+def cross_gramian(a: PyTree, b: PyTree, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``X_ij = <a_i, b_j>`` (K×K) of two task-stacked pytrees, leaf by leaf."""
+    k = tree.num_tasks(a)
+    out = None
+    for x, y in zip(tree.leaves(a), tree.leaves(b), strict=True):
+        term = x.reshape(k, -1).to(dtype) @ y.reshape(y.shape[0], -1).to(dtype).T
+        out = term if out is None else out + term
+    if out is None:
+        raise ValueError("cross_gramian: the pytrees have no leaves")
+    return out
