@@ -6,7 +6,7 @@ Pure functions over parameter pytrees (optree), executed with ``torch.func``:
 * :mod:`gradfn.autodiff` — the per-task gradient engine (``per_task_grads``).
 """
 
-from gradfn import tree
+from gradfn import aggregators, tree
 from gradfn.autodiff import (
     functional_loss,
     per_task_grads,
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Transform",
     "__version__",
+    "aggregators",
     "functional_loss",
     "per_task_grads",
     "split_module",

@@ -1,0 +1,238 @@
+"""The calling protocol shared by every aggregator.
+
+Two layers:
+
+* **Pure functions.** ``xxx_weights(gram, ...) -> w`` maps the Gramian ``G = J Jᵀ`` (``K×K``)
+  to task weights ``w`` (``K,``); ``xxx(grads, ...) -> Aggregated(grad, weights)`` takes the
+  task-stacked gradients, computes ``w`` from their Gramian and returns ``Σ_k w_k g_k``
+  (Gramian first: only ``K×K`` work besides the Gramian and the final weighted sum).
+* **Aggregator** ``(init, update)``: ``init(num_tasks) -> state`` and
+  ``update(state, grads, *, active=None, gram=None) -> (state, Aggregated)``, one shape for
+  stateless methods (an empty state), random ones (a counter that seeds the next draw) and
+  stateful ones (GradVac, Nash-MTL). Build one with :func:`gradfn.aggregators.aggregator`.
+
+Every weighting takes an optional ``active`` (``K,`` bool) mask: inactive tasks are ignored (as if
+their rows were absent) and get weight 0.
+
+Non-finite input: if the Gramian holds a NaN or an infinity (any non-finite gradient entry, or
+a gradient so large that its squared norm overflows), the weights are NaN and so is the
+aggregated gradient — never a finite-looking result. :func:`gradfn.aggregators.backward` raises a
+``ValueError`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn.aggregators._random import fold_in
+
+PyTree = Any
+State = Any
+
+__all__ = ["Aggregated", "Aggregator", "EmptyState"]
+
+_WORK = torch.float64  # the K×K work runs in float64: cheap, and it keeps the QPs well posed
+
+
+class Aggregated(NamedTuple):
+    """An aggregation result.
+
+    ``grad``: one task's pytree structure, ``Σ_k w_k g_k`` (for GradDrop the sum of ``rows``).
+    ``weights``: ``(K,)``. ``rows``: task-stacked per-task contributions whose sum is ``grad``,
+    only set by methods that are not a weighting of the rows (GradDrop), else ``None``.
+    """
+
+    grad: PyTree
+    weights: Tensor
+    rows: PyTree | None = None
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless aggregator."""
+
+
+class Aggregator(NamedTuple):
+    """``init(num_tasks, *, device=None) -> state``;
+    ``update(state, grads, *, active=None, gram=None) -> (state, Aggregated)``.
+
+    ``stateful`` says whether the state changes between calls (a counter or statistics).
+    """
+
+    init: Callable[..., State]
+    update: Callable[..., tuple[State, Aggregated]]
+    name: str
+    stateful: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# input checks (shapes and dtypes only: no host syncs)
+
+
+def check_grads(grads: PyTree, fn: str) -> int:
+    """Validate a task-stacked pytree of floating tensors; return ``K``."""
+    ls = tree.leaves(grads)
+    if not ls:
+        raise ValueError(f"{fn}: `grads` must be a task-stacked pytree with at least one tensor")
+    for leaf in ls:
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+            kind = leaf.dtype if isinstance(leaf, Tensor) else type(leaf).__name__
+            raise TypeError(f"{fn}: `grads` leaves must be floating-point tensors, got {kind}")
+    try:
+        k = tree.num_tasks(grads)
+    except ValueError as e:
+        raise ValueError(f"{fn}: `grads` {e}") from None
+    if k == 0:
+        raise ValueError(f"{fn}: `grads` has an empty task axis (K = 0)")
+    return k
+
+
+def check_gram(gram: Tensor, fn: str) -> int:
+    """Validate a ``K×K`` floating Gramian; return ``K``."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(f"{fn}: `gram` must be a tensor, got {type(gram).__name__}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise ValueError(f"{fn}: `gram` must be a non-empty K×K matrix, got {tuple(gram.shape)}")
+    if not gram.is_floating_point():
+        raise TypeError(f"{fn}: `gram` must be floating-point, got {gram.dtype}")
+    return gram.shape[0]
+
+
+def check_active(active: Tensor | None, k: int, fn: str) -> None:
+    if active is None:
+        return
+    if not isinstance(active, Tensor) or active.dtype != torch.bool or active.shape != (k,):
+        got = (active.dtype, tuple(active.shape)) if isinstance(active, Tensor) else type(active)
+        raise ValueError(f"{fn}: `active` must be a ({k},) bool tensor, got {got}")
+
+
+def check_pref(pref: Tensor | None, k: int, fn: str) -> None:
+    if pref is None:
+        return
+    if not isinstance(pref, Tensor) or pref.shape != (k,):
+        got = tuple(pref.shape) if isinstance(pref, Tensor) else type(pref).__name__
+        raise ValueError(f"{fn}: `pref` must be a ({k},) tensor, got {got}")
+
+
+# --------------------------------------------------------------------------------------------
+# K-space helpers
+
+
+def gram_dtype(grads: PyTree) -> torch.dtype:
+    """float64 when any leaf is float64, else float32 (the Gramian's accumulation dtype)."""
+    return (
+        torch.float64
+        if any(x.dtype == torch.float64 for x in tree.leaves(grads))
+        else (torch.float32)
+    )
+
+
+def gramian_of(grads: PyTree) -> Tensor:
+    return tree.gramian(grads, dtype=gram_dtype(grads))
+
+
+def restrict(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(G64, a)``: the Gramian in float64 with inactive rows/columns zeroed, and the float mask."""
+    g = gram.to(_WORK)
+    g = 0.5 * (g + g.T)
+    if active is None:
+        return g, torch.ones(g.shape[0], dtype=_WORK, device=g.device)
+    a = active.to(device=g.device, dtype=_WORK)
+    return g * a[:, None] * a[None, :], a
+
+
+def pref_or_mean(pref: Tensor | None, a: Tensor) -> Tensor:
+    """Preference over the active tasks: ``pref * a`` or the uniform ``a / |a|``."""
+    if pref is None:
+        return a / a.sum().clamp_min(1.0)
+    return pref.to(device=a.device, dtype=_WORK) * a
+
+
+def finish(w: Tensor, gram: Tensor, a: Tensor) -> Tensor:
+    """Zero inactive weights, NaN-out on a non-finite Gramian, cast back to the Gramian dtype."""
+    w = torch.where(torch.isfinite(gram).all(), w * a, torch.full_like(w, float("nan")))
+    return w.to(gram.dtype)
+
+
+def normalize_trace(g: Tensor, norm_eps: float) -> Tensor:
+    """``G / tr(G)``, or zeros when ``tr(G) <= norm_eps`` (TorchJD's ``normalize``)."""
+    tr = torch.diagonal(g).sum()
+    small = tr <= norm_eps
+    return torch.where(small, torch.zeros_like(g), g / torch.where(small, torch.ones_like(tr), tr))
+
+
+def eye_like(g: Tensor) -> Tensor:
+    return torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+
+
+# --------------------------------------------------------------------------------------------
+# building aggregators
+
+
+def from_weighting(weights_fn: Callable[..., Tensor], fn: str) -> Callable[..., Aggregated]:
+    """``aggregate(grads, *, gram=None, active=None, **hparams)`` from a Gramian weighting."""
+
+    def aggregate(
+        grads: PyTree, *, gram: Tensor | None = None, active: Tensor | None = None, **hparams: Any
+    ) -> Aggregated:
+        check_grads(grads, fn)
+        g = gramian_of(grads) if gram is None else gram
+        w = weights_fn(g, active=active, **hparams)
+        return Aggregated(tree.weighted_sum(grads, w), w)
+
+    aggregate.__name__ = fn
+    return aggregate
+
+
+def stateless(aggregate: Callable[..., Aggregated], name: str, **hparams: Any) -> Aggregator:
+    """An :class:`Aggregator` with an empty state around ``aggregate(grads, **hparams)``."""
+
+    def init(num_tasks: int, *, device: torch.device | str | None = None) -> EmptyState:
+        del num_tasks, device
+        return EmptyState()
+
+    def update(
+        state: EmptyState,
+        grads: PyTree,
+        *,
+        active: Tensor | None = None,
+        gram: Tensor | None = None,
+    ) -> tuple[EmptyState, Aggregated]:
+        return state, aggregate(grads, active=active, gram=gram, **hparams)
+
+    return Aggregator(init, update, name, stateful=False)
+
+
+class CounterState(NamedTuple):
+    """State of a randomised aggregator: ``seed`` (0-d int64) and ``count`` (0-d int64)."""
+
+    seed: Tensor
+    count: Tensor
+
+
+def seeded(
+    aggregate: Callable[..., Aggregated], name: str, seed: int, **hparams: Any
+) -> Aggregator:
+    """An :class:`Aggregator` that feeds ``aggregate`` a fresh seed each call (``seed + count``)."""
+
+    def init(num_tasks: int, *, device: torch.device | str | None = None) -> CounterState:
+        del num_tasks
+        z = torch.zeros((), dtype=torch.int64, device=device)
+        return CounterState(z + seed, z)
+
+    def update(
+        state: CounterState,
+        grads: PyTree,
+        *,
+        active: Tensor | None = None,
+        gram: Tensor | None = None,
+    ) -> tuple[CounterState, Aggregated]:
+        key = fold_in(state.seed, state.count)
+        out = aggregate(grads, seed=key, active=active, gram=gram, **hparams)
+        return CounterState(state.seed, state.count + 1), out
+
+    return Aggregator(init, update, name, stateful=True)

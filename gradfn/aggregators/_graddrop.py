@@ -1,0 +1,91 @@
+"""GradDrop (Chen et al. 2020, "Just Pick a Sign", Algorithm 1 lines 10–15), as in TorchJD.
+
+Per coordinate, the positive sign purity ``P = ½(1 + Σ_k g_k / Σ_k |g_k|)``; with ``U ~ U[0,1)``
+per coordinate, task ``k`` keeps its entry if ``f(P) > U`` and it is positive, or ``f(P) < U``
+and it is negative; ``out = Σ_k (ℓ_k + (1 − ℓ_k) M_k) ⊙ g_k`` (``ℓ`` the leak, default 0).
+
+Not a weighting of the rows: :class:`Aggregated` carries the per-task ``rows`` (their sum is the
+update) and ``weights`` are ones. Randomness: ``U`` is drawn from ``seed`` with the counter-based
+hash of :mod:`._random` (pure, device-independent), or passed in as ``noise`` (a pytree shaped
+like one task's gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn.aggregators._base import Aggregated, check_active, check_grads
+from gradfn.aggregators._random import fold_in, uniform
+
+PyTree = Any
+
+__all__ = ["graddrop"]
+
+
+def graddrop(
+    grads: PyTree,
+    *,
+    seed: int | Tensor = 0,
+    leak: Tensor | None = None,
+    f: Callable[[Tensor], Tensor] | None = None,
+    noise: PyTree | None = None,
+    active: Tensor | None = None,
+    gram: Tensor | None = None,
+) -> Aggregated:
+    """GradDrop on task-stacked ``grads``.
+
+    Args:
+        seed: seeds ``U`` (int or 0-d int64 tensor); ignored when ``noise`` is given.
+        leak: ``(K,)`` leak values ``ℓ_k ∈ [0, 1]`` (default zeros).
+        f: monotone map applied to ``P`` (default identity).
+        noise: optional ``U``: a pytree like one task's gradient, values in ``[0, 1)``.
+        active: optional ``(K,)`` bool mask (inactive rows are dropped before ``P``).
+        gram: ignored (GradDrop needs no Gramian).
+
+    Returns:
+        ``Aggregated(grad, ones(K), rows)`` with ``rows`` task-stacked and ``grad = Σ_k rows_k``.
+        A NaN/inf entry makes the whole output NaN.
+    """
+    del gram
+    k = check_grads(grads, "graddrop")
+    check_active(active, k, "graddrop")
+    if leak is not None and (not isinstance(leak, Tensor) or leak.shape != (k,)):
+        raise ValueError(f"graddrop: `leak` must be a ({k},) tensor")
+    ls, spec = optree.tree_flatten(grads)
+    if noise is not None:
+        us = optree.tree_leaves(noise)
+        if len(us) != len(ls) or any(u.shape != x.shape[1:] for u, x in zip(us, ls, strict=True)):
+            raise ValueError("graddrop: `noise` must have the structure of one task's gradient")
+    bad = tree.tree_any_nonfinite(grads)
+    rows_out = []
+    for idx, x in enumerate(ls):
+        m = x.reshape(k, -1)
+        if active is not None:
+            m = m * active.to(device=m.device, dtype=m.dtype)[:, None]
+        total = m.sum(0)
+        absum = m.abs().sum(0)
+        p = 0.5 * (1.0 + total / torch.where(absum > 0, absum, 1.0))
+        fp = p if f is None else f(p)
+        if noise is None:
+            u = uniform(fold_in(seed, idx), (m.shape[1],), device=m.device, dtype=m.dtype)
+        else:
+            u = us[idx].reshape(-1).to(device=m.device, dtype=m.dtype)
+        keep = ((fp > u) & (m > 0)) | ((fp < u) & (m < 0))
+        if leak is None:
+            r = keep.to(m.dtype) * m
+        else:
+            lk = leak.to(device=m.device, dtype=m.dtype)[:, None]
+            r = (lk + (1 - lk) * keep.to(m.dtype)) * m
+        r = torch.where(bad, torch.full_like(r, float("nan")), r)
+        rows_out.append(r.reshape(x.shape))
+    rows = optree.tree_unflatten(spec, rows_out)
+    grad = optree.tree_map(lambda r: r.sum(0), rows)
+    ref = ls[0]
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    return Aggregated(grad, torch.ones(k, dtype=dtype, device=ref.device), rows)

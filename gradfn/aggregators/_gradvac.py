@@ -1,0 +1,139 @@
+"""GradVac (Wang et al. 2021, "Gradient Vaccine", ICLR), stateful, in K-space as in TorchJD.
+
+For each task ``i`` and each other task ``j`` (in a random order), with ``φ_ij`` the cosine of
+the current ``g_i^PC`` and the original ``g_j`` and ``φ̂_ij`` its EMA target: if
+``φ_ij < φ̂_ij``, add ``w g_j`` to ``g_i^PC`` with
+``w = ‖g_i^PC‖ (φ̂ √(1−φ²) − φ √(1−φ̂²)) / (‖g_j‖ √(1−φ̂²) + eps)``; then
+``φ̂_ij ← (1−β) φ̂_ij + β φ_ij``. The update is ``Σ_i g_i^PC``. All rows advance together
+(``K − 1`` vectorised steps); the state holds ``φ̂`` (``K×K``, zeros at init) and the seed/counter
+of the visiting orders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn.aggregators._base import (
+    Aggregated,
+    Aggregator,
+    check_active,
+    check_grads,
+    check_gram,
+    gramian_of,
+    restrict,
+)
+from gradfn.aggregators._random import fold_in, permutations
+
+PyTree = Any
+
+__all__ = ["GradVacState", "gradvac", "gradvac_init", "gradvac_weights"]
+
+
+class GradVacState(NamedTuple):
+    """``phi``: EMA cosine targets ``φ̂`` (``K×K`` float64); ``seed``, ``count``: 0-d int64."""
+
+    phi: Tensor
+    seed: Tensor
+    count: Tensor
+
+
+def gradvac_init(
+    num_tasks: int, *, seed: int = 0, device: torch.device | str | None = None
+) -> GradVacState:
+    """Zero targets for ``num_tasks`` tasks."""
+    if num_tasks <= 0:
+        raise ValueError(f"gradvac_init: `num_tasks` must be positive, got {num_tasks}")
+    z = torch.zeros((), dtype=torch.int64, device=device)
+    phi = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+    return GradVacState(phi, z + seed, z)
+
+
+def _others_order(key: Tensor, k: int, device: torch.device) -> Tensor:
+    perm = permutations(key, k, max(k - 1, 1), device=device)[:, : k - 1]
+    rows = torch.arange(k, device=device)[:, None]
+    return perm + (perm >= rows).to(perm.dtype)
+
+
+def gradvac_weights(
+    state: GradVacState,
+    gram: Tensor,
+    *,
+    beta: float = 0.5,
+    eps: float = 1e-8,
+    order: Tensor | None = None,
+    active: Tensor | None = None,
+) -> tuple[GradVacState, Tensor]:
+    """One GradVac step on the Gramian: ``(new_state, w)``.
+
+    ``order`` (optional, ``(K, K−1)``): row ``i`` lists the other tasks in visiting order
+    (default: random from the state's seed and counter). Inactive tasks (``active``) are neither
+    corrected nor used, and their targets are kept.
+    """
+    k = check_gram(gram, "gradvac_weights")
+    check_active(active, k, "gradvac_weights")
+    if state.phi.shape != (k, k):
+        raise ValueError(f"gradvac_weights: state is for {state.phi.shape[0]} tasks, gram has {k}")
+    if not 0.0 <= beta <= 1.0 or eps < 0:
+        raise ValueError("gradvac_weights: need 0 ≤ beta ≤ 1 and eps ≥ 0")
+    g, a = restrict(gram, active)
+    if order is None:
+        order = _others_order(fold_in(state.seed, state.count), k, g.device)
+    elif order.shape != (k, k - 1):
+        raise ValueError(
+            f"gradvac_weights: `order` must be ({k}, {k - 1}), got {tuple(order.shape)}"
+        )
+    order = order.to(device=g.device, dtype=torch.int64)
+    phi_t = state.phi.to(device=g.device, dtype=g.dtype)
+    on = a > 0
+    diag = torch.diagonal(g).clamp_min(0.0)
+    norm_all = diag.sqrt()
+    c = torch.eye(k, dtype=g.dtype, device=g.device)
+    cg = g.clone()  # row i: ⟨g_i^PC, g_j⟩ for every j
+    rows = torch.arange(k, device=g.device)
+    for t in range(k - 1):
+        j = order[:, t]
+        valid = on & on[j]
+        onehot = torch.nn.functional.one_hot(j, k).to(g.dtype)
+        dot = (cg * onehot).sum(1)
+        norm_i = (cg * c).sum(1).clamp_min(0.0).sqrt()
+        norm_j = norm_all[j]
+        phi = dot / (norm_i * norm_j + eps)
+        hat = phi_t[rows, j]
+        fix = valid & (phi < hat)
+        s_phi = (1.0 - phi * phi).clamp_min(0.0).sqrt()
+        s_hat = (1.0 - hat * hat).clamp_min(0.0).sqrt()
+        w = norm_i * (hat * s_phi - phi * s_hat) / (norm_j * s_hat + eps)
+        w = torch.where(fix, w, 0.0)
+        c = c + w[:, None] * onehot
+        cg = cg + w[:, None] * g[j]
+        new_hat = torch.where(valid, (1.0 - beta) * hat + beta * phi, hat)
+        phi_t = torch.where(onehot > 0, new_hat[:, None], phi_t)
+    finite = torch.isfinite(gram).all()
+    w_out = torch.where(finite, (c * a[:, None]).sum(0), float("nan")).to(gram.dtype)
+    new_phi = torch.where(finite, phi_t, state.phi.to(phi_t.device)).to(state.phi.dtype)
+    return GradVacState(new_phi, state.seed, state.count + 1), w_out
+
+
+def gradvac(*, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> Aggregator:
+    """The GradVac :class:`Aggregator` (stateful)."""
+
+    def init(num_tasks: int, *, device: torch.device | str | None = None) -> GradVacState:
+        return gradvac_init(num_tasks, seed=seed, device=device)
+
+    def update(
+        state: GradVacState,
+        grads: PyTree,
+        *,
+        active: Tensor | None = None,
+        gram: Tensor | None = None,
+    ) -> tuple[GradVacState, Aggregated]:
+        check_grads(grads, "gradvac")
+        g = gramian_of(grads) if gram is None else gram
+        state, w = gradvac_weights(state, g, beta=beta, eps=eps, active=active)
+        return state, Aggregated(tree.weighted_sum(grads, w), w)
+
+    return Aggregator(init, update, "gradvac", stateful=True)

@@ -1,0 +1,59 @@
+"""Build an :class:`Aggregator` by name: ``aggregator("upgrad", reg_eps=1e-4)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gradfn.aggregators._aligned_mtl import aligned_mtl
+from gradfn.aggregators._base import Aggregated, Aggregator, seeded, stateless
+from gradfn.aggregators._cagrad import cagrad
+from gradfn.aggregators._config import config
+from gradfn.aggregators._dualproj import dualproj
+from gradfn.aggregators._graddrop import graddrop
+from gradfn.aggregators._gradvac import gradvac
+from gradfn.aggregators._imtl_g import imtl_g
+from gradfn.aggregators._mean import mean, sum_
+from gradfn.aggregators._mgda import mgda
+from gradfn.aggregators._nash_mtl import nash_mtl
+from gradfn.aggregators._pcgrad import pcgrad
+from gradfn.aggregators._upgrad import upgrad
+
+__all__ = ["METHODS", "aggregator"]
+
+_STATELESS: dict[str, Callable[..., Aggregated]] = {
+    "mean": mean,
+    "sum": sum_,
+    "mgda": mgda,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+    "cagrad": cagrad,
+    "imtl_g": imtl_g,
+    "aligned_mtl": aligned_mtl,
+    "config": config,
+}
+_SEEDED: dict[str, Callable[..., Aggregated]] = {"pcgrad": pcgrad, "graddrop": graddrop}
+_FACTORIES: dict[str, Callable[..., Aggregator]] = {"gradvac": gradvac, "nash_mtl": nash_mtl}
+
+METHODS: tuple[str, ...] = (*_STATELESS, *_SEEDED, *_FACTORIES)
+
+
+def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggregator:
+    """The :class:`Aggregator` of ``method`` with its hyper-parameters bound.
+
+    ``method``: a name in :data:`METHODS`, or any pure ``aggregate(grads, *, active=None,
+    gram=None, **hparams) -> Aggregated``. ``"pcgrad"`` and ``"graddrop"`` take ``seed`` (default
+    0) and draw fresh randomness each call from a counter in their state.
+    """
+    if callable(method):
+        return stateless(method, getattr(method, "__name__", "aggregator"), **hparams)
+    if not isinstance(method, str):
+        raise TypeError(f"aggregator: `method` must be a name or a callable, got {type(method)}")
+    if method in _STATELESS:
+        return stateless(_STATELESS[method], method, **hparams)
+    if method in _SEEDED:
+        seed = hparams.pop("seed", 0)
+        return seeded(_SEEDED[method], method, seed, **hparams)
+    if method in _FACTORIES:
+        return _FACTORIES[method](**hparams)
+    raise ValueError(f"aggregator: unknown method {method!r}; expected one of {METHODS}")
