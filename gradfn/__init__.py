@@ -8,6 +8,7 @@ Pure functions over parameter pytrees (optree), executed with ``torch.func``:
 
 from gradfn import aggregators, tree
 from gradfn.autodiff import (
+    choose_strategy,
     functional_loss,
     per_task_grads,
     split_module,
@@ -22,6 +23,7 @@ __all__ = [
     "Transform",
     "__version__",
     "aggregators",
+    "choose_strategy",
     "functional_loss",
     "per_task_grads",
     "split_module",

@@ -18,12 +18,16 @@ Strategies (all give the same numbers):
   BatchNorm running statistics in place (``torch.func`` transforms forbid that mutation).
 * ``"loop"``: one forward with autograd, then ``K`` calls of ``torch.autograd.grad`` on the retained
   graph (form B: ``K`` forward + backward passes, one per task batch).
-* ``"auto"``: ``"vmap"`` while compiling and on accelerators; on the CPU ``"loop"`` when the
-  selected parameters are many (``n ≥ auto_loop_min_params``, default 2¹⁶ = 65 536) and ``"vmap"``
-  otherwise. The rule comes from ``benchmarks/per_task_grads.py``: on a CPU a batched backward
-  is faster for small layers, where overheads dominate, and slower for large ones, where the ``K``
-  separate matrix products of the loop are already compute-bound and vmap's batched kernels add
-  copies. On GPU the batched backward wins.
+* ``"auto"``: ``"vmap"`` while compiling (the loop of ``autograd.grad`` calls cannot be traced)
+  and on accelerators (where batching ``K`` small kernels into one is the usual win; not measured
+  in this repository's CPU benchmark); ``"loop"`` on the CPU. The rule is measured by ``benchmarks/per_task_grads.py``: on a 2-core CPU the ``K``
+  separate backward passes are already compute-bound, and vmap's batched kernels (and the copies
+  of the cotangents into them) made it 0–40 % slower on every model there (MLP and CNN,
+  ``K`` = 2…16).
+
+Return the losses as a dict or a list rather than as their stack: a task's backward then starts at
+its own loss and visits only the part of the graph it uses (a stacked 1-D tensor makes every
+backward pass through all ``K`` heads, with zero cotangents on the others).
 
 The output is *task-stacked*: ``grads[name].shape == (K, *params[name].shape)``, in each
 parameter's dtype; parameters a task does not use get zeros.
@@ -47,7 +51,6 @@ LossFn = Callable[[Params, Any], Any]
 Strategy = Literal["auto", "vmap", "loop"]
 
 __all__ = [
-    "AUTO_LOOP_MIN_PARAMS",
     "choose_strategy",
     "functional_loss",
     "per_task_grads",
@@ -56,7 +59,6 @@ __all__ = [
     "value_and_weighted_grad",
 ]
 
-AUTO_LOOP_MIN_PARAMS = 1 << 16
 _STRATEGIES = ("auto", "vmap", "loop")
 
 
@@ -64,8 +66,8 @@ _STRATEGIES = ("auto", "vmap", "loop")
 # input handling
 
 
-def _loss_vector(out: Any, num_tasks: int | None) -> Tensor:
-    """The task losses returned by ``loss_fn`` as one 1-D tensor ``(K,)``."""
+def _loss_list(out: Any, num_tasks: int | None) -> list[Tensor]:
+    """The task losses returned by ``loss_fn`` as a list of ``K`` 0-d tensors (checked)."""
     if isinstance(out, Tensor):
         if out.dim() != 1:
             raise ValueError(
@@ -94,10 +96,19 @@ def _loss_vector(out: Any, num_tasks: int | None) -> Tensor:
             )
     if num_tasks is not None and len(losses) != num_tasks:
         raise ValueError(f"loss_fn returned {len(losses)} task losses but num_tasks={num_tasks}")
+    return [loss.reshape(()) for loss in losses]
+
+
+def _stack_losses(losses: list[Tensor]) -> Tensor:
+    """``(K,)`` tensor of the losses, in their promoted dtype."""
     dtype = losses[0].dtype
     for loss in losses[1:]:
         dtype = torch.promote_types(dtype, loss.dtype)
-    return torch.stack([loss.reshape(()).to(dtype) for loss in losses])
+    return torch.stack([loss.to(dtype) for loss in losses])
+
+
+def _loss_vector(out: Any, num_tasks: int | None) -> Tensor:
+    return _stack_losses(_loss_list(out, num_tasks))
 
 
 def _select(params: PyTree, wrt: Callable[[str], bool] | None) -> tuple[PyTree, dict[str, Tensor]]:
@@ -137,21 +148,29 @@ def _check_strategy(strategy: str) -> None:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
 
 
-def _num_elements(tree: PyTree) -> int:
-    return sum(leaf.numel() for leaf in optree.tree_leaves(tree))
-
-
-def choose_strategy(params: PyTree, *, auto_loop_min_params: int = AUTO_LOOP_MIN_PARAMS) -> str:
+def choose_strategy(params: PyTree) -> str:
     """The strategy ``"auto"`` picks for these (selected) parameters; see the module docstring."""
     leaves = optree.tree_leaves(params)
     if _is_compiling() or not leaves or leaves[0].device.type != "cpu":
         return "vmap"
-    return "loop" if _num_elements(params) >= auto_loop_min_params else "vmap"
+    return "loop"
 
 
 def _zeros_for_none(grads: tuple[Tensor | None, ...], leaves: list[Tensor]) -> list[Tensor]:
     """Gradients of unused inputs (``None`` from autograd) as zeros."""
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+
+
+def _stack_rows(rows: list[Tensor | None], like: Tensor) -> Tensor:
+    """Stack one leaf's per-task gradients on a task axis; ``None`` (unused) rows are zeros."""
+    present = [g for g in rows if g is not None]
+    if len(present) == len(rows):
+        return torch.stack(present)
+    out = torch.zeros((len(rows), *like.shape), dtype=like.dtype, device=like.device)
+    for i, g in enumerate(rows):
+        if g is not None:
+            out[i] = g
+    return out
 
 
 def _split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
@@ -178,15 +197,21 @@ def _vmap_grads(loss_fn, selected, rest, batch, has_aux, num_tasks):
         out, aux = _split_aux(
             loss_fn(_merge(optree.tree_unflatten(spec, leaves), rest), batch), has_aux
         )
-        losses = _loss_vector(out, num_tasks)
-        k = losses.shape[0]
-        if losses.requires_grad:
-            eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+        loss_list = _loss_list(out, num_tasks)
+        k = len(loss_list)
+        # One output per task (not their stack): a task's backward then starts at its own loss.
+        outputs = [loss for loss in loss_list if loss.requires_grad]
+        if outputs:
+            eye = torch.eye(k, dtype=loss_list[0].dtype, device=loss_list[0].device)
+            cotangents = [
+                eye[:, i].to(loss.dtype) for i, loss in enumerate(loss_list) if loss.requires_grad
+            ]
             grads = torch.autograd.grad(
-                losses, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True
+                outputs, leaves, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
             )
         else:
             grads = (None,) * len(leaves)
+        losses = _stack_losses(loss_list)
     stacked = [
         torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
         for g, x in zip(grads, leaves, strict=True)
@@ -216,18 +241,19 @@ def _loop_grads(loss_fn, selected, rest, batch, has_aux, num_tasks):
         out, aux = _split_aux(
             loss_fn(_merge(optree.tree_unflatten(spec, leaves), rest), batch), has_aux
         )
-        losses = _loss_vector(out, num_tasks)
-        k = losses.shape[0]
-        rows: list[list[Tensor]] = []
-        for i in range(k):
-            if losses.requires_grad:
-                g = torch.autograd.grad(
-                    losses[i], leaves, retain_graph=i < k - 1, allow_unused=True
-                )
+        loss_list = _loss_list(out, num_tasks)
+        last = max((i for i, loss in enumerate(loss_list) if loss.requires_grad), default=-1)
+        rows: list[tuple[Tensor | None, ...]] = []
+        for i, loss in enumerate(loss_list):
+            # Differentiate each task's own loss (not an element of their stack), so its backward
+            # visits only the part of the graph that the task uses.
+            if loss.requires_grad:
+                g = torch.autograd.grad(loss, leaves, retain_graph=i < last, allow_unused=True)
             else:
                 g = (None,) * len(leaves)
-            rows.append(_zeros_for_none(g, leaves))
-    stacked = [torch.stack([row[j] for row in rows]) for j in range(len(leaves))]
+            rows.append(g)
+        losses = _stack_losses(loss_list)
+    stacked = [_stack_rows([row[j] for row in rows], x) for j, x in enumerate(leaves)]
     return losses.detach(), aux, optree.tree_unflatten(spec, stacked)
 
 
