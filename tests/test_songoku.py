@@ -1,0 +1,396 @@
+"""The SON-GOKU transform (gradfn.songoku) against naive loops written out here."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gradfn.schedules import TauSchedule
+from gradfn.songoku import songoku
+from gradfn.songoku_transforms import pcgrad_order
+
+D = 6
+
+
+def planted(k_per_group=2, groups=3, seed=0, noise=0.05):
+    """Tasks in ``groups`` clusters: aligned inside a cluster, opposed (120°) across clusters."""
+    g = torch.Generator().manual_seed(seed)
+    angles = [2 * math.pi * c / groups for c in range(groups)]
+    means = torch.zeros(groups, D, dtype=torch.float64)
+    for c, a in enumerate(angles):
+        means[c, 0], means[c, 1] = math.cos(a), math.sin(a)
+    labels = [c for c in range(groups) for _ in range(k_per_group)]
+    dirs = torch.stack(
+        [means[c] + noise * torch.randn(D, generator=g, dtype=torch.float64) for c in labels]
+    )
+    return dirs, labels
+
+
+def linear_loss(dirs):
+    """L_k(params, batch) = <dirs_k + batch_k, w> + ½‖head_k‖²: ∇_w L_k = dirs_k + batch_k."""
+    k = dirs.shape[0]
+
+    def loss_fn(params, batch):
+        w = params["w"]
+        return torch.stack(
+            [
+                (dirs[i] + batch[i]) @ w + 0.5 * (params[f"h{i}"] ** 2).sum() * (1 + i)
+                for i in range(k)
+            ]
+        )
+
+    return loss_fn
+
+
+def make_params(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = {"w": torch.randn(D, generator=g, dtype=torch.float64)}
+    for i in range(k):
+        p[f"h{i}"] = torch.randn(2, generator=g, dtype=torch.float64)
+    return p
+
+
+def batches(k, n, seed=1, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(k, D, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def partition(state):
+    m = int(state.num_groups)
+    return {frozenset(torch.nonzero(state.groups[c]).flatten().tolist()) for c in range(m)}
+
+
+@pytest.mark.parametrize(
+    ("ema_mode", "sketch_dim"), [("active", None), ("refresh", None), ("active", 128)]
+)
+def test_planted_partition_is_recovered(ema_mode, sketch_dim):
+    dirs, labels = planted(k_per_group=3, groups=3)
+    k = len(labels)
+    tx = songoku(
+        linear_loss(dirs),
+        num_tasks=k,
+        shared=["w"],
+        refresh_period=4,
+        ema_mode=ema_mode,
+        sketch_dim=sketch_dim,
+        tau_schedule=0.25,
+    )
+    params = make_params(k)
+    state = tx.init(params)
+    for b in batches(k, 4):
+        state, _ = tx.update(state, params, b)
+    assert int(state.refreshes) == 1
+    truth = {frozenset(i for i in range(k) if labels[i] == c) for c in range(3)}
+    assert partition(state) == truth
+    # the conflict graph is exactly "different clusters"
+    expected = torch.tensor([[labels[i] != labels[j] for j in range(k)] for i in range(k)])
+    assert torch.equal(state.adjacency, expected)
+
+
+def test_steps_follow_the_paper_schedule_and_sum_the_active_gradients():
+    dirs, labels = planted(k_per_group=2, groups=3)
+    k = len(labels)
+    loss_fn = linear_loss(dirs)
+    tx = songoku(loss_fn, num_tasks=k, shared=["w"], refresh_period=4, tau_schedule=0.25)
+    params = make_params(k)
+    state = tx.init(params)
+    seen = []
+    for t, b in enumerate(batches(k, 12)):
+        group = state.groups[state.ptr].clone()
+        state, grads = tx.update(state, params, b)
+        seen.append(frozenset(torch.nonzero(group).flatten().tolist()))
+        assert torch.equal(state.active, group)
+        # naive: Σ_{k∈S} ∇L_k for w, own-head gradients for active heads, zeros otherwise
+        want_w = sum(dirs[i] + b[i] for i in range(k) if group[i])
+        torch.testing.assert_close(grads["w"], want_w)
+        for i in range(k):
+            want_h = (1 + i) * params[f"h{i}"] if group[i] else torch.zeros(2, dtype=torch.float64)
+            torch.testing.assert_close(grads[f"h{i}"], want_h)
+        assert int(state.step) == t + 1
+    every = frozenset(range(k))
+    assert seen[:4] == [every] * 4  # warm-up: joint training until the first refresh (t = R)
+    g0, g1, g2 = (frozenset(p) for p in ([0, 1], [2, 3], [4, 5]))
+    # each refresh window starts again at group 0 (spec §5.6 fixed): 0,1,2,0 | 0,1,2,0
+    assert seen[4:] == [g0, g1, g2, g0, g0, g1, g2, g0]
+
+
+def test_legacy_pointer_starts_the_window_at_group_one():
+    dirs, _ = planted(k_per_group=1, groups=3)
+    tx = songoku(
+        linear_loss(dirs), num_tasks=3, shared=["w"], refresh_period=2, legacy_pointer=True
+    )
+    params = make_params(3)
+    state = tx.init(params)
+    for b in batches(3, 2):
+        state, _ = tx.update(state, params, b)
+    assert int(state.ptr) == 1
+
+
+def test_mean_reduction_and_one_backward_path():
+    dirs, labels = planted(k_per_group=2, groups=2)
+    k = len(labels)
+    loss_fn = linear_loss(dirs)
+    params = make_params(k)
+    for reduction in ("sum", "mean"):
+        tx = songoku(
+            loss_fn,
+            num_tasks=k,
+            shared=["w"],
+            refresh_period=2,
+            ema_mode="refresh",
+            reduction=reduction,
+        )
+        assert tx.config["one_backward"]
+        state = tx.init(params)
+        for b in batches(k, 5):
+            group = state.groups[state.ptr].clone()
+            state, grads = tx.update(state, params, b)
+            n = int(group.sum()) if reduction == "mean" else 1
+            want = sum(dirs[i] + b[i] for i in range(k) if group[i]) / n
+            torch.testing.assert_close(grads["w"], want)
+        assert len(partition(state)) == 2
+
+
+def test_ema_modes_match_a_naive_ema():
+    dirs, labels = planted(k_per_group=2, groups=2)
+    k = len(labels)
+    params = make_params(k)
+    data = batches(k, 6, scale=0.3)
+    beta = 0.8
+    for mode in ("active", "refresh"):
+        tx = songoku(
+            linear_loss(dirs),
+            num_tasks=k,
+            shared=["w"],
+            refresh_period=3,
+            ema_mode=mode,
+            ema_beta=beta,
+        )
+        state = tx.init(params)
+        ema = torch.zeros(k, D, dtype=torch.float64)
+        for t, b in enumerate(data):
+            group = state.groups[state.ptr].clone()
+            state, _ = tx.update(state, params, b)
+            g = dirs + b
+            update = group if mode == "active" else torch.full((k,), (t + 1) % 3 == 0)
+            ema = torch.where(update[:, None], beta * ema + (1 - beta) * g, ema)
+        torch.testing.assert_close(state.ema["w"], ema)
+
+
+def test_refresh_batch_updates_the_ema_of_probed_tasks():
+    dirs, _ = planted(k_per_group=1, groups=3)
+    tx = songoku(linear_loss(dirs), num_tasks=3, shared=["w"], refresh_period=5)
+    params = make_params(3)
+    state = tx.init(params)
+    extra = torch.ones(3, D, dtype=torch.float64)
+    probe = torch.tensor([True, False, True])
+    new = tx.refresh(state, params, extra, probe)
+    want = 0.1 * (dirs + extra)
+    torch.testing.assert_close(new.ema["w"][0], want[0])
+    torch.testing.assert_close(new.ema["w"][1], torch.zeros(D, dtype=torch.float64))
+    torch.testing.assert_close(new.ema["w"][2], want[2])
+    assert new.ema_count.tolist() == [1, 0, 1]
+
+
+def naive_pcgrad(grads, active, order, mean):
+    out = []
+    idx = [i for i in range(len(grads)) if active[i]]
+    for i in idx:
+        g = grads[i].clone()
+        for j in order[i].tolist():
+            if j == i or j not in idx:
+                continue
+            dot = g @ grads[j]
+            if dot < 0:
+                g = g - dot / max(float(grads[j] @ grads[j]), 1e-12) * grads[j]
+        out.append(g)
+    total = sum(out)
+    return total / len(idx) if mean else total
+
+
+@pytest.mark.parametrize("builtin", ["pcgrad", "pcgrad_sum"])
+def test_pcgrad_in_group_matches_naive(builtin):
+    g = torch.Generator().manual_seed(3)
+    dirs = torch.randn(4, D, generator=g, dtype=torch.float64)
+    tx = songoku(
+        linear_loss(dirs),
+        num_tasks=4,
+        shared=["w"],
+        gradient_transform=builtin,
+        refresh_period=100,
+        seed=7,
+    )
+    params = make_params(4)
+    state = tx.init(params)
+    for b in batches(4, 3, scale=0.5):
+        order = pcgrad_order(state.seed, state.step, 4)
+        active = state.groups[state.ptr].clone()
+        state, grads = tx.update(state, params, b)
+        want = naive_pcgrad(dirs + b, active, order, builtin == "pcgrad")
+        torch.testing.assert_close(grads["w"], want)
+        torch.testing.assert_close(grads["h1"], 2 * params["h1"])  # heads untouched
+    o1 = pcgrad_order(torch.tensor(7), torch.tensor(1), 4)
+    assert all(sorted(r.tolist()) == [0, 1, 2, 3] for r in o1)
+    assert not torch.equal(o1, pcgrad_order(torch.tensor(7), torch.tensor(2), 4))
+
+
+def test_inverse_norm_weighting_matches_naive():
+    g = torch.Generator().manual_seed(4)
+    dirs = torch.randn(3, D, generator=g, dtype=torch.float64) * torch.tensor(
+        [[1.0], [3.0], [9.0]], dtype=torch.float64
+    )
+    tx = songoku(
+        linear_loss(dirs),
+        num_tasks=3,
+        shared=["w"],
+        gradient_transform="adatask",
+        refresh_period=100,
+    )
+    params = make_params(3)
+    state = tx.init(params)
+    ema = [None] * 3
+    for b in batches(3, 3, scale=0.5):
+        state, grads = tx.update(state, params, b)
+        gs = dirs + b
+        for i in range(3):
+            n = float(gs[i].norm()) + 1e-8
+            ema[i] = n if ema[i] is None else 0.9 * ema[i] + 0.1 * n
+        inv = [1 / max(e, 1e-8) for e in ema]
+        w = [v * 3 / (sum(inv) + 1e-8) for v in inv]
+        # the norm EMA is held in float32
+        want = sum(w[i] * gs[i] for i in range(3))
+        torch.testing.assert_close(grads["w"], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads["h2"], w[2] * 3 * params["h2"], rtol=1e-5, atol=1e-6)
+
+
+def test_user_hook_receives_masked_per_task_gradients():
+    dirs, _ = planted(k_per_group=1, groups=2)
+    calls = []
+
+    def hook(grads, active):
+        calls.append((grads["w"].clone(), active.clone()))
+        return {"w": 2 * grads["w"]}
+
+    tx = songoku(
+        linear_loss(dirs), num_tasks=2, shared=["w"], gradient_transform=hook, refresh_period=2
+    )
+    params = make_params(2)
+    state = tx.init(params)
+    data = batches(2, 4)
+    for b in data:
+        group = state.groups[state.ptr].clone()
+        state, grads = tx.update(state, params, b)
+        torch.testing.assert_close(grads["w"], 2 * sum((dirs + b)[i] for i in range(2) if group[i]))
+    got, active = calls[-1]
+    assert torch.equal(got[~active], torch.zeros_like(got[~active]))
+
+
+def test_non_finite_loss_skips_the_step_without_touching_the_state():
+    dirs, _ = planted(k_per_group=1, groups=2)
+    for mode in ("active", "refresh"):
+        tx = songoku(linear_loss(dirs), num_tasks=2, shared=["w"], refresh_period=3, ema_mode=mode)
+        params = make_params(2)
+        state = tx.init(params)
+        state, _ = tx.update(state, params, batches(2, 1)[0])
+        bad = torch.full((2, D), float("nan"), dtype=torch.float64)
+        new, grads = tx.update(state, params, bad)
+        assert bool(new.skipped)
+        assert all(bool((g == 0).all()) for g in grads.values())
+        for name in ("step", "ptr", "groups", "ema_count", "norm_ema"):
+            assert torch.equal(getattr(new, name), getattr(state, name)), name
+        assert torch.equal(new.ema["w"], state.ema["w"])
+        again, _ = tx.update(new, params, batches(2, 1, seed=5)[0])
+        assert not bool(again.skipped) and int(again.step) == 2
+
+
+@given(st.integers(2, 8), st.sampled_from([0.0, 0.2, 0.5]), st.integers(0, 10_000))
+def test_descent_bound_holds_on_every_colour_group(k, tau, seed):
+    """§2.3: within a τ-compatible group ‖Σ g‖² ≥ (1 − τ(|S|−1)) Σ ‖g‖²."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(k, D, generator=g, dtype=torch.float64)
+    tx = songoku(
+        linear_loss(dirs),
+        num_tasks=k,
+        shared=["w"],
+        refresh_period=1,
+        ema_beta=0.0,
+        tau_schedule=tau,
+    )
+    params = make_params(k)
+    state = tx.init(params)
+    zero = torch.zeros(k, D, dtype=torch.float64)
+    state, _ = tx.update(state, params, zero)  # refresh on the exact gradients (β = 0)
+    for _ in range(int(state.num_groups)):
+        group = state.groups[state.ptr].clone()
+        state, grads = tx.step(state, params, zero)
+        members = dirs[group]
+        lhs = float(grads["w"] @ grads["w"])
+        rhs = (1 - tau * (len(members) - 1)) * float((members**2).sum())
+        assert lhs >= rhs - 1e-9
+
+
+def test_tau_warmup_means_joint_training_and_the_schedule_is_used_at_refresh():
+    dirs, _ = planted(k_per_group=1, groups=3)
+    sched = TauSchedule(
+        "linear", tau_initial=1.0, tau_target=0.25, warmup_steps=4, anneal_duration=4
+    )
+    tx = songoku(linear_loss(dirs), num_tasks=3, shared=["w"], refresh_period=2, tau_schedule=sched)
+    params = make_params(3)
+    state = tx.init(params)
+    taus = []
+    for b in batches(3, 8):
+        state, _ = tx.update(state, params, b)
+        if int(state.step) % 2 == 0:
+            taus.append(round(float(state.tau), 6))
+            if int(state.step) < 4:
+                assert int(state.num_groups) == 1
+    assert taus == [1.0, round(1.0 - 0.75 * 0, 6), round(1.0 - 0.75 * 0.5, 6), 0.25]
+    assert int(state.num_groups) == 3
+
+
+def test_bad_arguments():
+    f = linear_loss(torch.zeros(2, D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_tasks"):
+        songoku(f, num_tasks=0)
+    with pytest.raises(ValueError, match="refresh_period"):
+        songoku(f, num_tasks=2, refresh_period=0)
+    with pytest.raises(ValueError, match="ema_beta"):
+        songoku(f, num_tasks=2, ema_beta=1.0)
+    with pytest.raises(ValueError, match="ema_mode"):
+        songoku(f, num_tasks=2, ema_mode="always")
+    with pytest.raises(ValueError, match="gradient_transform"):
+        songoku(f, num_tasks=2, gradient_transform="mgda")
+    with pytest.raises(ValueError, match="graph_rule"):
+        songoku(f, num_tasks=2, graph_rule="cosine")
+    with pytest.raises(ValueError, match="min_updates_per_cycle"):
+        songoku(f, num_tasks=2, min_updates_per_cycle=0)
+    with pytest.raises(TypeError, match="tau_schedule"):
+        songoku(f, num_tasks=2, tau_schedule="log")
+    with pytest.raises(ValueError, match="density"):
+        songoku(f, num_tasks=2, graph_density=2.0)
+    tx = songoku(f, num_tasks=2, shared=["nope"])
+    with pytest.raises(ValueError, match="shared"):
+        tx.init(make_params(2))
+
+
+@pytest.mark.parametrize("ema_mode", ["refresh", "active"])
+def test_per_step_path_compiles_fullgraph(ema_mode):
+    torch._dynamo.reset()
+    dirs, _ = planted(k_per_group=1, groups=3)
+    tx = songoku(linear_loss(dirs), num_tasks=3, shared=["w"], refresh_period=2, ema_mode=ema_mode)
+    params = make_params(3)
+    state = tx.init(params)
+    data = batches(3, 2)
+    state, _ = tx.update(state, params, data[0])
+    state, _ = tx.update(state, params, data[1])  # refreshed: three groups
+    compiled = torch.compile(tx.step, fullgraph=True, backend="aot_eager")
+    s_c, g_c = compiled(state, params, data[0])
+    s_e, g_e = tx.step(state, params, data[0])
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves((s_c, g_c)),
+        torch.utils._pytree.tree_leaves((s_e, g_e)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
