@@ -16,17 +16,35 @@ from gradfn.autodiff import (
     value_and_weighted_grad,
 )
 from gradfn.base import Transform
+from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
+from gradfn.graph import conflict_adjacency, interference
+from gradfn.schedules import TauSchedule, tau_value
+from gradfn.sketch import sketch
+from gradfn.songoku import SonGokuState, songoku
+from gradfn.songoku_scheduler import SonGokuScheduler, TaskSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SonGokuScheduler",
+    "SonGokuState",
+    "TaskSpec",
+    "TauSchedule",
     "Transform",
     "__version__",
     "aggregators",
     "choose_strategy",
+    "color",
+    "conflict_adjacency",
+    "duplicate_min_coverage",
     "functional_loss",
+    "groups_from_colors",
+    "interference",
     "per_task_grads",
+    "sketch",
+    "songoku",
     "split_module",
+    "tau_value",
     "tree",
     "value_and_per_task_grads",
     "value_and_weighted_grad",
