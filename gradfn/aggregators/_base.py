@@ -136,9 +136,14 @@ def gramian_of(grads: PyTree) -> Tensor:
 
 
 def restrict(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(G64, a)``: the Gramian in float64 with inactive rows/columns zeroed, and the float mask."""
+    """``(G64, a)``: the Gramian in float64 with inactive rows/columns zeroed, and the float mask.
+
+    A non-finite Gramian is replaced by zeros here (so no solver sees it) and :func:`finish`
+    turns the weights into NaN.
+    """
     g = gram.to(_WORK)
     g = 0.5 * (g + g.T)
+    g = torch.where(torch.isfinite(g).all(), g, torch.zeros_like(g))  # `finish` NaNs the weights
     if active is None:
         return g, torch.ones(g.shape[0], dtype=_WORK, device=g.device)
     a = active.to(device=g.device, dtype=_WORK)

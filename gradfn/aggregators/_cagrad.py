@@ -41,7 +41,7 @@ def cagrad_weights(
     norm_eps: float = 0.0,
     stationary_eps: float = 1e-4,
     iters: int = 10,
-    qp_iters: int = 6,
+    qp_iters: int = 12,
     reg_eps: float = 1e-10,
     active: Tensor | None = None,
 ) -> Tensor:
@@ -79,10 +79,10 @@ def cagrad_weights(
         gw = g @ w
         t = (w @ gw).clamp_min(0.0).sqrt().clamp_min(1e-12)
         # majorise-minimise step (monotone) and a Newton (SQP) step; keep the better point
-        w_mm = simplex_qp((sqrt_phi / t) * g + reg, lin, on, qp_iters, w0=w)
+        w_mm = simplex_qp((sqrt_phi / t) * g + reg, lin, on, qp_iters)
         hess = (sqrt_phi / t) * (g - torch.outer(gw, gw) / (t * t)) + reg
         grad = lin + (sqrt_phi / t) * gw
-        w_nt = simplex_qp(hess, grad - hess @ w, on, qp_iters, w0=w)
+        w_nt = simplex_qp(hess, grad - hess @ w, on, qp_iters)
         w_best = torch.where(objective(w_nt) < objective(w_mm), w_nt, w_mm)
         w = torch.where(objective(w_best) <= objective(w), w_best, w)
     gw_norm = (w @ g @ w).clamp_min(0.0).sqrt()

@@ -1,13 +1,15 @@
 """Fixed-iteration tensor QP solvers on ``K×K`` problems (no host syncs, no data-dependent
 Python branches), so every method built on them compiles with ``fullgraph=True``.
 
-Both use the primal-dual active-set method (Hintermüller, Ito & Kunisch 2002, the semismooth
-Newton method for box constraints): guess which constraints are tight, solve the equality-
-constrained system with ``torch.linalg.solve_ex``, update the guess from the multipliers, repeat.
-For the small, regularised (positive-definite) problems here it reaches the exact solution in a
-few iterations; once the active set repeats, further iterations reproduce the same point. The
-iterate with the smallest KKT residual is returned, so a cycling active set cannot make the
-answer worse than its best visit.
+Both problems are reduced to a linear complementarity problem ``LCP(M, q)``: find ``x ≥ 0``
+with ``w = M x + q ≥ 0`` and ``xᵀw = 0``, for a positive-definite ``M``. It is solved by Júdice &
+Pires' block principal pivoting (1994): guess the free set ``F`` (``w_F = 0``) and the tight set
+(``x = 0``), solve ``M_FF x_F = −q_F`` with ``torch.linalg.solve_ex`` (one masked ``K×K`` system),
+flip every infeasible index while that reduces the number of infeasibilities, and fall back to
+Murty's single-index pivot after ``block_fails`` non-improving block steps. For a P-matrix (any
+positive-definite ``M``) this reaches the exact solution in finitely many steps — typically a
+few — and a solution, once found, is a fixed point. The iterate with the smallest
+complementarity residual is returned.
 """
 
 from __future__ import annotations
@@ -15,71 +17,77 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dual_cone_project", "simplex_qp"]
+__all__ = ["dual_cone_project", "lcp", "simplex_qp"]
 
 
-def dual_cone_project(u: Tensor, gram: Tensor, iters: int = 20) -> Tensor:
+def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
+    """Solve ``LCP(M, q)`` for each row of ``q`` (``B×K``, or ``K``); ``M`` (``K×K``) PD."""
+    squeeze = q.dim() == 1
+    q = q[None, :] if squeeze else q
+    k = m.shape[0]
+    dtype, device = m.dtype, m.device
+    eye = torch.eye(k, dtype=dtype, device=device)
+    idx = torch.arange(1, k + 1, device=device)
+    tol = 1e-12 * (q.abs().amax(-1, keepdim=True) + torch.diagonal(m).abs().max())
+    free = torch.zeros_like(q, dtype=torch.bool)
+    best = torch.zeros_like(q)
+    best_res = torch.minimum(best, q).square().sum(-1)
+    ninf_best = torch.full(q.shape[:1], k + 1, dtype=torch.int64, device=device)
+    budget = torch.full(q.shape[:1], block_fails, dtype=torch.int64, device=device)
+    for _ in range(iters):
+        f = free.to(dtype)[..., None]
+        system = f * m + (1.0 - f) * eye  # free rows: (Mx)_i = -q_i; tight rows: x_i = 0
+        x = torch.linalg.solve_ex(system, (-(free * q))[..., None])[0][..., 0]
+        w = x @ m.T + q
+        res = torch.minimum(x, w).square().sum(-1)
+        better = res < best_res
+        best = torch.where(better[:, None], x, best)
+        best_res = torch.where(better, res, best_res)
+        infeasible = (free & (x < -tol)) | (~free & (w < -tol))
+        ninf = infeasible.sum(-1)
+        improved = ninf < ninf_best
+        block = improved | (budget > 0)
+        budget = torch.where(improved, block_fails, torch.where(block, budget - 1, budget))
+        ninf_best = torch.minimum(ninf_best, ninf)
+        last = torch.argmax(infeasible * idx, dim=-1)  # Murty: the largest infeasible index
+        single = torch.nn.functional.one_hot(last, k).to(torch.bool) & infeasible
+        free = free ^ torch.where(block[:, None], infeasible, single)
+    return best[0] if squeeze else best
+
+
+def dual_cone_project(u: Tensor, gram: Tensor, iters: int = 30) -> Tensor:
     """Solve ``min_v ½ vᵀ G v  s.t.  v ≥ u`` for each row ``u`` of ``u`` (``B×K``).
 
     With ``G = J Jᵀ`` positive definite, ``Jᵀv`` is the projection of ``Jᵀu`` onto the dual cone
-    of the rows of ``J`` (Jacobian descent, Quinton & Rey 2024, Prop. 1). KKT: ``Gv = λ ≥ 0``,
-    ``v ≥ u``, ``λ ⊙ (v − u) = 0``. Returns ``v`` (``B×K``).
+    of the rows of ``J`` (Jacobian descent, Quinton & Rey 2024, Prop. 1). With ``x = v − u``:
+    ``LCP(G, G u)``. Returns ``v`` (``B×K``).
     """
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    v = u
-    lam = v @ gram
-    best = v
-    best_res = torch.minimum(v - u, lam).square().sum(-1)
-    tight = lam > 0
-    for _ in range(iters):
-        a = tight.to(gram.dtype)[..., None]
-        m = a * eye + (1.0 - a) * gram  # tight rows: v_i = u_i; free rows: (Gv)_i = 0
-        v = torch.linalg.solve_ex(m, (tight * u)[..., None])[0][..., 0]
-        lam = v @ gram
-        res = torch.minimum(v - u, lam).square().sum(-1)
-        better = res < best_res
-        best = torch.where(better[..., None], v, best)
-        best_res = torch.where(better, res, best_res)
-        tight = (lam - (v - u)) > 0
-    return best
+    return u + lcp(gram, u @ gram, iters)
 
 
-def simplex_qp(
-    q_mat: Tensor, q_vec: Tensor, mask: Tensor, iters: int = 20, w0: Tensor | None = None
-) -> Tensor:
+def simplex_qp(q_mat: Tensor, q_vec: Tensor, mask: Tensor, iters: int = 30) -> Tensor:
     """Solve ``min_w ½ wᵀ Q w + qᵀ w`` over the simplex of the tasks where ``mask`` is 1.
 
     ``Q`` (``K×K``) positive definite on the masked tasks, ``q`` (``K,``), ``mask`` (``K,``, 0/1
-    floats with at least one 1). KKT: ``Qw + q − μ1 = λ ≥ 0``, ``w ≥ 0``, ``λ ⊙ w = 0``,
-    ``1ᵀw = 1``. Returns ``w`` (``K,``) on the simplex, 0 outside the mask.
+    floats with at least one 1). On the simplex ``qᵀw = wᵀ(q1ᵀ + 1qᵀ)w/2`` and ``wᵀ11ᵀw = 1``,
+    so the objective equals ``½ wᵀ Q' w − c/2`` with ``Q' = Q + q1ᵀ + 1qᵀ + c 11ᵀ``, positive
+    definite for ``c > qᵀQ⁻¹q``. The minimum-``Q'``-norm point of the simplex is ``x/1ᵀx`` with
+    ``x`` the solution of ``LCP(Q', −1)`` (its KKT conditions divided by ``1ᵀx``). Returns ``w``
+    (``K,``) on the simplex, 0 outside the mask.
     """
     k = q_mat.shape[0]
-    dtype, device = q_mat.dtype, q_mat.device
-    eye = torch.eye(k, dtype=dtype, device=device)
-    ones = torch.ones(k, dtype=dtype, device=device)
-    off = mask <= 0
-    inf = torch.full_like(q_vec, float("inf"))
-    zero_at = off if w0 is None else off | (w0 <= 0)
-    best = mask / mask.sum()
-    best_res = torch.full((), float("inf"), dtype=dtype, device=device)
-    for _ in range(iters):
-        z = zero_at.to(dtype)
-        free = 1.0 - z
-        top = torch.cat([z[:, None] * eye + free[:, None] * q_mat, -free[:, None]], dim=1)
-        bottom = torch.cat([ones, torch.zeros(1, dtype=dtype, device=device)])[None, :]
-        m = torch.cat([top, bottom], dim=0)
-        rhs = torch.cat([-free * q_vec, torch.ones(1, dtype=dtype, device=device)])
-        x = torch.linalg.solve_ex(m, rhs[:, None])[0][:, 0]
-        w, mu = x[:k] * mask, x[k]
-        lam = q_mat @ w + q_vec - mu
-        res = torch.where(off, 0.0, torch.minimum(w, lam)).square().sum()
-        better = res < best_res
-        best = torch.where(better, w, best)
-        best_res = torch.where(better, res, best_res)
-        score = torch.where(off, inf, lam - w)
-        zero_at = off | (score > 0)
-        # keep at least one task free: the one with the smallest score
-        keep = torch.nn.functional.one_hot(torch.argmin(score), k).to(torch.bool)
-        zero_at = torch.where((zero_at | off).all(), zero_at & ~keep, zero_at)
-    best = best.clamp_min(0.0) * mask
-    return best / best.sum().clamp_min(torch.finfo(dtype).tiny)
+    eye = torch.eye(k, dtype=q_mat.dtype, device=q_mat.device)
+    both = mask[:, None] * mask[None, :]
+    # wᵀ11ᵀw = 1 on the simplex: adding κ11ᵀ keeps the minimiser and makes Q definite along
+    # directions with 1ᵀd ≠ 0 (e.g. the null direction w of a Newton Hessian)
+    kappa = torch.diagonal(q_mat * both).sum() / mask.sum()
+    qm = (q_mat + kappa) * both + (1.0 - both) * eye
+    qv = q_vec * mask
+    c = 2.0 * (qv @ torch.linalg.solve_ex(qm, qv[:, None])[0][:, 0]).clamp_min(0.0) + 1.0
+    ones = mask
+    qp = qm + (torch.outer(qv, ones) + torch.outer(ones, qv) + c * torch.outer(ones, ones))
+    qp = qp * both + (1.0 - both) * eye
+    qp = 0.5 * (qp + qp.T)
+    x = lcp(qp, torch.where(mask > 0, -1.0, 1.0).to(q_mat.dtype), iters)
+    x = x.clamp_min(0.0) * mask
+    return x / x.sum().clamp_min(torch.finfo(x.dtype).tiny)
