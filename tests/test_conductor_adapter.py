@@ -1,0 +1,449 @@
+"""gradfn.GradientConductor (the nn.Module adapter) against a plain-PyTorch GCond loop."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections import deque
+
+import pytest
+import torch
+from torch import nn
+
+from gradfn.conductor_adapter import GradientConductor
+
+
+class Net(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+        self.spare = nn.Linear(3, 3)  # touched by no loss
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.trunk(x)))
+
+
+LOSSES = {
+    "fit": lambda out, y: ((out[:, 0] - y[:, 0]) ** 2).mean(),
+    "anti": lambda out, y: ((out[:, 0] + y[:, 0]) ** 2).mean(),
+    "aux": lambda out, y: ((out[:, 1] - y[:, 1]) ** 2).mean(),
+}
+LAMBDAS = {"fit": 1.0, "anti": 0.6, "aux": 0.3}
+
+
+def data(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(6, 4, generator=gen), 3 * torch.randn(6, 2, generator=gen)) for _ in range(n)
+    ]
+
+
+def provider(batches):
+    it = iter(batches)
+    return lambda: next(it)
+
+
+class PlainGCond:
+    """GCond written plainly from the spec (smooth rule), over flattened gradient vectors, with the
+    reference's separate forward + backward per loss and per micro-batch."""
+
+    def __init__(
+        self,
+        model,
+        n,
+        *,
+        beta=0.85,
+        ema_beta=0.95,
+        window=3,
+        cap=None,
+        eps=1e-8,
+        stochastic=True,
+        stability="raw",
+        arbitrate_weak=False,
+        floor_sq=None,
+    ):
+        self.model, self.n, self.beta, self.ema_beta = model, n, beta, ema_beta
+        self.window, self.cap, self.eps, self.stochastic = window, cap, eps, stochastic
+        self.stability, self.arbitrate_weak = stability, arbitrate_weak
+        self.floor_sq = eps * eps if floor_sq is None else floor_sq
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        size = sum(p.numel() for p in self.params)
+        self.names = list(LOSSES)
+        self.prev = {k: torch.zeros(size) for k in self.names}
+        self.ema = {k: 1.0 for k in self.names}
+        self.hist = deque(maxlen=window)
+        self.m = torch.zeros(size)
+        self.t = 0
+        self.t_c, self.t_m, self.t_w = -0.8, -0.5, 0.0
+
+    def _grad(self, name, batch, divisor):
+        x, y = batch
+        loss = LOSSES[name](self.model(x), y) * LAMBDAS[name] / divisor
+        gs = torch.autograd.grad(loss, self.params, allow_unused=True)
+        flat = [
+            torch.zeros(p.numel()) if g is None else g.reshape(-1)
+            for g, p in zip(gs, self.params, strict=True)
+        ]
+        return torch.cat(flat), [g is None for g in gs]
+
+    def step(self, next_batch):
+        size = self.m.numel()
+        acc = {k: torch.zeros(size) for k in self.names}
+        unused = None
+        if self.stochastic:
+            s = self.n // len(self.names)
+            for k in self.names:
+                for _ in range(s):
+                    g, u = self._grad(k, next_batch(), s)
+                    acc[k] += g
+                    unused = (
+                        u if unused is None else [a and b for a, b in zip(unused, u, strict=True)]
+                    )
+        else:
+            for _ in range(self.n):
+                batch = next_batch()
+                for k in self.names:
+                    g, u = self._grad(k, batch, self.n)
+                    acc[k] += g
+                    unused = (
+                        u if unused is None else [a and b for a, b in zip(unused, u, strict=True)]
+                    )
+        raw = {k: v.clone() for k, v in acc.items()}
+        eps = self.eps
+        for k in self.names:
+            r = float(acc[k].norm())
+            self.ema[k] = max(self.ema_beta * self.ema[k] + (1 - self.ema_beta) * r, eps)
+            if self.cap is not None and r > self.cap:
+                acc[k] = acc[k] * self.cap / (r + eps)
+        g = [acc[k] for k in self.names]
+        iters = 0
+        for _ in range(2 * len(g)):
+            best, pair = self.t_w, None
+            for i in range(len(g)):
+                for j in range(i + 1, len(g)):
+                    ni, nj = float(g[i] @ g[i]), float(g[j] @ g[j])
+                    if ni < self.floor_sq or nj < self.floor_sq:
+                        continue
+                    c = float(g[i] @ g[j]) / (math.sqrt(ni * nj) + eps)
+                    if c < best:
+                        best, pair = c, (i, j, float(g[i] @ g[j]), ni, nj)
+            if pair is None:
+                break
+            iters += 1
+            i, j, d, ni, nj = pair
+            c = best
+            w, lo = self._arbiter(g, i, j)
+            if self.window > 0 and (self.arbitrate_weak or c < self.t_m):
+                self.hist.append(w)
+            if c >= self.t_m:
+                u = min(max((c - self.t_m) / (self.t_w - self.t_m + eps), 0.0), 1.0)
+                alpha = math.pi / 2 * (1 - u)
+            elif c > self.t_c:
+                alpha = (
+                    math.pi / 2 + math.pi / 2 * ((c - self.t_m) / (self.t_c - self.t_m + eps)) ** 2
+                )
+            else:
+                alpha = math.pi
+            s_w, s_l = math.sin(alpha), math.sin(min(alpha, math.pi / 2))
+            n = {i: ni, j: nj}
+            gw, gl = g[w].clone(), g[lo].clone()
+            g[w] = gw - s_w * d / (n[lo] + eps) * gl
+            g[lo] = gl - s_l * d / (n[w] + eps) * gw
+        total = sum(g)
+        self.t += 1
+        self.m = self.beta * self.m + (1 - self.beta) * total
+        update = self.m / (1 - self.beta**self.t)
+        offset = 0
+        for p, none in zip(self.params, unused, strict=True):
+            p.grad = None if none else update[offset : offset + p.numel()].reshape(p.shape).clone()
+            offset += p.numel()
+        source = raw if self.stability == "raw" else dict(zip(self.names, g, strict=True))
+        self.prev = {k: source[k].clone() for k in self.names}
+        return iters
+
+    def _arbiter(self, g, i, j):
+        def dominant(a):
+            return len(self.hist) == self.window and all(h == a for h in self.hist)
+
+        if self.window > 0:
+            if dominant(i) and not dominant(j):
+                return j, i
+            if dominant(j) and not dominant(i):
+                return i, j
+        eps = self.eps
+
+        def score(a, other):
+            prev = self.prev[self.names[a]]
+            stab = float(g[a] @ prev) / (float(g[a].norm()) * float(prev.norm()) + eps)
+            rel = {b: float(g[b].norm()) / (self.ema[self.names[b]] + eps) for b in (a, other)}
+            return 0.8 * max(stab, 0.0) + 0.2 * rel[a] / (rel[a] + rel[other] + eps)
+
+        return (j, i) if score(j, i) > score(i, j) else (i, j)
+
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("stochastic", "options", "plain_options"),
+    [
+        (False, {}, {}),
+        (True, {"norm_cap": 0.5}, {"cap": 0.5}),
+        (
+            False,
+            {
+                "stability_source": "processed",
+                "arbitrate_weak": True,
+                "norm_floor": 1e-4,
+                "dominance_window": 2,
+            },
+            {"stability": "processed", "arbitrate_weak": True, "floor_sq": 1e-8, "window": 2},
+        ),
+    ],
+)
+def test_adapter_matches_plain_pytorch_loop(stochastic, options, plain_options):
+    n = 6
+    ours, theirs = Net(), Net()
+    gc = GradientConductor(ours, LOSSES, LAMBDAS, n, stochastic_accumulation=stochastic, **options)
+    plain = PlainGCond(theirs, n, stochastic=stochastic, **plain_options)
+    opt_a = torch.optim.SGD(ours.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(theirs.parameters(), lr=0.05)
+    resolved = 0
+    for step in range(7):
+        batches = data(n, seed=step)
+        opt_a.zero_grad()
+        stats = gc.step(provider(batches))
+        opt_b.zero_grad()
+        iters = plain.step(provider(batches))
+        resolved += iters
+        assert stats["proj_iters"] == iters
+        assert stats["step"] == step + 1
+        ga, gb = _grads(ours), _grads(theirs)
+        for name in ga:
+            if gb[name] is None:
+                assert ga[name] is None, name
+            else:
+                assert torch.allclose(ga[name], gb[name], atol=1e-5, rtol=1e-4), (step, name)
+        opt_a.step()
+        opt_b.step()
+    assert resolved > 0  # the losses do conflict
+    assert _grads(ours)["spare.weight"] is None
+
+
+def test_stats_keys_and_values():
+    gc = GradientConductor(Net(), LOSSES, LAMBDAS, 3, stochastic_accumulation=False)
+    stats = gc.step(provider(data(3)))
+    expected = {
+        "final_grad_norm",
+        "step",
+        "proj_iters",
+        "min_cosine_sim",
+        "min_cosine_after",
+        "skipped",
+    }
+    for k in LOSSES:
+        expected |= {f"raw_norm/{k}", f"norm_ema/{k}", f"loss/{k}"}
+    assert set(stats) == expected
+    assert isinstance(stats["step"], int) and isinstance(stats["skipped"], bool)
+    written = math.sqrt(
+        sum(float((p.grad**2).sum()) for p in gc.module.parameters() if p.grad is not None)
+    )
+    assert stats["final_grad_norm"] == pytest.approx(written, rel=1e-5)
+    for name, fn in LOSSES.items():  # loss/<k> is the λ-weighted mean over the micro-batches
+        with torch.no_grad():
+            mean = sum(float(fn(gc.module(b[0]), b[1])) for b in data(3)) / 3
+        assert stats[f"loss/{name}"] == pytest.approx(LAMBDAS[name] * mean, rel=1e-4)
+
+
+def test_checkpoint_resume_gives_identical_trajectory():
+    n = 4
+    kw = dict(stochastic_accumulation=False, momentum_beta=0.9)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gc = GradientConductor(model, LOSSES, LAMBDAS, n, **kw)
+    for step in range(2):
+        opt.zero_grad()
+        gc.step(provider(data(n, seed=step)))
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"gc": gc.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    sd = gc.state_dict()
+    # a copy, not a live reference
+    before = {k: v.clone() for k, v in sd["state"].items()}
+    trajectory = []
+    for step in range(2, 4):
+        opt.zero_grad()
+        trajectory.append(gc.step(provider(data(n, seed=step))))
+        trajectory.append(_grads(model))
+        opt.step()
+    assert all(torch.equal(before[k], sd["state"][k]) for k in before)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = Net(seed=5)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    opt2.load_state_dict(ckpt["opt"])
+    gc2 = GradientConductor(model2, LOSSES, LAMBDAS, n, **kw)
+    gc2.load_state_dict(ckpt["gc"])
+    resumed = []
+    for step in range(2, 4):
+        opt2.zero_grad()
+        resumed.append(gc2.step(provider(data(n, seed=step))))
+        resumed.append(_grads(model2))
+        opt2.step()
+    for a, b in zip(trajectory, resumed, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), k
+            else:
+                assert a[k] == b[k], k
+    with pytest.raises(ValueError, match="losses"):
+        GradientConductor(Net(), {"fit": LOSSES["fit"]}, {"fit": 1.0}, 2).load_state_dict(sd)
+
+
+class BNDrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(6, 2)
+        self.seen_drop_training = []
+
+    def forward(self, x):
+        self.seen_drop_training.append((self.drop.training, self.bn.training))
+        return self.out(self.drop(self.bn(self.lin(x))))
+
+
+def test_freeze_bn_freezes_batchnorm_only():
+    model = BNDrop().train()
+    losses = {"a": LOSSES["fit"], "b": LOSSES["aux"]}
+    gc = GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2)
+    mean0 = model.bn.running_mean.clone()
+    gc.step(provider(data(2)))
+    assert torch.equal(model.bn.running_mean, mean0)  # running statistics unchanged
+    assert all(drop and not bn for drop, bn in model.seen_drop_training)  # dropout stays on
+    assert model.training and model.bn.training and model.drop.training  # modes restored
+    loose = GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, freeze_bn=False)
+    loose.step(provider(data(2)))
+    assert not torch.equal(model.bn.running_mean, mean0)
+    model.seen_drop_training.clear()
+    ref = GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, reference=True)
+    ref.step(provider(data(2)))
+    assert all(not drop and not bn for drop, bn in model.seen_drop_training)  # whole model eval
+
+
+def test_classic_mode_runs_one_forward_per_microbatch():
+    model = BNDrop().eval()
+    gc = GradientConductor(
+        model,
+        {"a": LOSSES["fit"], "b": LOSSES["aux"]},
+        {"a": 1.0, "b": 1.0},
+        4,
+        stochastic_accumulation=False,
+        untouched_grad="zeros",
+    )
+    calls = []
+    gc.step(lambda: calls.append(1) or data(1)[0])
+    assert len(calls) == 4 and len(model.seen_drop_training) == 4  # the reference: 8
+
+
+def test_untouched_params_none_or_zeros_and_skip_sets_none():
+    gc = GradientConductor(Net(), LOSSES, LAMBDAS, 3, untouched_grad="zeros")
+    gc.step(provider(data(3)))
+    assert torch.equal(gc.module.spare.weight.grad, torch.zeros(3, 3))
+    model = Net()
+    gc = GradientConductor(model, LOSSES, LAMBDAS, 3)
+    gc.step(provider(data(3)))
+    bad = data(3)
+    bad[0] = (bad[0][0], bad[0][1] * float("nan"))
+    state = gc.state_dict()["state"]
+    stats = gc.step(provider(bad))
+    assert stats["skipped"] is True
+    assert all(p.grad is None for p in model.parameters())
+    after = gc.state_dict()["state"]
+    for k in ("momentum/0", "momentum/1/trunk.weight", "norm_ema", "prev/head.bias", "history"):
+        assert torch.equal(state[k], after[k]), k
+
+
+def test_lion_and_return_raw_grad_through_adapter():
+    model = Net()
+    gc = GradientConductor(model, LOSSES, LAMBDAS, 3, use_lion=True, trust_ratio_coef=1e-3)
+    gc.step(provider(data(3)))
+    g = model.trunk.weight.grad
+    assert torch.allclose(
+        g.abs().unique()[-1:], g.abs().max().reshape(1)
+    )  # one magnitude per tensor
+    raw = GradientConductor(Net(), LOSSES, LAMBDAS, 3, return_raw_grad=True, momentum_beta=0.5)
+    stats = raw.step(provider(data(3)))
+    assert stats["step"] == 1
+
+
+def test_constructor_errors():
+    net = Net()
+    with pytest.raises(ValueError, match="conflict_thresholds"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, conflict_thresholds=(-0.5, -0.8, 0.0))
+    with pytest.raises(ValueError, match="lambdas"):
+        GradientConductor(net, LOSSES, {"fit": 1.0, "anti": 1.0}, 3)
+    with pytest.raises(ValueError, match="empty"):
+        GradientConductor(net, {}, {}, 3)
+    with pytest.raises(ValueError, match="momentum_beta"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, momentum_beta=1.0)
+    with pytest.raises(ValueError, match="dominance_window"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, dominance_window=-2)
+    with pytest.raises(ValueError, match="divisible"):
+        GradientConductor(net, LOSSES, LAMBDAS, 4)  # stochastic (the default) with 3 losses
+    with pytest.raises(ValueError, match="ddp_sync"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, ddp_sync="mean")
+    with pytest.raises(ValueError, match="trust_ratio_coef"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, trust_ratio_coef=0.0)
+    with pytest.raises(ValueError, match="norm_ema_beta"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, norm_ema_beta=-0.1)
+    with pytest.raises(TypeError, match="loss_fns"):
+        GradientConductor(net, {"fit": 3}, {"fit": 1.0}, 3)
+    with pytest.raises(TypeError, match="model"):
+        GradientConductor("net", LOSSES, LAMBDAS, 3)
+    gc = GradientConductor(net, LOSSES, LAMBDAS, 3, ddp_sync="none", projection_max_iters=0)
+    with pytest.raises(TypeError, match="data_provider"):
+        gc.step(data(3))
+
+
+def test_call_conventions_args_kwargs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x, *, scale=1.0):
+            return self.a(x) * scale
+
+    seen = {}
+
+    def loss_kw(out, target, *, weight=1.0):
+        seen["weight"] = weight
+        return weight * ((out - target) ** 2).mean()
+
+    def loss_plain(out, y):
+        return out.abs().mean()
+
+    model = Two()
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    batch = ({"args": (x,), "kwargs": {"scale": 2.0}}, {"args": (y,), "kwargs": {"weight": 3.0}})
+    gc = GradientConductor(model, {"kw": loss_kw}, {"kw": 1.0}, 1, momentum_beta=0.0)
+    gc.step(lambda: batch)
+    assert seen["weight"] == 3.0
+    ref = copy.deepcopy(model)
+    loss = loss_kw(ref(x, scale=2.0), y, weight=3.0)
+    loss.backward()
+    assert torch.allclose(model.a.weight.grad, ref.a.weight.grad, atol=1e-6)
+    # tuple input -> model(*x)
+    gc2 = GradientConductor(model, {"p": loss_plain}, {"p": 1.0}, 1)
+    gc2.step(lambda: ((x,), y))
+    assert model.a.weight.grad is not None
