@@ -17,7 +17,10 @@ from gradfn.autodiff import (
 )
 from gradfn.base import Transform
 from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
+from gradfn.conductor import ConductorState, conductor, reference_options
+from gradfn.conductor_adapter import GradientConductor
 from gradfn.graph import conflict_adjacency, interference
+from gradfn.resolve import ResolveResult, resolve, resolve_gramian
 from gradfn.schedules import TauSchedule, tau_value
 from gradfn.sketch import sketch
 from gradfn.songoku import SonGokuState, songoku
@@ -26,6 +29,9 @@ from gradfn.songoku_scheduler import SonGokuScheduler, TaskSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConductorState",
+    "GradientConductor",
+    "ResolveResult",
     "SonGokuScheduler",
     "SonGokuState",
     "TaskSpec",
@@ -35,12 +41,16 @@ __all__ = [
     "aggregators",
     "choose_strategy",
     "color",
+    "conductor",
     "conflict_adjacency",
     "duplicate_min_coverage",
     "functional_loss",
     "groups_from_colors",
     "interference",
     "per_task_grads",
+    "reference_options",
+    "resolve",
+    "resolve_gramian",
     "sketch",
     "songoku",
     "split_module",
