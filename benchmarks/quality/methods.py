@@ -1,0 +1,187 @@
+"""The compared methods, each built as a *stepper*: ``stepper(params, batch) -> grads``.
+
+A stepper returns one gradient per parameter (the structure of ``params``); the runner writes it
+to ``.grad`` and takes one step of the shared optimizer, so every method gets the same model, the
+same optimizer and the same number of optimizer steps on the same mini-batches.
+
+* **Uniform**: one backward of ``Σ_k L_k``.
+* **Aggregators** (PCGrad, MGDA, CAGrad, UPGrad, Nash-MTL; :mod:`gradfn.aggregators`): per-task
+  gradients from one forward; the shared (trunk) gradients are aggregated, each head gets its
+  own task's gradient.
+* **GCond** (:func:`gradfn.conductor.conductor`): the mini-batch is cut into ``N`` micro-batches,
+  one accumulation cycle per optimizer step (classic: every loss on every micro-batch; stochastic:
+  each loss on its own ``N/K`` micro-batches). GCond resolves over all parameters (its API has no
+  shared/head split) and applies its own momentum before the optimizer.
+* **SON-GOKU** (:func:`gradfn.songoku.songoku`) and its variants: ``+ PCGrad`` (PCGrad inside the
+  active group), **Static** (one colouring at the first refresh, never recoloured) and
+  **Single-step** (``β = 0``: the graph from the latest gradients only).
+
+SON-GOKU steppers keep a ``trace``: the active mask of every step and, at each refresh, the step,
+``τ``, the interference ``ρ`` and the conflict graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_grad
+
+__all__ = ["LABELS", "METHODS", "MethodConfig", "build_method"]
+
+Grads = dict[str, Tensor]
+
+LABELS: dict[str, str] = {
+    "uniform": "Uniform (sum)",
+    "pcgrad": "PCGrad",
+    "mgda": "MGDA",
+    "cagrad": "CAGrad",
+    "upgrad": "UPGrad",
+    "nash_mtl": "Nash-MTL",
+    "gcond": "GCond (classic)",
+    "gcond_stoch": "GCond (stochastic)",
+    "songoku": "SON-GOKU",
+    "songoku_pcgrad": "SON-GOKU + PCGrad",
+    "static": "Static one-shot colouring",
+    "single_step": "Single-step (β = 0)",
+}
+METHODS: tuple[str, ...] = tuple(LABELS)
+SONGOKU_FAMILY = ("songoku", "songoku_pcgrad", "static", "single_step")
+
+
+@dataclass
+class MethodConfig:
+    """Method hyper-parameters shared by every problem (the libraries' defaults unless noted)."""
+
+    refresh_period: int = 32
+    tau: float = 0.25
+    ema_beta: float = 0.9
+    gcond_classic_microbatches: int = 4
+    cagrad_c: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stepper:
+    """``stepper(params, batch) -> grads``; ``trace`` holds SON-GOKU's schedule and graphs."""
+
+    name: str
+    fn: Callable[[dict[str, Tensor], Any], Grads]
+    trace: dict[str, list] = field(default_factory=dict)
+
+    def __call__(self, params: dict[str, Tensor], batch: Any) -> Grads:
+        return self.fn(params, batch)
+
+
+def _uniform(problem) -> Callable:
+    ones = torch.ones(problem.num_tasks)
+
+    def fn(params, batch):
+        _, grads = value_and_weighted_grad(problem.loss_fn, params, batch, ones)
+        return grads
+
+    return fn
+
+
+def _aggregated(problem, method: str, seed: int, cfg: MethodConfig) -> Callable:
+    hparams: dict[str, Any] = {}
+    if method == "pcgrad":
+        hparams["seed"] = seed
+    if method == "cagrad":
+        hparams["c"] = cfg.cagrad_c
+    agg = aggregators.aggregator(method, **hparams)
+    box = {"state": agg.init(problem.num_tasks)}
+
+    def fn(params, batch):
+        _, grads = value_and_per_task_grads(problem.loss_fn, params, batch)
+        shared = {n: g for n, g in grads.items() if problem.shared(n)}
+        box["state"], out = agg.update(box["state"], shared)
+        return {n: out.grad[n] if n in shared else g.sum(0) for n, g in grads.items()}
+
+    return fn
+
+
+def _gcond(problem, stochastic: bool, cfg: MethodConfig) -> Callable:
+    from gradfn.conductor import conductor
+
+    k = problem.num_tasks
+    n = k if stochastic else cfg.gcond_classic_microbatches
+    tx = conductor(problem.loss_fn, [1.0] * k, accumulation_steps=n, stochastic=stochastic)
+    box: dict[str, Any] = {}
+
+    def fn(params, batch):
+        if "state" not in box:
+            box["state"] = tx.init(params)
+        micro = problem.split(batch, n) if batch is not None else [None] * n
+        box["state"], grads = tx.update(box["state"], params, micro)
+        return grads
+
+    return fn
+
+
+def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
+    from gradfn.songoku import songoku
+
+    k = problem.num_tasks
+    r = cfg.refresh_period
+    tx = songoku(
+        problem.loss_fn,
+        num_tasks=k,
+        shared=problem.shared,
+        refresh_period=r,
+        tau_schedule=cfg.tau,
+        ema_beta=0.0 if method == "single_step" else cfg.ema_beta,
+        gradient_transform="pcgrad" if method == "songoku_pcgrad" else None,
+        seed=seed,
+    )
+    trace: dict[str, list] = {"active": [], "refresh": []}
+    box: dict[str, Any] = {}
+
+    def record_refresh(state) -> None:
+        trace["refresh"].append(
+            {
+                "step": int(state.step),
+                "tau": float(state.tau),
+                "rho": state.rho.tolist(),
+                "adjacency": state.adjacency.tolist(),
+                "num_groups": int(state.num_groups),
+            }
+        )
+
+    def fn(params, batch):
+        if "state" not in box:
+            box["state"] = tx.init(params)
+        state = box["state"]
+        before = int(state.refreshes)
+        if method == "static":
+            # one colouring at the first refresh point, then the same groups forever
+            state, grads = tx.step(state, params, batch)
+            if before == 0 and int(state.step) == r and not bool(state.skipped):
+                state = tx.refresh(state, params)
+        else:
+            state, grads = tx.update(state, params, batch)
+        trace["active"].append(state.active.tolist())
+        if int(state.refreshes) > before:
+            record_refresh(state)
+        box["state"] = state
+        return grads
+
+    return Stepper(method, fn, trace)
+
+
+def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = None) -> Stepper:
+    """The stepper of ``method`` (a key of :data:`LABELS`) for ``problem``."""
+    cfg = cfg or MethodConfig()
+    if method == "uniform":
+        return Stepper(method, _uniform(problem))
+    if method in ("pcgrad", "mgda", "cagrad", "upgrad", "nash_mtl"):
+        return Stepper(method, _aggregated(problem, method, seed, cfg))
+    if method in ("gcond", "gcond_stoch"):
+        return Stepper(method, _gcond(problem, method == "gcond_stoch", cfg))
+    if method in SONGOKU_FAMILY:
+        return _songoku(problem, method, seed, cfg)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -1,0 +1,160 @@
+"""Training loop and the sweep over problems × methods × seeds.
+
+One run: ``steps`` optimizer steps of Adam (same learning rate for every method) on mini-batches
+drawn from a generator seeded by the run's seed, so every method sees the same batches. Only the
+method's gradient computation and the optimizer step are timed (``time.perf_counter``); held-out
+evaluations, the interference probes and the bookkeeping of the traces are not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.quality.methods import SONGOKU_FAMILY, MethodConfig, build_method
+from benchmarks.quality.problems import Problem, build_problem
+from gradfn import tree, value_and_per_task_grads
+
+__all__ = ["RunSpec", "edge_f1", "interference", "run_one", "run_sweep", "train"]
+
+
+@dataclass
+class RunSpec:
+    """One training run (picklable, so that runs can go to worker processes)."""
+
+    problem: str
+    method: str
+    seed: int
+    steps: int
+    lr: float
+    eval_every: int
+    problem_kwargs: dict[str, Any] = field(default_factory=dict)
+    method_config: MethodConfig = field(default_factory=MethodConfig)
+    keep_trace: bool = False
+    probe_points: int = 0
+
+
+def edge_f1(pred: Any, truth: torch.Tensor) -> float:
+    """F1 of the predicted conflict edges (upper triangle) against the planted ones."""
+    p = torch.as_tensor(pred, dtype=torch.bool)
+    iu = torch.triu_indices(truth.shape[0], truth.shape[0], offset=1)
+    p, t = p[iu[0], iu[1]], truth[iu[0], iu[1]]
+    tp = float((p & t).sum())
+    fp = float((p & ~t).sum())
+    fn = float((~p & t).sum())
+    if tp + fp + fn == 0:
+        return 1.0
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def interference(problem: Problem, params: dict[str, torch.Tensor]) -> list[list[float]]:
+    """``ρ = −cos`` between the tasks' shared gradients on the problem's probe batch (K×K)."""
+    _, grads = value_and_per_task_grads(problem.loss_fn, params, problem.probe, wrt=problem.shared)
+    g = tree.gramian(grads, dtype=torch.float64)
+    norms = g.diagonal().clamp_min(1e-30).sqrt()
+    return (-(g / norms[:, None] / norms[None, :])).tolist()
+
+
+def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
+    """Train one method on one problem; return final metrics, time and curves."""
+    stepper = build_method(spec.method, problem, spec.seed, spec.method_config)
+    params = {n: p.clone() for n, p in problem.params.items()}
+    opt = torch.optim.Adam(list(params.values()), lr=spec.lr)
+    gen = torch.Generator().manual_seed(10_000 + spec.seed)
+    probe_at = (
+        {round(i * spec.steps / (spec.probe_points - 1)) for i in range(spec.probe_points)}
+        if spec.probe_points > 1 and problem.probe is not None
+        else set()
+    )
+    curve: list[dict[str, float]] = []
+    probes: list[dict[str, Any]] = []
+    elapsed = 0.0
+    nonfinite = False
+    for t in range(spec.steps):
+        if t in probe_at:
+            probes.append({"step": t, "rho": interference(problem, params)})
+        batch = problem.sample(gen)
+        t0 = time.perf_counter()
+        grads = stepper(params, batch)
+        for n, p in params.items():
+            p.grad = grads[n]
+        opt.step()
+        elapsed += time.perf_counter() - t0
+        if (t + 1) % spec.eval_every == 0 or t + 1 == spec.steps:
+            m = problem.evaluate(params)
+            curve.append({"step": t + 1, "time": elapsed, problem.headline: m[problem.headline]})
+    if spec.steps in probe_at:
+        probes.append({"step": spec.steps, "rho": interference(problem, params)})
+    final = problem.evaluate(params)
+    nonfinite = any(not math.isfinite(v) for v in final.values())
+    out: dict[str, Any] = {
+        "problem": spec.problem,
+        "method": spec.method,
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "time_s": elapsed,
+        "ms_per_step": 1000.0 * elapsed / max(1, spec.steps),
+        "metrics": final,
+        "nonfinite": nonfinite,
+        "curve": curve,
+    }
+    if probes:
+        out["probes"] = probes
+    if spec.method in SONGOKU_FAMILY:
+        refreshes = stepper.trace["refresh"]
+        out["groups"] = [r["num_groups"] for r in refreshes]
+        out["refresh_steps"] = [r["step"] for r in refreshes]
+        if problem.planted_adjacency is not None:
+            out["edge_f1"] = [edge_f1(r["adjacency"], problem.planted_adjacency) for r in refreshes]
+        if spec.keep_trace:
+            out["active"] = stepper.trace["active"]
+            out["rho"] = [{"step": r["step"], "rho": r["rho"]} for r in refreshes]
+    return out
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Build the problem for ``spec.seed`` and train (the unit of work of a worker process)."""
+    torch.set_num_threads(1)
+    problem = build_problem(spec.problem, spec.seed, **spec.problem_kwargs)
+    record = train(problem, spec)
+    record["task_names"] = problem.task_names
+    record["headline"] = problem.headline
+    record["higher_is_better"] = problem.higher_is_better
+    record["method_config"] = asdict(spec.method_config)
+    return record
+
+
+def run_sweep(specs: Iterable[RunSpec], jobs: int = 1, log: Any = print) -> list[dict[str, Any]]:
+    """Run every spec (in ``jobs`` worker processes when ``jobs > 1``), in order."""
+    specs = list(specs)
+    results: list[dict[str, Any]] = []
+
+    def report(i: int, rec: dict[str, Any]) -> None:
+        head = rec["metrics"][rec["headline"]]
+        log(
+            f"[{i + 1}/{len(specs)}] {rec['problem']:<12} {rec['method']:<15} seed {rec['seed']}: "
+            f"{rec['headline']} = {head:.4f}  ({rec['time_s']:.2f} s)"
+        )
+
+    if jobs <= 1:
+        for i, spec in enumerate(specs):
+            rec = run_one(spec)
+            report(i, rec)
+            results.append(rec)
+        return results
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for i, rec in enumerate(pool.map(run_one, specs)):
+            report(i, rec)
+            results.append(rec)
+    return results
+
+
+def default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
