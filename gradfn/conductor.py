@@ -493,8 +493,9 @@ def conductor(
             default backend or a backend name (``"aot_eager"``, ``"inductor"``).
 
     Raises:
-        ValueError / TypeError at construction for bad arguments, including ``N % K != 0`` in
-        stochastic mode.
+        ValueError: at construction, for a bad argument value, including ``N % K != 0`` in
+            stochastic mode.
+        TypeError: at construction, for an argument of the wrong type.
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
