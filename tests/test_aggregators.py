@@ -530,3 +530,16 @@ def test_bad_input_errors():
         A.mean({"a": torch.ones(2, 3), "b": torch.ones(3, 3)})
     with pytest.raises(ValueError, match="state is for"):
         A.gradvac_weights(A.gradvac_init(2), torch.eye(3))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rule", ["smooth", "zones"])
+def test_gcond_is_the_sum_of_resolved_gradients(case, rule):
+    from gradfn.resolve import resolve
+
+    seed, k, n = case
+    j = _jac(seed, k, n)
+    grads = _split(j)
+    out = A.gcond(grads, rule=rule)
+    ref = resolve(grads, gram_dtype=F64, rule=rule).grads
+    _close(_flat(out.grad), _flat({x: r.sum(0) for x, r in ref.items()}))

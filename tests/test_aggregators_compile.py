@@ -16,6 +16,7 @@ SMALL = {
     "dualproj": {"iters": 4},
     "cagrad": {"iters": 1, "qp_iters": 2},
     "nash_mtl": {"iters": 4},
+    "gcond": {"max_iters": 2},
 }
 
 

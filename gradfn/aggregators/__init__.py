@@ -10,7 +10,7 @@ SON-GOKU's in-group hook; :func:`backward` runs it from an ``nn.Module`` loop an
 and compiles with ``torch.compile(fullgraph=True)``.
 
 Methods: mean, sum, pcgrad, graddrop, cagrad, mgda, upgrad, dualproj, imtl_g, aligned_mtl,
-gradvac, nash_mtl, config.
+gradvac, nash_mtl, config, gcond (GCond's resolution).
 """
 
 from gradfn.aggregators._adapters import (
@@ -24,6 +24,7 @@ from gradfn.aggregators._base import Aggregated, Aggregator, CounterState, Empty
 from gradfn.aggregators._cagrad import cagrad, cagrad_weights
 from gradfn.aggregators._config import config, config_weights
 from gradfn.aggregators._dualproj import dualproj, dualproj_weights
+from gradfn.aggregators._gcond import gcond, gcond_weights
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import GradVacState, gradvac, gradvac_init, gradvac_weights
 from gradfn.aggregators._imtl_g import imtl_g, imtl_g_weights
@@ -62,6 +63,8 @@ __all__ = [
     "dual_cone_project",
     "dualproj",
     "dualproj_weights",
+    "gcond",
+    "gcond_weights",
     "graddrop",
     "gradvac",
     "gradvac_init",

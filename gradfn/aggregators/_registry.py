@@ -10,6 +10,7 @@ from gradfn.aggregators._base import Aggregated, Aggregator, seeded, stateless
 from gradfn.aggregators._cagrad import cagrad
 from gradfn.aggregators._config import config
 from gradfn.aggregators._dualproj import dualproj
+from gradfn.aggregators._gcond import gcond
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import gradvac
 from gradfn.aggregators._imtl_g import imtl_g
@@ -31,6 +32,7 @@ _STATELESS: dict[str, Callable[..., Aggregated]] = {
     "imtl_g": imtl_g,
     "aligned_mtl": aligned_mtl,
     "config": config,
+    "gcond": gcond,
 }
 _SEEDED: dict[str, Callable[..., Aggregated]] = {"pcgrad": pcgrad, "graddrop": graddrop}
 _FACTORIES: dict[str, Callable[..., Aggregator]] = {"gradvac": gradvac, "nash_mtl": nash_mtl}
