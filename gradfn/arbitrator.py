@@ -31,20 +31,13 @@ __all__ = [
     "arbitrate",
     "init_history",
     "is_dominant",
-    "pick",
     "push_history",
+    "second_wins",
     "stability",
     "update_norm_ema",
 ]
 
 DominanceRule = Literal["loses", "wins"]
-
-
-def pick(values: Tensor, index: Tensor) -> Tensor:
-    """``values[index]`` for a 0-d int tensor ``index``, as a masked sum (no data-dependent
-    indexing, so it traces under ``torch.compile(fullgraph=True)``)."""
-    hit = torch.arange(values.shape[0], device=values.device) == index
-    return torch.where(hit, values, torch.zeros_like(values)).sum()
 
 
 def init_history(window: int, device: torch.device | str | None = None) -> Tensor:
@@ -95,12 +88,48 @@ def stability(
     return dots / (norms * prev_norms + eps)
 
 
+def second_wins(
+    oh_i: Tensor,
+    oh_j: Tensor,
+    norms: Tensor,
+    norm_ema: Tensor,
+    stab: Tensor | None,
+    history: Tensor,
+    *,
+    tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
+    dominance: DominanceRule = "loses",
+    eps: float = 1e-8,
+) -> Tensor:
+    """0-d bool: does ``j`` win the pair ``(i, j)``? The pair is given by one-hot vectors (K,).
+
+    Vectorised form of :func:`arbitrate` (no data-dependent indexing): ``norms`` (K,), ``norm_ema``
+    (K,), ``stab`` (K,) or ``None`` (no previous gradients: stability 0), ``history`` (W,).
+    """
+    w_stab, w_str = tie_breaking_weights
+    rel = norms / (norm_ema + eps)
+    score = w_str * rel / (rel @ oh_i + rel @ oh_j + eps)
+    if stab is not None:
+        score = score + w_stab * torch.clamp(stab, min=0.0)
+    j_wins = score @ oh_j > score @ oh_i  # strict: ties go to i
+    if history.numel() == 0:
+        return j_wins
+    ar = torch.arange(norms.shape[0], device=norms.device)
+    dom = (history[None, :] == ar[:, None]).all(1).to(oh_i.dtype)  # dominant tasks (K,)
+    dom_i, dom_j = dom @ oh_i, dom @ oh_j
+    only_i, only_j = dom_i > dom_j, dom_j > dom_i
+    if dominance == "loses":
+        return only_i | (~only_j & j_wins)
+    if dominance == "wins":
+        return only_j | (~only_i & j_wins)
+    raise ValueError(f"arbitrate: `dominance` must be 'loses' or 'wins', got {dominance!r}")
+
+
 def arbitrate(
     i: Tensor,
     j: Tensor,
     norms: Tensor,
     norm_ema: Tensor,
-    stab: Tensor,
+    stab: Tensor | None,
     history: Tensor,
     *,
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
@@ -110,25 +139,20 @@ def arbitrate(
     """Winner and loser (0-d int64) of the pair ``(i, j)``, spec §2.7.
 
     ``norms`` (K,) current gradient norms, ``norm_ema`` (K,) the norm EMAs ``e_k``, ``stab`` (K,)
-    from :func:`stability`, ``history`` the winner ring. Ties go to ``i``.
+    from :func:`stability` (or ``None``), ``history`` the winner ring. Ties go to ``i``.
     """
-    w_stab, w_str = tie_breaking_weights
-    rel = norms / (norm_ema + eps)
-    rel_i, rel_j = pick(rel, i), pick(rel, j)
-    denom = rel_i + rel_j + eps
-    score_i = w_stab * torch.clamp(pick(stab, i), min=0.0) + w_str * rel_i / denom
-    score_j = w_stab * torch.clamp(pick(stab, j), min=0.0) + w_str * rel_j / denom
-    by_score = torch.where(score_j > score_i, j, i)
-
-    dom_i = is_dominant(history, i)
-    dom_j = is_dominant(history, j)
-    only_i = dom_i & ~dom_j
-    only_j = dom_j & ~dom_i
-    if dominance == "loses":
-        winner = torch.where(only_i, j, torch.where(only_j, i, by_score))
-    elif dominance == "wins":
-        winner = torch.where(only_i, i, torch.where(only_j, j, by_score))
-    else:
-        raise ValueError(f"arbitrate: `dominance` must be 'loses' or 'wins', got {dominance!r}")
-    loser = i + j - winner
-    return winner, loser
+    ar = torch.arange(norms.shape[0], device=norms.device)
+    oh_i, oh_j = (ar == i).to(norms.dtype), (ar == j).to(norms.dtype)
+    j_wins = second_wins(
+        oh_i,
+        oh_j,
+        norms,
+        norm_ema,
+        stab,
+        history,
+        tie_breaking_weights=tie_breaking_weights,
+        dominance=dominance,
+        eps=eps,
+    )
+    winner = torch.where(j_wins, j, i)
+    return winner, i + j - winner

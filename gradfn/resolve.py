@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.arbitrator import DominanceRule, arbitrate, pick, push_history, stability
+from gradfn.arbitrator import DominanceRule, push_history, second_wins, stability
 
 __all__ = [
     "ResolveResult",
@@ -196,69 +196,91 @@ def resolve_gramian(
 
     dtype, device = gram.dtype, gram.device
     eye = torch.eye(k, dtype=dtype, device=device)
+    ar = torch.arange(k, device=device)
+    upper = torch.ones(k, k, dtype=torch.bool, device=device).triu(1)
+    inf = torch.full((k, k), math.inf, dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    minus_one = torch.full((), -1, dtype=torch.int64, device=device)
     ema = torch.ones(k, dtype=dtype, device=device) if norm_ema is None else norm_ema.to(dtype)
     if history is None:
         history = torch.empty(0, dtype=torch.int64, device=device)
     if prev_cross is not None:
         prev_cross = prev_cross.to(dtype)
         prev_sq_norms = prev_sq_norms.to(dtype)  # type: ignore[union-attr]
+    half_pi = math.pi / 2
+    inv_weak = 1.0 / (t_w - t_m + eps)
+    inv_main = 1.0 / (t_c - t_m + eps)
+    floor_sq = floor * floor
 
     coeff = eye
     cur = gram
     pairs, winners = [], []
     iterations = torch.zeros((), dtype=torch.int64, device=device)
-    minus_one = torch.full((), -1, dtype=torch.int64, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
 
     for _ in range(max_iters):
-        cos, mask = pair_cosines(cur, eps, floor)
-        masked = torch.where(mask, cos, torch.full_like(cos, math.inf)).reshape(-1)
-        flat = torch.argmin(masked)  # first minimum = earliest pair (i < j, row-major) on ties
-        c = masked.amin()
-        active = c < t_w
-        i, j = flat // k, flat % k
+        # search: the valid pair (i < j) of lowest cosine; ties -> earliest pair (row-major)
         sq = torch.diagonal(cur)
-        d, n_i, n_j = pick(cur.reshape(-1), flat), pick(sq, i), pick(sq, j)
-        c = torch.where(active, c, zero)  # keep inactive arithmetic finite
-
         norms = torch.sqrt(torch.clamp(sq, min=0.0))
-        stab = stability(coeff, prev_cross, sq, prev_sq_norms, eps)
-        winner, loser = arbitrate(
-            i, j, norms, ema, stab, history, tie_breaking_weights=w, dominance=dominance, eps=eps
+        valid = sq >= floor_sq
+        mask = upper & valid[:, None] & valid[None, :]
+        masked = torch.where(mask, cur / (torch.outer(norms, norms) + eps), inf).reshape(-1)
+        flat = torch.argmin(masked)
+        active = masked.amin() < t_w
+        c = torch.where(active, masked.amin(), zero)  # keep inactive arithmetic finite
+        i = flat // k
+        j = flat - i * k
+        oh_i, oh_j = (ar == i).to(dtype), (ar == j).to(dtype)
+        d = oh_i @ cur @ oh_j
+        n_i, n_j = sq @ oh_i, sq @ oh_j
+
+        stab = None
+        if prev_cross is not None:
+            stab = stability(coeff, prev_cross, sq, prev_sq_norms, eps)
+        j_wins = second_wins(
+            oh_i,
+            oh_j,
+            norms,
+            ema,
+            stab,
+            history,
+            tie_breaking_weights=w,
+            dominance=dominance,
+            eps=eps,
         )
-        n_w = torch.where(winner == i, n_i, n_j)
-        n_l = torch.where(winner == i, n_j, n_i)
-        ar = torch.arange(k, device=device)
-        e_w, e_l = (ar == winner).to(dtype), (ar == loser).to(dtype)
-        e_i, e_j = (ar == i).to(dtype), (ar == j).to(dtype)
+        winner = torch.where(j_wins, j, i)
+        oh_w, oh_l = torch.where(j_wins, oh_j, oh_i), torch.where(j_wins, oh_i, oh_j)
+        n_w, n_l = torch.where(j_wins, n_j, n_i), torch.where(j_wins, n_i, n_j)
+        row_w, row_l = oh_w @ coeff, oh_l @ coeff
 
         if rule == "smooth":
-            alpha = _angle(c, t, remap_power, eps)
+            shifted = c - t_m
+            a_weak = half_pi - half_pi * torch.clamp(shifted * inv_weak, 0.0, 1.0)
+            a_main = half_pi + half_pi * torch.clamp(shifted * inv_main, min=0.0) ** remap_power
+            alpha = torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, math.pi))
             s_w = torch.sin(alpha)
-            s_l = torch.sin(torch.clamp(alpha, max=math.pi / 2))
+            s_l = torch.sin(torch.clamp(alpha, max=half_pi))
             a = torch.where(active, s_w * d / (n_l + eps), zero)  # g_w -= a g_l
             b = torch.where(active, s_l * d / (n_w + eps), zero)  # g_l -= b g_w
-            step = eye - a * torch.outer(e_w, e_l) - b * torch.outer(e_l, e_w)
-            arbitrated = active & (c < t_m) if not arbitrate_weak else active
+            coeff = coeff - torch.outer(oh_w, a * row_l) - torch.outer(oh_l, b * row_w)
+            arbitrated = active if arbitrate_weak else active & (c < t_m)
         else:
             crit = active & (c < t_c)
             main = active & (c >= t_c) & (c < t_m)
             weak = active & (c >= t_m)
-            b_main = torch.where(main, d / (n_w + eps), zero)
+            row_i, row_j = oh_i @ coeff, oh_j @ coeff
             d_tilde = c * torch.sqrt(torch.clamp(n_i * n_j, min=0.0))
+            b_main = torch.where(main, d / (n_w + eps), zero)  # g_l -= b_main g_w
             a_ij = torch.where(weak, d_tilde / (n_j + eps), zero)  # g_i -= a_ij g_j
             a_ji = torch.where(weak, d_tilde / (n_i + eps), zero)  # g_j -= a_ji g_i
-            kill = torch.where(crit, torch.ones_like(zero), zero)
-            step = (
-                eye
-                - kill * torch.outer(e_l, e_l)
-                - b_main * torch.outer(e_l, e_w)
-                - a_ij * torch.outer(e_i, e_j)
-                - a_ji * torch.outer(e_j, e_i)
+            kill = crit.to(dtype)  # critical: zero the loser's row
+            coeff = (
+                coeff
+                - torch.outer(oh_l, kill * row_l + b_main * row_w)
+                - torch.outer(oh_i, a_ij * row_j)
+                - torch.outer(oh_j, a_ji * row_i)
             )
             arbitrated = crit | main
 
-        coeff = step @ coeff
         cur = coeff @ gram @ coeff.T
         history = push_history(history, winner, arbitrated)
         iterations = iterations + active.to(torch.int64)

@@ -11,7 +11,6 @@ from gradfn.arbitrator import (
     arbitrate,
     init_history,
     is_dominant,
-    pick,
     push_history,
     stability,
     update_norm_ema,
@@ -113,11 +112,10 @@ def test_stability_in_coefficient_space():
     assert torch.equal(stability(coeff, None, (cur * cur).sum(1), None, 1e-8), torch.zeros(3))
 
 
-def test_norm_ema_and_pick():
+def test_norm_ema():
     ema = update_norm_ema(torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0]), 0.95, 1e-8)
     assert torch.allclose(ema, torch.tensor([0.95 + 0.05 * 3.0, 0.95]))
     floor = update_norm_ema(torch.tensor([0.0]), torch.tensor([0.0]), 0.9, 1e-3)
     assert float(floor) == pytest.approx(1e-3)
-    assert float(pick(torch.tensor([4.0, float("inf"), 6.0]), torch.tensor(2))) == 6.0
     with pytest.raises(ValueError, match="window"):
         init_history(-1)
