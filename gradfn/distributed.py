@@ -1,0 +1,135 @@
+"""torch.distributed helpers: averaging pytrees across ranks (DESIGN.md layer 6).
+
+gradfn makes every decision (EMA inputs, Gramian, colouring, conflict resolution, arbitrator
+history) from statistics averaged across ranks, so all ranks hold the same state at every step.
+The statistic averaged is the task-stacked gradient itself (``K × n`` values, or ``K × d_sk`` with
+a sketch): with mean-reduced losses and equal per-rank batches its average equals the gradient of
+one process on the union of the ranks' batches, and so do the Gramian, the cosines and every
+decision taken from them.
+
+The reduction is bucketed: leaves are cast to ``float32`` (never reduced in half precision),
+packed into flat buckets of at most ``bucket_bytes``, all-reduced with ``SUM``, divided by the
+world size and cast back. With no initialised process group (or one rank) every function is the
+identity, so single-process code needs no change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+PyTree = Any
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "all_reduce_mean",
+    "broadcast_tree",
+    "is_distributed",
+    "make_reducer",
+    "world_size",
+]
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def is_distributed(group: Any = None) -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group: Any = None) -> int:
+    """Number of ranks of ``group`` (1 without an initialised process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _buckets(leaves: list[Tensor], bucket_bytes: int, itemsize: int) -> list[list[int]]:
+    """Indices of ``leaves`` packed greedily into buckets of at most ``bucket_bytes``."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, leaf in enumerate(leaves):
+        nbytes = leaf.numel() * itemsize
+        if current and size + nbytes > bucket_bytes:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+    if current:
+        out.append(current)
+    return out
+
+
+def all_reduce_mean(
+    tree: PyTree,
+    *,
+    group: Any = None,
+    dtype: torch.dtype = torch.float32,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> PyTree:
+    """The mean of ``tree`` over the ranks of ``group``: a new pytree, leaves in their own dtype.
+
+    Floating leaves are reduced in ``dtype`` (``float32`` by default, or wider if the leaf is),
+    in flat buckets of at most ``bucket_bytes``. Integer and boolean leaves are not allowed.
+    Without an initialised process group, or with one rank, ``tree`` is returned unchanged.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    leaves, spec = optree.tree_flatten(tree)
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+            raise TypeError(
+                "all_reduce_mean: every leaf must be a floating-point tensor, got "
+                f"{leaf.dtype if isinstance(leaf, Tensor) else type(leaf).__name__}"
+            )
+    if not is_distributed(group) or not leaves:
+        return tree
+    n = world_size(group)
+    out: list[Tensor | None] = [None] * len(leaves)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for bucket in _buckets(leaves, bucket_bytes, itemsize):
+        work = torch.promote_types(dtype, leaves[bucket[0]].dtype)
+        for i in bucket:
+            work = torch.promote_types(work, leaves[i].dtype)
+        flat = torch.cat([leaves[i].reshape(-1).to(work) for i in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(n)
+        offset = 0
+        for i in bucket:
+            leaf = leaves[i]
+            out[i] = flat[offset : offset + leaf.numel()].view(leaf.shape).to(leaf.dtype)
+            offset += leaf.numel()
+    return optree.tree_unflatten(spec, out)
+
+
+def broadcast_tree(tree: PyTree, *, src: int = 0, group: Any = None) -> PyTree:
+    """``tree`` as held by rank ``src``, on every rank (a new pytree; identity without a group)."""
+    leaves, spec = optree.tree_flatten(tree)
+    if not is_distributed(group) or not leaves:
+        return tree
+    out = []
+    for leaf in leaves:
+        copy = leaf.detach().clone()
+        dist.broadcast(copy, src=src, group=group)
+        out.append(copy)
+    return optree.tree_unflatten(spec, out)
+
+
+def make_reducer(
+    group: Any = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> Callable[[PyTree], PyTree]:
+    """A ``reduce(tree) -> tree`` averaging over ``group``: the hook the transforms accept."""
+
+    def reduce(tree: PyTree) -> PyTree:
+        return all_reduce_mean(tree, group=group, dtype=dtype, bucket_bytes=bucket_bytes)
+
+    return reduce
