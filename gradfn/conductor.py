@@ -305,34 +305,35 @@ def accumulate(
     device = tree.leaves(params)[0].device
     lam = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
     raw_losses = torch.zeros(k, dtype=torch.float32, device=device)
+    # fresh buffers every cycle (the state may keep the previous cycle's A as `prev`)
+    acc = tree.tree_map(lambda p: torch.zeros((k, *p.shape), dtype=dt, device=p.device), params)
+    acc_leaves = tree.leaves(acc)
     if not config.stochastic:
-        acc = None
         scale = lam / n
         for _ in range(n):
             losses, grads = value_and_per_task_grads(
                 loss_fn, params, next_batch(), strategy=config.strategy, num_tasks=k
             )
-            term = tree.tree_map(
-                lambda g: (g.float() * scale.reshape((k,) + (1,) * (g.dim() - 1))).to(dt), grads
-            )
-            acc = term if acc is None else tree.tree_add(acc, term)
+            for a, g in zip(acc_leaves, tree.leaves(grads), strict=True):
+                w = scale.reshape((k,) + (1,) * (g.dim() - 1))
+                if dt == torch.bfloat16:  # round each term, as the reference does
+                    a.add_((g.float() * w).to(dt))
+                else:
+                    a.addcmul_(g.to(dt), w.to(dt))
             raw_losses = raw_losses + losses.detach().float() / n
         return acc, raw_losses * lam, raw_losses
     s = n // k
-    per_task = []
     eye = torch.eye(k, dtype=torch.float32, device=device)
     for task in range(k):
-        acc = None
         weight = eye[task] * (config.lambdas[task] / s)
         for _ in range(s):
             losses, grad = value_and_weighted_grad(
                 loss_fn, params, next_batch(), weight, num_tasks=k
             )
-            term = tree.tree_map(lambda g: g.to(dt), grad)
-            acc = term if acc is None else tree.tree_add(acc, term)
+            for a, g in zip(acc_leaves, tree.leaves(grad), strict=True):
+                a[task].add_(g.to(dt))
             raw_losses = raw_losses + eye[task] * losses.detach().float()[task] / s
-        per_task.append(acc)
-    return tree.stack(per_task), raw_losses * lam, raw_losses
+    return acc, raw_losses * lam, raw_losses
 
 
 def process(
@@ -405,8 +406,9 @@ def process(
             torch.ones_like(res.min_cosine_before),
         )
 
-    bad = tree.tree_any_nonfinite(grads) | ~torch.isfinite(losses).all()
-    bad = bad | ~torch.isfinite(gram_raw).all()
+    # a NaN / Inf anywhere in the gradients shows in the Gramian's diagonal (sums of squares); an
+    # overflowing Gramian is as unusable, so one K×K check covers both
+    bad = ~torch.isfinite(gram_raw).all() | ~torch.isfinite(losses).all()
     out = tree.tree_map(lambda x: torch.where(bad, torch.zeros_like(x), x), out)
     keep = state
     new = ConductorState(
