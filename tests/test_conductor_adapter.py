@@ -447,3 +447,20 @@ def test_call_conventions_args_kwargs():
     gc2 = GradientConductor(model, {"p": loss_plain}, {"p": 1.0}, 1)
     gc2.step(lambda: ((x,), y))
     assert model.a.weight.grad is not None
+
+
+def test_ddp_sync_with_a_single_process_group(tmp_path):
+    """With an initialised process group the written gradients are all-reduced (world of one)."""
+    import torch.distributed as dist
+
+    model = Net()
+    plain = GradientConductor(copy.deepcopy(model), LOSSES, LAMBDAS, 3)
+    want = plain.step(provider(data(3)))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        gc = GradientConductor(model, LOSSES, LAMBDAS, 3, ddp_sync="avg")
+        got = gc.step(provider(data(3)))
+    finally:
+        dist.destroy_process_group()
+    assert got["final_grad_norm"] == pytest.approx(want["final_grad_norm"], rel=1e-6)
+    assert torch.allclose(model.trunk.weight.grad, plain.module.trunk.weight.grad)
