@@ -56,9 +56,11 @@ def projection_block(
     h_rows = _mix((rows.to(torch.int64) ^ base) & _MASK)  # (c,)
     cols = torch.arange(dim, dtype=torch.int64, device=device)
     h_cols = _mix((cols * 0x5BD1E995 + 0x632BE5AB) & _MASK)  # (dim,)
-    h = _mix(((h_rows[:, None] * 31) ^ h_cols[None, :]) & _MASK)
-    sign = ((h >> 11) & 1).to(dtype) * 2 - 1
-    return sign / math.sqrt(dim)
+    # Rows and columns are hashed once each; an entry needs only two multiply-xorshift rounds.
+    h = ((h_rows[:, None] ^ h_cols[None, :]) * 0x2C1B3C6D) & _MASK
+    h = ((h ^ (h >> 13)) * 0x297A2D39) & _MASK
+    scale = 1.0 / math.sqrt(dim)
+    return torch.where((h & (1 << 17)) != 0, scale, -scale).to(dtype)
 
 
 def sketch(stacked: PyTree, dim: int, seed: int = 0, *, chunk: int = 8192) -> Tensor:

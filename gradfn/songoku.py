@@ -50,7 +50,7 @@ from gradfn.graph import GRAPH_RULES, conflict_adjacency, interference
 from gradfn.schedules import TauSchedule, tau_value
 from gradfn.sketch import sketch
 from gradfn.songoku_transforms import inverse_norm_weights, pcgrad_coefficients, pcgrad_order
-from gradfn.tree import gramian, tree_any_nonfinite, tree_where, weighted_sum
+from gradfn.tree import gramian, tree_where, weighted_sum
 
 __all__ = ["BUILTIN_TRANSFORMS", "SonGokuState", "SonGokuTransform", "songoku"]
 
@@ -115,11 +115,11 @@ class SonGokuTransform(Transform):
         return self
 
 
-def _loss_vector(out: Any) -> Tensor:
+def _loss_list(out: Any) -> list[Tensor]:
+    """The ``K`` losses of ``loss_fn`` as a list (a task's backward then starts at its own loss)."""
     if isinstance(out, Tensor):
-        return out.reshape(-1)
-    values = list(out.values()) if isinstance(out, Mapping) else list(out)
-    return torch.stack([v.reshape(()) for v in values])
+        return list(out.reshape(-1).unbind(0))
+    return list(out.values()) if isinstance(out, Mapping) else list(out)
 
 
 def _shared_predicate(shared: Any) -> Callable[[str], bool] | None:
@@ -278,13 +278,6 @@ def songoku(
             return sketch(shared_grads, sketch_dim, seed)
         return {n: g.to(_ema_dtype(g)) for n, g in shared_grads.items()}
 
-    def blend(ema: PyTree, obs: PyTree, mask: Tensor) -> PyTree:
-        def one(e: Tensor, g: Tensor) -> Tensor:
-            m = mask.reshape((k,) + (1,) * (e.dim() - 1))
-            return torch.where(m, beta * e + (1.0 - beta) * g.to(e.dtype), e)
-
-        return optree.tree_map(one, ema, obs)
-
     def init(params: Params) -> SonGokuState:
         if not isinstance(params, Mapping) or not params:
             raise TypeError("`params` must be a non-empty mapping of dotted names to tensors")
@@ -310,32 +303,51 @@ def songoku(
             seed=torch.tensor(int(seed), **i64),
         )
 
-    def per_task(params: Params, batch: Any, rows: Tensor, wrt) -> tuple[Tensor, PyTree]:
-        """Losses (K,) and task-stacked gradients; rows outside ``rows`` may be zero."""
+    def per_task(params: Params, batch: Any, rows: Tensor, wrt) -> tuple[Tensor, PyTree, Tensor]:
+        """Losses (K,), per-task gradients of the rows ``idx`` and ``idx`` (R,) int64.
+
+        Eagerly (``per_task_rows`` "active"/"auto") only the tasks in ``rows`` are differentiated
+        (``R = |rows|``, read on the host); otherwise all ``K`` (``idx = arange(K)``).
+        """
         compact = per_task_rows == "active" or (
             per_task_rows == "auto" and not torch.compiler.is_compiling()
         )
         if not compact:
-            return value_and_per_task_grads(
+            losses, grads = value_and_per_task_grads(
                 loss_fn, params, batch, wrt=wrt, strategy=strategy, num_tasks=k
             )
+            return losses, grads, torch.arange(k, device=rows.device)
         idx = torch.nonzero(rows).flatten()
+        chosen = idx.tolist()
         captured: dict[str, Tensor] = {}
 
-        def sub(p: Params, b: Any) -> Tensor:
-            vec = _loss_vector(loss_fn(p, b))
-            if vec.shape[0] != k:
-                raise ValueError(f"loss_fn returned {vec.shape[0]} losses but num_tasks={k}")
-            captured["losses"] = vec.detach()
-            return vec.index_select(0, idx)
+        def sub(p: Params, b: Any) -> list[Tensor]:
+            out = _loss_list(loss_fn(p, b))
+            if len(out) != k:
+                raise ValueError(f"loss_fn returned {len(out)} losses but num_tasks={k}")
+            captured["losses"] = torch.stack([x.detach().reshape(()) for x in out])
+            return [out[i] for i in chosen]
 
         _, grads = value_and_per_task_grads(sub, params, batch, wrt=wrt, strategy=strategy)
+        return captured["losses"], grads, idx
 
-        def scatter(g: Tensor) -> Tensor:
-            out = torch.zeros((k, *g.shape[1:]), dtype=g.dtype, device=g.device)
-            return out.index_copy(0, idx, g)
+    def blend_rows(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor) -> PyTree:
+        """``e_i ← β e_i + (1−β) o_i`` for the rows ``idx`` where ``mask`` (R,) holds."""
 
-        return captured["losses"], optree.tree_map(scatter, grads)
+        def one(e: Tensor, o: Tensor) -> Tensor:
+            old = e.index_select(0, idx)
+            m = mask.reshape((-1,) + (1,) * (e.dim() - 1))
+            new = torch.where(m, beta * old + (1.0 - beta) * o.to(e.dtype), old)
+            return e.index_copy(0, idx, new)
+
+        return optree.tree_map(one, ema, obs)
+
+    def scatter_rows(tree: PyTree, idx: Tensor) -> PyTree:
+        def one(x: Tensor) -> Tensor:
+            out = torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            return out.index_copy(0, idx, x)
+
+        return optree.tree_map(one, tree)
 
     def step(
         state: SonGokuState, params: Params, batch: Any, probe: Tensor | None = None
@@ -354,53 +366,66 @@ def songoku(
         ema_mask = active if ema_mode == "active" else torch.zeros_like(active)
         if probe is not None:
             ema_mask = ema_mask | probe.to(device=active.device, dtype=torch.bool)
-        new_ema, ema_count, norm_ema = state.ema, state.ema_count, state.norm_ema
+        norm_ema = state.norm_ema
+        obs = None
 
         if not always_per_task and probe is None:
             losses, grads = value_and_weighted_grad(loss_fn, params, batch, af * red, num_tasks=k)
         else:
-            losses, stacked = per_task(params, batch, active | ema_mask, None)
-            shared_st = {n: stacked[n] for n in names}
-            other_st = {n: g for n, g in stacked.items() if n not in name_set}
-            new_ema = blend(state.ema, observe(shared_st), ema_mask)
-            ema_count = state.ema_count + ema_mask.to(torch.int64)
+            losses, rows, idx = per_task(params, batch, active | ema_mask, None)
+            act_r = active.index_select(0, idx)
+            shared_r = {n: rows[n] for n in names}
+            other_r = {n: g for n, g in rows.items() if n not in name_set}
+            obs = observe(shared_r)
             w_other = af * red
             w_shared = w_other
+            if builtin is not None:
+                gram_r = _gram(shared_r)
+                gram = torch.zeros(k, k, dtype=gram_r.dtype, device=gram_r.device)
+                gram = gram.index_put((idx[:, None], idx[None, :]), gram_r)
             if builtin in ("pcgrad", "pcgrad_sum"):
                 order = pcgrad_order(state.seed, state.step, k)
-                coeffs = pcgrad_coefficients(_gram(shared_st), active, order)
+                coeffs = pcgrad_coefficients(gram, active, order)
                 w_pc = af / count if builtin == "pcgrad" else af
                 w_shared = w_pc.to(coeffs.dtype) @ coeffs
             elif builtin == "inverse_norm":
-                w_inv, norm_ema = inverse_norm_weights(
-                    _gram(shared_st), active, state.norm_ema, adatask_beta
-                )
+                w_inv, norm_ema = inverse_norm_weights(gram, active, state.norm_ema, adatask_beta)
                 w_shared = w_other = w_inv * red.to(w_inv.dtype)
             elif hook is not None:
                 masked = optree.tree_map(
-                    lambda g: g * active.reshape((k,) + (1,) * (g.dim() - 1)).to(g.dtype),
-                    shared_st,
+                    lambda g: g * act_r.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype),
+                    shared_r,
                 )
-                shared_st = hook(masked, active)
-            shared_g = weighted_sum(shared_st, w_shared)
-            other_g = weighted_sum(other_st, w_other) if other_st else {}
+                out = hook(scatter_rows(masked, idx), active)
+                shared_r = {n: out[n].index_select(0, idx) for n in names}
+            shared_g = weighted_sum(shared_r, w_shared.index_select(0, idx))
+            other_g = weighted_sum(other_r, w_other.index_select(0, idx)) if other_r else {}
             grads = {n: (shared_g[n] if n in name_set else other_g[n]) for n in params}
 
         losses = losses.to(torch.float32)
-        bad = (~torch.isfinite(losses) & active).any() | tree_any_nonfinite(grads)
-        if not isinstance(new_ema, Mapping) or new_ema:
-            bad = bad | tree_any_nonfinite(new_ema)
+        bad = (~torch.isfinite(losses) & active).any() | _nonfinite(grads)
+        new_ema, ema_count = state.ema, state.ema_count
+        if obs is not None:
+            upd_r = ema_mask.index_select(0, idx)
+            finite_r = torch.ones_like(upd_r)
+            for leaf in optree.tree_leaves(obs):
+                finite_r = finite_r & torch.isfinite(leaf.reshape(leaf.shape[0], -1).sum(dim=1))
+            bad = bad | (upd_r & ~finite_r).any()
+            new_ema = blend_rows(state.ema, obs, idx, upd_r & ~bad)
+            ema_count = state.ema_count + (ema_mask & ~bad).to(torch.int64)
         ok = ~bad
-        moved = state._replace(
+        small = state._replace(ema=None)
+        moved = small._replace(
             step=state.step + 1,
             ptr=torch.remainder(state.ptr + 1, state.num_groups),
-            ema=new_ema,
-            ema_count=ema_count,
             active=active,
             norm_ema=norm_ema,
         )
-        out = tree_where(ok, moved, state)._replace(skipped=bad, losses=losses)
-        grads = {n: torch.where(ok, g, torch.zeros_like(g)) for n, g in grads.items()}
+        out = tree_where(ok, moved, small)._replace(
+            skipped=bad, losses=losses, ema=new_ema, ema_count=ema_count
+        )
+        zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+        grads = {n: torch.where(ok, g, zero.to(g.dtype)) for n, g in grads.items()}
         return out, grads
 
     def refresh(
@@ -419,14 +444,14 @@ def songoku(
                 if probe is None
                 else probe.to(device=state.step.device, dtype=torch.bool)
             )
-            losses, stacked = per_task(params, batch, mask, is_shared)
-            obs = observe({n: stacked[n] for n in shared_names(params)})
-            finite = torch.isfinite(losses.to(torch.float32))
+            losses, rows, idx = per_task(params, batch, mask, is_shared)
+            obs = observe({n: rows[n] for n in shared_names(params)})
+            finite = torch.isfinite(losses.to(torch.float32)).index_select(0, idx)
             for leaf in optree.tree_leaves(obs):
-                finite = finite & torch.isfinite(leaf.reshape(k, -1)).all(dim=1)
-            mask = mask & finite
-            ema = blend(ema, obs, mask)
-            ema_count = ema_count + mask.to(torch.int64)
+                finite = finite & torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
+            upd = mask.index_select(0, idx) & finite
+            ema = blend_rows(ema, obs, idx, upd)
+            ema_count = ema_count.index_add(0, idx, upd.to(torch.int64))
         tau = tau_value(schedule, state.step).to(torch.float32)
         rho = interference(_gram(ema), eps).to(torch.float32)
         adj, tau_used = conflict_adjacency(
@@ -486,6 +511,14 @@ def songoku(
         one_backward=not always_per_task,
     )
     return SonGokuTransform(init, update, step, refresh, config)
+
+
+def _nonfinite(tree: Mapping[str, Tensor]) -> Tensor:
+    """0-d bool: does any leaf hold a NaN or an infinity? (one reduction per leaf)"""
+    sums = [x.sum().to(torch.float32) for x in tree.values()]
+    if not sums:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(sums).sum())
 
 
 def _gram(stacked: PyTree) -> Tensor:

@@ -212,8 +212,11 @@ class SonGokuScheduler:
     # ----------------------------------------------------------------------------------------
     # the K-loss function handed to the core
 
-    def _all_losses(self, module: nn.Module, batches: Mapping[str, Any]) -> Tensor:
-        """Losses of the tasks present in ``batches`` (the others are a constant 0)."""
+    def _all_losses(self, module: nn.Module, batches: Mapping[str, Any]) -> list[Tensor]:
+        """Losses of the tasks present in ``batches`` (the others are a constant 0).
+
+        A list, not a stack: each task's backward then visits only its own part of the graph.
+        """
         out: list[Tensor | None] = []
         for spec in self.tasks:
             if spec.name not in batches:
@@ -228,7 +231,7 @@ class SonGokuScheduler:
             out.append(loss.reshape(()))
         ref = next(x for x in out if x is not None)
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-        return torch.stack([zero if x is None else x.to(ref.dtype) for x in out])
+        return [zero if x is None else x for x in out]
 
     def _wrap_hook(self, user: Callable) -> Callable:
         """Adapt the reference's hook ``{task: flat shared grad} -> {task: flat}`` to the core's."""
