@@ -121,7 +121,6 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Build the problem for ``spec.seed`` and train (the unit of work of a worker process)."""
-    torch.set_num_threads(1)
     problem = build_problem(spec.problem, spec.seed, **spec.problem_kwargs)
     record = train(problem, spec)
     record["task_names"] = problem.task_names
@@ -149,11 +148,16 @@ def run_sweep(specs: Iterable[RunSpec], jobs: int = 1, log: Any = print) -> list
             report(i, rec)
             results.append(rec)
         return results
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=single_thread) as pool:
         for i, rec in enumerate(pool.map(run_one, specs)):
             report(i, rec)
             results.append(rec)
     return results
+
+
+def single_thread() -> None:
+    """Worker initialiser: one intra-op thread per run (runs are timed side by side)."""
+    torch.set_num_threads(1)
 
 
 def default_jobs() -> int:

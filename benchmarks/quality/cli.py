@@ -1,0 +1,171 @@
+"""Command line: ``python -m benchmarks.quality [--quick] [--out DIR] ...``.
+
+Writes into ``--out``: ``results.md`` (tables), ``results.json`` (every run: final metrics,
+curves, times, SON-GOKU traces) and the PNG figures (unless ``--no-figures`` or matplotlib is
+missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.quality import figures, report
+from benchmarks.quality.methods import METHODS, SONGOKU_FAMILY, MethodConfig
+from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
+from benchmarks.quality.toy import run_toy
+
+__all__ = ["FULL", "QUICK", "main"]
+
+# problem -> (steps, lr, eval_every, problem kwargs)
+FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
+    "multidigits": (600, 2e-3, 50, {}),
+    "planted_k6": (400, 1e-2, 25, {}),
+    "planted_k16": (400, 1e-2, 25, {}),
+    "diabetes": (300, 1e-3, 25, {}),
+}
+QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
+    "multidigits": (16, 2e-3, 8, {"n_train": 400, "n_test": 200}),
+    "planted_k6": (16, 1e-2, 8, {"n_test": 500}),
+    "planted_k16": (16, 1e-2, 8, {"n_test": 500}),
+    "diabetes": (16, 1e-3, 8, {}),
+}
+DEFAULT_OUT = Path("benchmarks/results/quality")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed (under a minute)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--problems", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (quick 1, full 5)")
+    p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
+    p.add_argument(
+        "--refresh-period", type=int, default=None, help="SON-GOKU R (quick 16, full 32)"
+    )
+    p.add_argument("--toy", dest="toy", action="store_true", default=True)
+    p.add_argument("--no-toy", dest="toy", action="store_false", help="skip the 2-task toy")
+    p.add_argument("--toy-steps", type=int, default=None, help="toy steps (quick 10, full 600)")
+    p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"
+    )
+    return p
+
+
+def _subset(arg: str | None, allowed: list[str] | tuple[str, ...], what: str) -> list[str]:
+    if arg is None:
+        return list(allowed)
+    chosen = [a.strip() for a in arg.split(",") if a.strip()]
+    bad = [a for a in chosen if a not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {bad}; expected some of {list(allowed)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"records", "toy", "files"}``."""
+    args = _parser().parse_args(argv)
+    table = QUICK if args.quick else FULL
+    problems = _subset(args.problems, list(table), "problems")
+    methods = _subset(args.methods, METHODS, "methods")
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    seeds = list(range(n_seeds))
+    r_period = args.refresh_period or (8 if args.quick else 32)
+    cfg = MethodConfig(refresh_period=r_period)
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(args, table, problems, methods, seeds, cfg, jobs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
+    r_period = cfg.refresh_period
+
+    specs = []
+    for seed in seeds:  # seeds outermost: machine noise spreads over all methods
+        for problem in problems:
+            steps, lr, every, kwargs = table[problem]
+            steps = args.steps or steps
+            for method in methods:
+                specs.append(
+                    RunSpec(
+                        problem=problem,
+                        method=method,
+                        seed=seed,
+                        steps=steps,
+                        lr=lr,
+                        eval_every=min(every, steps),
+                        problem_kwargs=kwargs,
+                        method_config=cfg,
+                        keep_trace=seed == seeds[0] and method in SONGOKU_FAMILY,
+                        probe_points=5 if seed == seeds[0] and method == "uniform" else 0,
+                    )
+                )
+    t0 = time.perf_counter()
+    records = run_sweep(specs, jobs=jobs)
+    toy: list[dict[str, Any]] = []
+    toy_steps = args.toy_steps or (10 if args.quick else 600)
+    if args.toy:
+        toy = _run_toys(methods, toy_steps, jobs)
+    total = time.perf_counter() - t0
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    if not args.no_figures:
+        if figures.available():
+            files = figures.write_all(records, toy, out)
+        else:
+            print("matplotlib is not installed: no figures")
+    settings = {
+        "mode": "quick" if args.quick else "full",
+        "seeds": seeds,
+        "problems": {p: {"steps": args.steps or table[p][0], "lr": table[p][1]} for p in problems},
+        "optimizer": "Adam (torch defaults besides lr)",
+        "SON-GOKU": f"R = {r_period}, tau = {cfg.tau} (constant), beta = {cfg.ema_beta}, EMA of the active tasks",
+        "GCond": f"classic N = {cfg.gcond_classic_microbatches} micro-batches, stochastic N = K; "
+        "library defaults otherwise",
+        "CAGrad": f"c = {cfg.cagrad_c}",
+        "toy": f"{toy_steps} steps, Adam lr 5e-2 (lr/10 for the last fifth), SON-GOKU R = 10",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads per run": 1,
+        "worker processes": jobs,
+        "sweep wall-clock s": round(total, 1),
+    }
+    (out / "results.md").write_text(report.markdown_report(records, toy, methods, settings, files))
+    (out / "results.json").write_text(
+        json.dumps({"settings": settings, "records": records, "toy": toy}, allow_nan=True)
+    )
+    print(f"wrote {out / 'results.md'} ({len(records)} runs, {len(files)} figures, {total:.1f} s)")
+    return {"records": records, "toy": toy, "files": files, "settings": settings}
+
+
+def _toy_one(args: tuple[str, int]) -> dict[str, Any]:
+    method, steps = args
+    return run_toy(method, steps=steps)
+
+
+def _run_toys(methods: list[str], steps: int, jobs: int) -> list[dict[str, Any]]:
+    work = [(m, steps) for m in methods]
+    if jobs <= 1:
+        results = [_toy_one(w) for w in work]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, initializer=single_thread) as pool:
+            results = list(pool.map(_toy_one, work))
+    for t in results:
+        print(f"toy {t['method']:<15} on front {t['reached']}/5  ({t['time_s']:.2f} s)")
+    return results
