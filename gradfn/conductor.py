@@ -60,6 +60,9 @@ __all__ = [
     "ConductorState",
     "accumulate",
     "conductor",
+    "discard_cycle",
+    "init_state",
+    "make_config",
     "process",
     "reference_options",
 ]
@@ -96,6 +99,7 @@ class ConductorConfig(NamedTuple):
     norm_floor: float | None = None
     cap_single_loss: bool = True
     strategy: str = "auto"
+    skip_guard: bool = True
 
 
 class ConductorState(NamedTuple):
@@ -305,19 +309,26 @@ def accumulate(
     device = tree.leaves(params)[0].device
     lam = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
     raw_losses = torch.zeros(k, dtype=torch.float32, device=device)
-    # fresh buffers every cycle (the state may keep the previous cycle's A as `prev`)
-    acc = tree.tree_map(lambda p: torch.zeros((k, *p.shape), dtype=dt, device=p.device), params)
+    # fresh buffers every cycle (the state may keep the previous cycle's A as `prev`); the first
+    # micro-batch writes them, the others add in place
+    acc = tree.tree_map(lambda p: torch.empty((k, *p.shape), dtype=dt, device=p.device), params)
     acc_leaves = tree.leaves(acc)
     if not config.stochastic:
         scale = lam / n
-        for _ in range(n):
+        for step in range(n):
             losses, grads = value_and_per_task_grads(
                 loss_fn, params, next_batch(), strategy=config.strategy, num_tasks=k
             )
             for a, g in zip(acc_leaves, tree.leaves(grads), strict=True):
                 w = scale.reshape((k,) + (1,) * (g.dim() - 1))
                 if dt == torch.bfloat16:  # round each term, as the reference does
-                    a.add_((g.float() * w).to(dt))
+                    term = (g.float() * w).to(dt)
+                    if step == 0:
+                        a.copy_(term)
+                    else:
+                        a.add_(term)
+                elif step == 0:
+                    torch.mul(g.to(dt), w.to(dt), out=a)
                 else:
                     a.addcmul_(g.to(dt), w.to(dt))
             raw_losses = raw_losses + losses.detach().float() / n
@@ -326,12 +337,15 @@ def accumulate(
     eye = torch.eye(k, dtype=torch.float32, device=device)
     for task in range(k):
         weight = eye[task] * (config.lambdas[task] / s)
-        for _ in range(s):
+        for step in range(s):
             losses, grad = value_and_weighted_grad(
                 loss_fn, params, next_batch(), weight, num_tasks=k
             )
             for a, g in zip(acc_leaves, tree.leaves(grad), strict=True):
-                a[task].add_(g.to(dt))
+                if step == 0:
+                    a[task].copy_(g)
+                else:
+                    a[task].add_(g.to(dt))
             raw_losses = raw_losses + eye[task] * losses.detach().float()[task] / s
     return acc, raw_losses * lam, raw_losses
 
@@ -409,8 +423,9 @@ def process(
     # a NaN / Inf anywhere in the gradients shows in the Gramian's diagonal (sums of squares); an
     # overflowing Gramian is as unusable, so one K×K check covers both
     bad = ~torch.isfinite(gram_raw).all() | ~torch.isfinite(losses).all()
-    out = tree.tree_map(lambda x: torch.where(bad, torch.zeros_like(x), x), out)
-    keep = state
+    if config.skip_guard:
+        out = tree.tree_map(lambda x: torch.where(bad, 0.0, x), out)
+    out_sq = [torch.linalg.vector_norm(x.float()) ** 2 for x in tree.leaves(out)]
     new = ConductorState(
         momentum=mom_state,
         prev=prev,
@@ -423,20 +438,40 @@ def process(
         proj_iters=res.iterations,
         min_cosine_sim=min_cos.float(),
         min_cosine_after=res.min_cosine_after.float(),
-        final_grad_norm=tree.tree_norm(out),
+        final_grad_norm=torch.sqrt(torch.stack(out_sq).sum()),
         winners=res.winners,
         skipped=bad,
         num_skipped=state.num_skipped + bad.to(torch.int64),
     )
-    algorithm = ConductorState(
-        momentum=tree.tree_where(bad, keep.momentum, new.momentum),
-        prev=tree.tree_where(bad, keep.prev, new.prev),
-        prev_sq_norms=torch.where(bad, keep.prev_sq_norms, new.prev_sq_norms),
-        norm_ema=torch.where(bad, keep.norm_ema, new.norm_ema),
-        history=torch.where(bad, keep.history, new.history),
-        **{f: getattr(new, f) for f in ConductorState._fields[5:]},
+    if not config.skip_guard:
+        return new, out
+    return ConductorState(
+        momentum=tree.tree_where(bad, state.momentum, new.momentum),
+        prev=tree.tree_where(bad, state.prev, new.prev),
+        prev_sq_norms=torch.where(bad, state.prev_sq_norms, new.prev_sq_norms),
+        norm_ema=torch.where(bad, state.norm_ema, new.norm_ema),
+        history=torch.where(bad, state.history, new.history),
+        **{f: getattr(new, f) for f in _STATS},
+    ), out
+
+
+_ALGORITHM = ("momentum", "prev", "prev_sq_norms", "norm_ema", "history")
+_STATS = ConductorState._fields[len(_ALGORITHM) :]
+
+
+def discard_cycle(old: ConductorState, new: ConductorState) -> ConductorState:
+    """The state after a skipped cycle: ``old``'s algorithm state with ``new``'s statistics
+    (``final_grad_norm`` 0: the guarded transform returns zeros).
+
+    For callers that build the transform with ``skip_guard=False`` and read ``new.skipped`` on the
+    host anyway (the nn.Module adapter does, for its stats): selecting the old tensors costs nothing,
+    where the in-graph guard copies the previous gradients and the momentum through
+    ``torch.where``.
+    """
+    state = ConductorState(
+        **{f: getattr(old, f) for f in _ALGORITHM}, **{f: getattr(new, f) for f in _STATS}
     )
-    return algorithm, out
+    return state._replace(final_grad_norm=torch.zeros_like(new.final_grad_norm))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +506,7 @@ def conductor(
     norm_floor: float | None = None,
     cap_single_loss: bool = True,
     strategy: str = "auto",
+    skip_guard: bool = True,
     compile: bool | str = False,
 ) -> Transform:
     """GradientConductor as ``(init, update)``; see the module docstring.
@@ -491,6 +527,10 @@ def conductor(
         cap_single_loss: the defect fixes listed in the module docstring
             (:func:`reference_options` restores the reference).
         strategy: per-task gradient strategy of the classic mode (``"auto"``, ``"vmap"``, ``"loop"``).
+        skip_guard: keep the algorithm state of a non-finite cycle unchanged inside the graph (and
+            return zeros). ``False``: the returned state and gradient are the cycle's, flagged by
+            ``state.skipped``; the caller discards them (:func:`discard_cycle`). Saves the
+            ``torch.where`` copies of the previous gradients and the momentum.
         compile: compile :func:`process` with ``torch.compile(fullgraph=True)``; ``True`` for the
             default backend or a backend name (``"aot_eager"``, ``"inductor"``).
 
@@ -527,6 +567,7 @@ def conductor(
         norm_floor=norm_floor,
         cap_single_loss=bool(cap_single_loss),
         strategy=strategy,
+        skip_guard=bool(skip_guard),
     )
 
     def step(state, grads, losses, raw_losses, params):

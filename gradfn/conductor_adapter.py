@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfn.autodiff import functional_loss
-from gradfn.conductor import ConductorState, conductor, reference_options
+from gradfn.conductor import ConductorState, conductor, discard_cycle, reference_options
 
 __all__ = ["GradientConductor"]
 
@@ -234,6 +234,7 @@ class GradientConductor:
             eps=eps,
             strategy=strategy,
             compile=compile,
+            skip_guard=False,  # a skipped cycle is discarded below, at no cost (stats sync anyway)
             **extras,
         )
         self._state = self._transform.init(self._params)
@@ -301,6 +302,7 @@ class GradientConductor:
                 first.append(batch)
             return tuple(batch)
 
+        old = self._state
         with self._mode():
             self._state, grads = self._transform.update(self._state, self._params, provider)
         if self._untouched is None:
@@ -324,8 +326,10 @@ class GradientConductor:
             ]
         ).tolist()
         skipped = bool(stats_vec[5])
+        if skipped:
+            self._state = discard_cycle(old, self._state)
         self._write_grads(grads, skipped)
-        final_norm = stats_vec[0]
+        final_norm = 0.0 if skipped else stats_vec[0]  # nothing is written on a skipped cycle
         if not skipped and self._sync():
             sq = sum(
                 float(p.grad.float().pow(2).sum())

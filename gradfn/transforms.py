@@ -174,11 +174,15 @@ def momentum(
         count = torch.zeros((), dtype=torch.int64, device=leaf0.device)
         return MomentumState(count, tree.tree_zeros_like(params, dtype=dtype))
 
+    def _ema(m: Tensor, u: Tensor) -> Tensor:
+        # β·m + (1−β)·u in one pass (lerp from u towards m by β)
+        if m.dtype == u.dtype == dtype:
+            return torch.lerp(u, m, beta)
+        return torch.lerp(u.float(), m.float(), beta).to(dtype)
+
     def update(state: MomentumState, updates: PyTree, params: PyTree = None):
         count = state.count + 1
-        mu = optree.tree_map(
-            lambda m, u: (beta * m.float() + (1.0 - beta) * u.float()).to(dtype), state.mu, updates
-        )
+        mu = optree.tree_map(_ema, state.mu, updates)
         if bias_correction:
             bc = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), count).float()
             out = tree.tree_map(lambda m: (m.float() / bc).to(dtype), mu)

@@ -10,7 +10,14 @@ import torch
 
 from gradfn import tree
 from gradfn.arbitrator import init_history
-from gradfn.conductor import accumulate, conductor, make_config, process, reference_options
+from gradfn.conductor import (
+    accumulate,
+    conductor,
+    discard_cycle,
+    make_config,
+    process,
+    reference_options,
+)
 from gradfn.resolve import resolve
 
 LAMBDAS = [1.0, 0.5]
@@ -252,6 +259,13 @@ def test_non_finite_gradient_skips_the_cycle():
     inf[0] = (inf[0][0] * float("inf"), inf[0][1])
     s_inf, _ = t.update(state, params, inf)
     assert bool(s_inf.skipped) and int(s_inf.step) == 1
+    # without the in-graph guard the caller discards the cycle: same state
+    free = conductor(_losses, LAMBDAS, accumulation_steps=2, stochastic=False, skip_guard=False)
+    raw_new, _ = free.update(state, params, bad)
+    assert bool(raw_new.skipped) and int(raw_new.step) == 2  # not guarded
+    kept = discard_cycle(state, raw_new)
+    for field in ("momentum", "prev", "prev_sq_norms", "norm_ema", "history", "final_grad_norm"):
+        assert _equal_states(getattr(kept, field), getattr(new, field)), field
 
 
 def test_process_compiles_fullgraph():
