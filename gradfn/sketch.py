@@ -1,14 +1,20 @@
-"""Seeded random projection of task-stacked gradients (SON-GOKU sketched EMA, spec §2.4).
+"""Seeded random projections of task-stacked gradients (SON-GOKU sketched EMA, spec §2.4).
 
 ``sketch(stacked, dim, seed)`` maps every task's shared gradient ``g_k ∈ R^n`` to
-``s_k = P g_k ∈ R^dim`` with a Johnson–Lindenstrauss matrix ``P`` of independent Rademacher
-entries ``±1/sqrt(dim)`` (``E[<Pa, Pb>] = <a, b>``). The EMA of SON-GOKU then lives in ``K × dim``
-memory instead of ``K × n``, and a refresh costs ``O(K² dim)`` for the Gramian (paper §2.4).
+``s_k = P g_k ∈ R^dim`` with a random matrix ``P`` for which ``E[<Pa, Pb>] = <a, b>``. The EMA of
+SON-GOKU then lives in ``K × dim`` memory instead of ``K × n``, and a refresh costs ``O(K² dim)``
+for the Gramian (paper §2.4). Two matrices:
 
-``P`` is never stored: its entries are a counter-based hash of ``(seed, leaf, row, column)``,
-regenerated chunk by chunk (``chunk`` rows of ``P`` at a time, leaf by leaf). The same
-``(seed, dim)`` always gives the same ``P``, chunking does not change the result, and everything
-is tensor-only integer arithmetic, so it traces under ``torch.compile``.
+* ``method="countsketch"`` (default; Charikar et al. 2002, Clarkson & Woodruff 2013): each column
+  of ``P`` has a single non-zero ``±1`` in a hashed row, so ``s_k[h(i)] += σ(i) g_k[i]``: an
+  ``O(K·n)`` scatter-add, whatever ``dim``.
+* ``method="rademacher"``: dense Johnson–Lindenstrauss entries ``±1/sqrt(dim)``: ``O(K·n·dim)``,
+  lower variance per dimension, far slower for large ``n``.
+
+``P`` is never stored: its entries are a counter-based hash of ``(seed, leaf, coordinate)``,
+regenerated chunk by chunk, leaf by leaf. The same ``(seed, dim, method)`` always gives the same
+``P``, chunking does not change the result, and everything is tensor-only integer arithmetic, so
+it traces under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from torch import Tensor
 
 from gradfn.tree import leaves, num_tasks
 
-__all__ = ["projection_block", "sketch"]
+__all__ = ["SKETCH_METHODS", "count_sketch_hashes", "projection_block", "sketch"]
+
+SKETCH_METHODS = ("countsketch", "rademacher")
 
 PyTree = Any
 _MASK = 0x7FFFFFFF  # 31 bits: every product below stays < 2**62 in int64.
@@ -63,16 +71,62 @@ def projection_block(
     return torch.where((h & (1 << 17)) != 0, scale, -scale).to(dtype)
 
 
-def sketch(stacked: PyTree, dim: int, seed: int = 0, *, chunk: int = 8192) -> Tensor:
+def count_sketch_hashes(seed: int, leaf: int, ids: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """CountSketch hashes of coordinates ``ids`` (1-D int64) of leaf ``leaf``.
+
+    Returns ``(bucket, sign)``: ``bucket`` int64 in ``[0, dim)``, ``sign`` float32 ``±1``, so that
+    column ``i`` of ``P`` is ``sign[i] · e_{bucket[i]}``.
+    """
+    base = _mix_int(_mix_int(int(seed) ^ 0x3C6EF372) ^ (int(leaf) * 0x9E3779B1))
+    h = _mix((ids.to(torch.int64) ^ base) & _MASK)
+    g = _mix((h * 0x5BD1E995 + 0x632BE5AB) & _MASK)  # second hash, independent bits for the sign
+    bucket = h % dim
+    sign = torch.where((g & (1 << 20)) != 0, 1.0, -1.0)
+    return bucket, sign
+
+
+def _count_sketch(stacked: PyTree, dim: int, seed: int, chunk: int) -> Tensor:
+    k = num_tasks(stacked)
+    ls = leaves(stacked)
+    out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
+    for index, leaf in enumerate(ls):
+        rows = leaf.reshape(k, -1)
+        n = rows.shape[1]
+        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+        part = torch.zeros(k, dim, dtype=acc, device=leaf.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            ids = torch.arange(start, stop, dtype=torch.int64, device=leaf.device)
+            bucket, sign = count_sketch_hashes(seed, index, ids, dim)
+            part = part.index_add(1, bucket, rows[:, start:stop].to(acc) * sign.to(acc))
+        out = out + part.to(torch.float32)
+    return out
+
+
+def sketch(
+    stacked: PyTree,
+    dim: int,
+    seed: int = 0,
+    *,
+    chunk: int | None = None,
+    method: str = "countsketch",
+) -> Tensor:
     """Project a task-stacked pytree to ``(K, dim)`` float32: ``s_k = P g_k`` (module docstring).
 
-    Leaves are visited in the pytree's canonical order; the projection of leaf ``l`` is generated
-    ``chunk`` rows at a time, so the peak extra memory is ``chunk × dim``.
+    Leaves are visited in the pytree's canonical order; ``P`` is generated ``chunk`` coordinates
+    at a time (default 65 536 for CountSketch, 8 192 for Rademacher), so the peak extra memory is
+    ``K × chunk`` (CountSketch) or ``chunk × dim`` (Rademacher).
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
+    if method not in SKETCH_METHODS:
+        raise ValueError(f"`method` must be one of {SKETCH_METHODS}, got {method!r}")
+    if chunk is None:
+        chunk = 65536 if method == "countsketch" else 8192
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}")
+    if method == "countsketch":
+        return _count_sketch(stacked, dim, seed, chunk)
     k = num_tasks(stacked)
     ls = leaves(stacked)
     out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
