@@ -27,7 +27,7 @@ from gradfn.aggregators._base import (
     normalize_trace,
     restrict,
 )
-from gradfn.aggregators._qp import simplex_qp
+from gradfn.aggregators._qp import _is_compiling, simplex_qp
 
 PyTree = Any
 
@@ -75,6 +75,7 @@ def cagrad_weights(
         return w @ lin + sqrt_phi * (w @ g @ w).clamp_min(0.0).sqrt()
 
     w = b
+    early_exit = g.device.type == "cpu" and not _is_compiling()
     for _ in range(iters):
         gw = g @ w
         t = (w @ gw).clamp_min(0.0).sqrt().clamp_min(1e-12)
@@ -84,7 +85,12 @@ def cagrad_weights(
         grad = lin + (sqrt_phi / t) * gw
         w_nt = simplex_qp(hess, grad - hess @ w, on, qp_iters)
         w_best = torch.where(objective(w_nt) < objective(w_mm), w_nt, w_mm)
-        w = torch.where(objective(w_best) <= objective(w), w_best, w)
+        w_next = torch.where(objective(w_best) <= objective(w), w_best, w)
+        # eagerly on the CPU a read-back is free: stop once the iterate no longer moves
+        done = early_exit and bool((w_next - w).abs().max() <= 1e-12)
+        w = w_next
+        if done:
+            break
     gw_norm = (w @ g @ w).clamp_min(0.0).sqrt()
     weights = b + (sqrt_phi / gw_norm.clamp_min(1e-30)) * w
     weights = torch.where(gw_norm >= stationary_eps, weights, torch.zeros_like(weights))

@@ -9,7 +9,9 @@ flip every infeasible index while that reduces the number of infeasibilities, an
 Murty's single-index pivot after ``block_fails`` non-improving block steps. For a P-matrix (any
 positive-definite ``M``) this reaches the exact solution in finitely many steps — typically a
 few — and a solution, once found, is a fixed point. The iterate with the smallest
-complementarity residual is returned.
+complementarity residual is returned. Eagerly on the CPU the loop stops at the first iterate
+with no infeasible index (the same result, read back for free); compiled or on an accelerator
+it always runs ``iters`` iterations without a host sync.
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from torch import Tensor
 __all__ = ["dual_cone_project", "lcp", "simplex_qp"]
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
+
+
 def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
     """Solve ``LCP(M, q)`` for each row of ``q`` (``B×K``, or ``K``); ``M`` (``K×K``) PD."""
     squeeze = q.dim() == 1
     q = q[None, :] if squeeze else q
+    # Eagerly on the CPU, reading a flag back costs nothing: stop as soon as every row is solved.
+    # Elsewhere (compiling, accelerators) the loop keeps its fixed length and never syncs.
+    early_exit = q.device.type == "cpu" and not _is_compiling()
     k = m.shape[0]
     dtype, device = m.dtype, m.device
     eye = torch.eye(k, dtype=dtype, device=device)
@@ -44,6 +56,8 @@ def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
         best = torch.where(better[:, None], x, best)
         best_res = torch.where(better, res, best_res)
         infeasible = (free & (x < -tol)) | (~free & (w < -tol))
+        if early_exit and not bool(infeasible.any()):
+            break  # every row solved: the solution is a fixed point of the pivoting
         ninf = infeasible.sum(-1)
         improved = ninf < ninf_best
         block = improved | (budget > 0)
