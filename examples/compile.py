@@ -109,10 +109,12 @@ def songoku_demo(backend: str, repeats: int, gen: torch.Generator) -> None:
     report("SON-GOKU `tx.step`", eager, compiled, first)
 
 
-def conductor_demo(backend: str, repeats: int, gen: torch.Generator) -> None:
+def conductor_demo(backend: str, repeats: int, gen: torch.Generator, quick: bool) -> None:
     params = init_params(gen)
     micro = [make_batch(gen, 16) for _ in range(4)]
     kwargs = dict(accumulation_steps=4, stochastic=False, norm_cap=5.0)
+    if quick:  # fewer resolution iterations: the same traced program, unrolled less (faster)
+        kwargs["max_iters"] = 2
     eager_tx = conductor(loss_fn, [1.0] * K, **kwargs)
     compiled_tx = conductor(loss_fn, [1.0] * K, compile=backend, **kwargs)
     state = eager_tx.init(params)
@@ -142,7 +144,7 @@ def main() -> None:
     print("| path | eager ms | compiled ms | speed-up | first call s (compile) |")
     print("|---|---|---|---|---|")
     songoku_demo(backend, repeats, gen)
-    conductor_demo(backend, repeats, gen)
+    conductor_demo(backend, repeats, gen, args.quick)
     print("compiled results match eager")
 
 
