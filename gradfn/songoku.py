@@ -32,6 +32,24 @@ Semantics (paper / the reference's documented scheduler, spec §1.9, with spec �
   otherwise per-task gradients come from one forward and a batched backward;
 * a non-finite loss (of an active task) or gradient skips the step: zero gradients, the state is
   unchanged apart from ``skipped=True`` and the last ``losses``.
+
+Distributed training (``reduce``, e.g. :func:`gradfn.distributed.make_reducer`): every rank
+computes its local per-task gradients, then averages them across ranks BEFORE any EMA, Gramian,
+in-group transform or skip test, so every rank takes the same decisions from the same numbers (no
+decision is broadcast); the losses in the state are averaged too. With mean-reduced losses and
+equal per-rank batches this equals one process on the union of the batches. What one call
+averages (float32, bucketed; ``n`` shared-and-head parameters, ``n_sh`` shared, ``|S|`` active
+tasks, ``K`` tasks):
+
+* one-backward step (``ema_mode="refresh"``, no in-group transform): the gradient, ``n + K``;
+* per-task step: the per-task rows, ``|S|·n + K`` (``ema_mode="active"``; ``K·n + K`` on the
+  step that probes every task in ``"refresh"`` mode); with a sketch and no in-group transform
+  the sketches and the summed gradient instead, ``n + |S|·d_sk + K``;
+* ``refresh`` with a batch: the observations, ``K·n_sh`` (or ``K·d_sk``) ``+ K``.
+
+Loss scaling (``loss_scale``, a 0-d tensor such as ``GradScaler.scale(torch.ones(()))``): the
+losses are multiplied by it before differentiation and the gradients divided by it (float32)
+right after, so every decision, the EMAs and the returned gradient are unscaled.
 """
 
 from __future__ import annotations
@@ -165,6 +183,7 @@ def songoku(
     strategy: Literal["auto", "vmap", "loop"] = "auto",
     per_task_rows: Literal["auto", "all", "active"] = "auto",
     legacy_pointer: bool = False,
+    reduce: Callable[[PyTree], PyTree] | None = None,
 ) -> SonGokuTransform:
     """Build SON-GOKU for ``loss_fn(params, batch) -> K losses`` (dict / tuple / 1-D tensor).
 
@@ -196,6 +215,8 @@ def songoku(
             needed under ``torch.compile``); ``"active"`` only for the tasks that need them (reads
             the group on the host, eager only); ``"auto"``: ``"all"`` while compiling.
         legacy_pointer: reproduce the reference's cycle start at group 1 after each refresh.
+        reduce: ``reduce(tree) -> tree`` averaging a pytree across ranks
+            (:func:`gradfn.distributed.make_reducer`); None: single process (module docstring).
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
@@ -239,6 +260,8 @@ def songoku(
         )
     if eps < 0:
         raise ValueError(f"`eps` must be ≥ 0, got {eps}")
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}")
     # validate the graph options once, on a dummy interference matrix
     conflict_adjacency(
         torch.zeros(2, 2),
@@ -255,6 +278,9 @@ def songoku(
         builtin = "inverse_norm"
     hook = gradient_transform if callable(gradient_transform) else None
     always_per_task = ema_mode == "active" or gradient_transform is not None
+    # with a sketch and no in-group transform the step's outputs are linear in the per-task rows:
+    # averaging the sketches and the summed gradient is cheaper than averaging the rows
+    late_reduce = sketch_dim is not None and gradient_transform is None
 
     def shared_names(params: Params) -> list[str]:
         names = [n for n in params if is_shared is None or is_shared(n)]
@@ -303,7 +329,9 @@ def songoku(
             seed=torch.tensor(int(seed), **i64),
         )
 
-    def per_task(params: Params, batch: Any, rows: Tensor, wrt) -> tuple[Tensor, PyTree, Tensor]:
+    def per_task(
+        fn: Callable[[Params, Any], Any], params: Params, batch: Any, rows: Tensor, wrt
+    ) -> tuple[Tensor, PyTree, Tensor]:
         """Losses (K,), per-task gradients of the rows ``idx`` and ``idx`` (R,) int64.
 
         Eagerly (``per_task_rows`` "active"/"auto") only the tasks in ``rows`` are differentiated
@@ -314,7 +342,7 @@ def songoku(
         )
         if not compact:
             losses, grads = value_and_per_task_grads(
-                loss_fn, params, batch, wrt=wrt, strategy=strategy, num_tasks=k
+                fn, params, batch, wrt=wrt, strategy=strategy, num_tasks=k
             )
             return losses, grads, torch.arange(k, device=rows.device)
         idx = torch.nonzero(rows).flatten()
@@ -322,7 +350,7 @@ def songoku(
         captured: dict[str, Tensor] = {}
 
         def sub(p: Params, b: Any) -> list[Tensor]:
-            out = _loss_list(loss_fn(p, b))
+            out = _loss_list(fn(p, b))
             if len(out) != k:
                 raise ValueError(f"loss_fn returned {len(out)} losses but num_tasks={k}")
             captured["losses"] = torch.stack([x.detach().reshape(()) for x in out])
@@ -350,13 +378,19 @@ def songoku(
         return optree.tree_map(one, tree)
 
     def step(
-        state: SonGokuState, params: Params, batch: Any, probe: Tensor | None = None
+        state: SonGokuState,
+        params: Params,
+        batch: Any,
+        probe: Tensor | None = None,
+        *,
+        loss_scale: Tensor | None = None,
     ) -> tuple[SonGokuState, dict[str, Tensor]]:
         """One SON-GOKU step without recolouring (tensor-only; compiles with fullgraph=True).
 
         ``probe`` (K,) bool: tasks whose EMA this step also updates (``ema_mode="refresh"``
-        probes every task on the step that triggers a refresh).
+        probes every task on the step that triggers a refresh). ``loss_scale``: module docstring.
         """
+        fn = _scaled_loss(loss_fn, loss_scale)
         active = state.groups.index_select(0, state.ptr.reshape(1)).squeeze(0)
         af = active.to(torch.float32)
         count = af.sum()
@@ -370,9 +404,15 @@ def songoku(
         obs = None
 
         if not always_per_task and probe is None:
-            losses, grads = value_and_weighted_grad(loss_fn, params, batch, af * red, num_tasks=k)
+            losses, grads = value_and_weighted_grad(fn, params, batch, af * red, num_tasks=k)
+            losses, grads = _unscale((losses, grads), loss_scale)
+            if reduce is not None:
+                losses, grads = reduce((losses, grads))
         else:
-            losses, rows, idx = per_task(params, batch, active | ema_mask, None)
+            losses, rows, idx = per_task(fn, params, batch, active | ema_mask, None)
+            losses, rows = _unscale((losses, rows), loss_scale)
+            if reduce is not None and not late_reduce:
+                losses, rows = reduce((losses, rows))
             act_r = active.index_select(0, idx)
             shared_r = {n: rows[n] for n in names}
             other_r = {n: g for n, g in rows.items() if n not in name_set}
@@ -401,6 +441,9 @@ def songoku(
             shared_g = weighted_sum(shared_r, w_shared.index_select(0, idx))
             other_g = weighted_sum(other_r, w_other.index_select(0, idx)) if other_r else {}
             grads = {n: (shared_g[n] if n in name_set else other_g[n]) for n in params}
+            if reduce is not None and late_reduce:
+                # linear in the rows: average the sketches and the sum, not the rows
+                losses, obs, grads = reduce((losses, obs, grads))
 
         losses = losses.to(torch.float32)
         bad = (~torch.isfinite(losses) & active).any() | _nonfinite(grads)
@@ -429,7 +472,12 @@ def songoku(
         return out, grads
 
     def refresh(
-        state: SonGokuState, params: Params, batch: Any = None, probe: Tensor | None = None
+        state: SonGokuState,
+        params: Params,
+        batch: Any = None,
+        probe: Tensor | None = None,
+        *,
+        loss_scale: Tensor | None = None,
     ) -> SonGokuState:
         """Recolour: (optional EMA update on ``batch``), ``τ(t)``, ``ρ``, graph, colouring.
 
@@ -444,8 +492,12 @@ def songoku(
                 if probe is None
                 else probe.to(device=state.step.device, dtype=torch.bool)
             )
-            losses, rows, idx = per_task(params, batch, mask, is_shared)
+            fn = _scaled_loss(loss_fn, loss_scale)
+            losses, rows, idx = per_task(fn, params, batch, mask, is_shared)
+            losses, rows = _unscale((losses, rows), loss_scale)
             obs = observe({n: rows[n] for n in shared_names(params)})
+            if reduce is not None:
+                losses, obs = reduce((losses, obs))
             finite = torch.isfinite(losses.to(torch.float32)).index_select(0, idx)
             for leaf in optree.tree_leaves(obs):
                 finite = finite & torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
@@ -483,16 +535,21 @@ def songoku(
         )
 
     def update(
-        state: SonGokuState, params: Params, batch: Any, refresh_batch: Any = None
+        state: SonGokuState,
+        params: Params,
+        batch: Any,
+        refresh_batch: Any = None,
+        *,
+        loss_scale: Tensor | None = None,
     ) -> tuple[SonGokuState, dict[str, Tensor]]:
         """``step``, then ``refresh`` when ``t`` reaches a multiple of ``R`` (eager driver)."""
         due = (int(state.step) + 1) % r_period == 0
         probe = None
         if due and ema_mode == "refresh" and refresh_batch is None:
             probe = torch.ones(k, dtype=torch.bool, device=state.step.device)
-        state, grads = step(state, params, batch, probe)
+        state, grads = step(state, params, batch, probe, loss_scale=loss_scale)
         if due and not bool(state.skipped):
-            state = refresh(state, params, refresh_batch)
+            state = refresh(state, params, refresh_batch, loss_scale=loss_scale)
         return state, grads
 
     config = dict(
@@ -509,8 +566,34 @@ def songoku(
         seed=int(seed),
         eps=eps,
         one_backward=not always_per_task,
+        distributed=reduce is not None,
     )
     return SonGokuTransform(init, update, step, refresh, config)
+
+
+def _scaled_loss(
+    loss_fn: Callable[[Params, Any], Any], scale: Tensor | None
+) -> Callable[[Params, Any], Any]:
+    """``loss_fn`` with every loss multiplied by ``scale`` (identity for None)."""
+    if scale is None:
+        return loss_fn
+
+    def scaled(params: Params, batch: Any) -> list[Tensor]:
+        return [x * scale for x in _loss_list(loss_fn(params, batch))]
+
+    return scaled
+
+
+def _unscale(tree: PyTree, scale: Tensor | None) -> PyTree:
+    """Every leaf divided by ``scale`` (identity for None)."""
+    if scale is None:
+        return tree
+
+    def one(x: Tensor) -> Tensor:
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(wide) / scale.to(wide)).to(x.dtype)
+
+    return optree.tree_map(one, tree)
 
 
 def _nonfinite(tree: Mapping[str, Tensor]) -> Tensor:

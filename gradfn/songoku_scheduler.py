@@ -25,6 +25,22 @@ Differences from the reference (spec §5), one line each:
 * a non-finite loss or gradient skips the step (no optimizer step, state unchanged);
 * ``state_dict()`` / ``load_state_dict()`` checkpoint the whole schedule (EMA, groups, counters).
 
+Distributed training (``torch.distributed``, gloo or NCCL): a model wrapped in
+``DistributedDataParallel`` is unwrapped (the forward goes through ``model.module`` with
+substituted parameters, so DDP's own gradient hooks never fire), and with ``ddp_sync="avg"`` (the
+default) the adapter averages per-task gradients across ranks before every decision, as
+:func:`gradfn.songoku.songoku` documents (its ``reduce``); a plain module works the same once a
+process group is initialised (before the scheduler is built). ``ddp_sync="none"`` keeps every
+rank on its own gradients. Buffers (BatchNorm statistics) are not synchronised.
+
+Mixed precision: ``autocast_dtype`` (``torch.bfloat16``, or ``torch.float16`` on GPU) runs every
+task's loss under ``torch.autocast``; ``scaler`` (a ``torch.amp.GradScaler``) scales the losses
+before differentiation, every decision uses unscaled gradients, ``p.grad`` receives the final
+gradient times the scale and ``scaler.step(optimizer)`` unscales it once and steps, then
+``scaler.update()`` adjusts the scale. A step with a non-finite gradient leaves the scheduler's
+state unchanged and writes non-finite gradients, so ``scaler.step`` skips the optimizer step and
+``scaler.update`` lowers the scale, exactly as with a plain ``scaler.scale(loss).backward()``.
+
 Which parameters each task touches is found once, at the first ``step`` (every task is active at
 step 0, so all batches are there), by one extra forward and backward per task that leaves the
 random number generators and BatchNorm statistics as they were.
@@ -42,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfn.autodiff import functional_loss
+from gradfn.distributed import is_distributed, make_reducer
 from gradfn.schedules import TauSchedule
 from gradfn.songoku import SonGokuState, songoku
 
@@ -101,7 +118,9 @@ class SonGokuScheduler:
     Args beyond the reference's: ``ema_mode`` (``"active"``: paper, EMAs of the active tasks
     every step; ``"refresh"``: every task probed once per refresh window, the cheap mode),
     ``reduction`` (``"sum"`` / ``"mean"``), ``graph_rule`` / ``graph_quantile`` / ``graph_knn_k``
-    / ``graph_density``, ``sketch_dim``, ``seed``, ``legacy_pointer``, ``strategy``. ``device`` is
+    / ``graph_density``, ``sketch_dim``, ``seed``, ``legacy_pointer``, ``strategy``,
+    ``ddp_sync`` (``"avg"`` / ``"none"``) and ``process_group`` (distributed training),
+    ``autocast_dtype`` and ``scaler`` (mixed precision; module docstring). ``device`` is
     accepted for compatibility (the state lives on the parameters' device).
     """
 
@@ -133,9 +152,24 @@ class SonGokuScheduler:
         seed: int = 0,
         legacy_pointer: bool = False,
         strategy: str = "auto",
+        ddp_sync: str = "avg",
+        process_group: Any = None,
+        autocast_dtype: torch.dtype | None = None,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if ddp_sync not in ("avg", "none"):
+            raise ValueError(f"`ddp_sync` must be 'avg' or 'none', got {ddp_sync!r}")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"`autocast_dtype` must be None, torch.bfloat16 or torch.float16, got "
+                f"{autocast_dtype!r}"
+            )
+        if scaler is not None and not all(
+            hasattr(scaler, a) for a in ("scale", "step", "update", "is_enabled")
+        ):
+            raise TypeError("`scaler` must be a torch.amp.GradScaler or None")
         self.tasks = _check_tasks(tasks)
         if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
             raise TypeError("`optimizer` must be a torch optimizer (with step and zero_grad)")
@@ -156,6 +190,18 @@ class SonGokuScheduler:
                 f"`log_interval` must be a positive integer or None, got {log_interval!r}"
             )
         self.model = model
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self._module: nn.Module = model.module if ddp else model
+        if process_group is None and ddp:
+            process_group = model.process_group
+        self.ddp_sync = ddp_sync
+        self.autocast_dtype = autocast_dtype
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        reduce = (
+            make_reducer(process_group)
+            if ddp_sync == "avg" and (ddp or is_distributed(process_group))
+            else None
+        )
         self.optimizer = optimizer
         self.shared_param_filter = shared_param_filter
         self.tau_schedule = tau_schedule if tau_schedule is not None else TauSchedule()
@@ -169,7 +215,7 @@ class SonGokuScheduler:
         self.device = device
         self.names = [t.name for t in self.tasks]
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
         if not self._named:
             raise ValueError("`model` has no trainable parameter")
         self._user_hook = gradient_transform
@@ -179,7 +225,7 @@ class SonGokuScheduler:
             if builtin is not None
             else (self._wrap_hook(gradient_transform) if gradient_transform is not None else None)
         )
-        params, self._f = functional_loss(model, self._all_losses)
+        params, self._f = functional_loss(self._module, self._all_losses)
         self._params = params
         self._shared_names: list[str] = []
         self._shared_set: frozenset[str] = frozenset()
@@ -204,6 +250,7 @@ class SonGokuScheduler:
             strategy=strategy,  # type: ignore[arg-type]
             per_task_rows="active",
             legacy_pointer=legacy_pointer,
+            reduce=reduce,
         )
         self._state: SonGokuState | None = None
         self._usage: Tensor | None = None  # (K, P) bool: task k's loss touches parameter p
@@ -222,13 +269,18 @@ class SonGokuScheduler:
             if spec.name not in batches:
                 out.append(None)
                 continue
-            loss = spec.loss_fn(module, batches[spec.name])
+            if self.autocast_dtype is None:
+                loss = spec.loss_fn(module, batches[spec.name])
+            else:
+                with torch.autocast(self._named[0][1].device.type, dtype=self.autocast_dtype):
+                    loss = spec.loss_fn(module, batches[spec.name])
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError(
                     f"task {spec.name!r}: loss_fn must return a scalar Tensor, got "
                     f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
                 )
-            out.append(loss.reshape(()))
+            loss = loss.reshape(())
+            out.append(loss.float() if self.autocast_dtype is not None else loss)
         ref = next(x for x in out if x is not None)
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         return [zero if x is None else x for x in out]
@@ -267,7 +319,7 @@ class SonGokuScheduler:
         names = [n for n, _ in self._named]
         usage = torch.zeros(len(self.tasks), len(names), dtype=torch.bool)
         _, frozen = functional_loss(
-            self.model, lambda m, b: self._all_losses(m, b), freeze_running_stats=True
+            self._module, lambda m, b: self._all_losses(m, b), freeze_running_stats=True
         )
         devices = sorted({p.device.index for _, p in self._named if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -359,30 +411,54 @@ class SonGokuScheduler:
             used.update({n: batches_by_task[n] for n in extra})
             probe = torch.zeros(k, dtype=torch.bool, device=state.step.device)
             probe[[self._index[n] for n in extra]] = True
-        state, grads = self._tx.step(state, self._params, used, probe)
-        if not bool(state.skipped):
-            self._write_grads(grads, active)
-            self.optimizer.step()
-            if due:
-                state = self._refresh(state)
+        scale = None
+        if self.scaler is not None:
+            # a 0-d tensor holding the current scale (also initialises the scaler lazily)
+            scale = self.scaler.scale(torch.ones((), device=state.step.device))
+        state, grads = self._tx.step(state, self._params, used, probe, loss_scale=scale)
+        skipped = bool(state.skipped)
+        if self.scaler is None:
+            if not skipped:
+                self._write_grads(grads, active)
+                self.optimizer.step()
+        else:
+            # p.grad = g · scale, unscaled once by scaler.step; a skipped step writes +inf so
+            # that scaler.step skips the optimizer and scaler.update lowers the scale
+            self._write_grads(grads, active, scale=scale, poison=skipped)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if not skipped and due:
+            state = self._refresh(state, scale)
         self._state = state
         losses = state.losses.tolist()
         out = {self.names[i]: losses[i] for i in active}
         self._log(out)
         return out
 
-    def _write_grads(self, grads: Mapping[str, Tensor], active: list[int]) -> None:
+    def _write_grads(
+        self,
+        grads: Mapping[str, Tensor],
+        active: list[int],
+        *,
+        scale: Tensor | None = None,
+        poison: bool = False,
+    ) -> None:
         assert self._usage is not None
         touched = self._usage[active].any(dim=0).tolist()
         head_of_active = {n for i in active for n in self._heads[i]}
         self.optimizer.zero_grad(set_to_none=True)
         for (name, p), hit in zip(self._named, touched, strict=True):
             if hit or name in head_of_active:
-                p.grad = grads[name].detach().to(p.dtype)
+                g = grads[name].detach()
+                if poison:
+                    g = torch.full_like(p, float("inf"))
+                elif scale is not None:
+                    g = g.to(torch.promote_types(g.dtype, torch.float32)) * scale
+                p.grad = g.to(p.dtype)
             else:
                 p.grad = None
 
-    def _refresh(self, state: SonGokuState) -> SonGokuState:
+    def _refresh(self, state: SonGokuState, scale: Tensor | None = None) -> SonGokuState:
         providers = {
             spec.name: spec.refresh_batch_provider()
             for spec in self.tasks
@@ -391,7 +467,7 @@ class SonGokuScheduler:
         if providers:
             probe = torch.zeros(len(self.tasks), dtype=torch.bool, device=state.step.device)
             probe[[self._index[n] for n in providers]] = True
-            state = self._tx.refresh(state, self._params, providers, probe)
+            state = self._tx.refresh(state, self._params, providers, probe, loss_scale=scale)
         else:
             state = self._tx.refresh(state, self._params)
         self._dump_graph(state)
