@@ -25,13 +25,13 @@ __all__ = ["FULL", "QUICK", "main"]
 
 # problem -> (steps, lr, eval_every, problem kwargs)
 FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
-    "multidigits": (600, 2e-3, 50, {}),
-    "planted_k6": (400, 1e-2, 25, {}),
-    "planted_k16": (400, 1e-2, 25, {}),
-    "diabetes": (300, 1e-3, 25, {}),
+    "multidigits": (400, 3e-3, 25, {}),
+    "planted_k6": (300, 1e-2, 25, {}),
+    "planted_k16": (300, 1e-2, 25, {}),
+    "diabetes": (200, 1e-3, 20, {}),
 }
 QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
-    "multidigits": (16, 2e-3, 8, {"n_train": 400, "n_test": 200}),
+    "multidigits": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
     "planted_k6": (16, 1e-2, 8, {"n_test": 500}),
     "planted_k16": (16, 1e-2, 8, {"n_test": 500}),
     "diabetes": (16, 1e-3, 8, {}),
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--toy", dest="toy", action="store_true", default=True)
     p.add_argument("--no-toy", dest="toy", action="store_false", help="skip the 2-task toy")
-    p.add_argument("--toy-steps", type=int, default=None, help="toy steps (quick 10, full 600)")
+    p.add_argument("--toy-steps", type=int, default=None, help="toy steps (quick 10, full 400)")
     p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
     p.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"
@@ -115,7 +115,7 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
     t0 = time.perf_counter()
     records = run_sweep(specs, jobs=jobs)
     toy: list[dict[str, Any]] = []
-    toy_steps = args.toy_steps or (10 if args.quick else 600)
+    toy_steps = args.toy_steps or (10 if args.quick else 400)
     if args.toy:
         toy = _run_toys(methods, toy_steps, jobs)
     total = time.perf_counter() - t0
@@ -137,7 +137,7 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
         "GCond": f"classic N = {cfg.gcond_classic_microbatches} micro-batches, stochastic N = K; "
         "library defaults otherwise",
         "CAGrad": f"c = {cfg.cagrad_c}",
-        "toy": f"{toy_steps} steps, Adam lr 5e-2 (lr/10 for the last fifth), SON-GOKU R = 10",
+        "toy": f"{toy_steps} steps, Adam lr 7e-2 (lr/10 for the last fifth), SON-GOKU R = 10",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads per run": 1,

@@ -11,7 +11,9 @@ same optimizer and the same number of optimizer steps on the same mini-batches.
 * **GCond** (:func:`gradfn.conductor.conductor`): the mini-batch is cut into ``N`` micro-batches,
   one accumulation cycle per optimizer step (classic: every loss on every micro-batch; stochastic:
   each loss on its own ``N/K`` micro-batches). GCond resolves over all parameters (its API has no
-  shared/head split) and applies its own momentum before the optimizer.
+  shared/head split) and applies its own momentum (β = 0.85) before the optimizer; the extra row
+  *no internal momentum* (``momentum_beta=0``) separates the conflict resolution from that
+  momentum.
 * **SON-GOKU** (:func:`gradfn.songoku.songoku`) and its variants: ``+ PCGrad`` (PCGrad inside the
   active group), **Static** (one colouring at the first refresh, never recoloured) and
   **Single-step** (``β = 0``: the graph from the latest gradients only).
@@ -44,6 +46,7 @@ LABELS: dict[str, str] = {
     "nash_mtl": "Nash-MTL",
     "gcond": "GCond (classic)",
     "gcond_stoch": "GCond (stochastic)",
+    "gcond_nomom": "GCond (classic, no internal momentum)",
     "songoku": "SON-GOKU",
     "songoku_pcgrad": "SON-GOKU + PCGrad",
     "static": "Static one-shot colouring",
@@ -105,12 +108,14 @@ def _aggregated(problem, method: str, seed: int, cfg: MethodConfig) -> Callable:
     return fn
 
 
-def _gcond(problem, stochastic: bool, cfg: MethodConfig) -> Callable:
+def _gcond(problem, stochastic: bool, cfg: MethodConfig, **options: Any) -> Callable:
     from gradfn.conductor import conductor
 
     k = problem.num_tasks
     n = k if stochastic else cfg.gcond_classic_microbatches
-    tx = conductor(problem.loss_fn, [1.0] * k, accumulation_steps=n, stochastic=stochastic)
+    tx = conductor(
+        problem.loss_fn, [1.0] * k, accumulation_steps=n, stochastic=stochastic, **options
+    )
     box: dict[str, Any] = {}
 
     def fn(params, batch):
@@ -182,6 +187,8 @@ def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = Non
         return Stepper(method, _aggregated(problem, method, seed, cfg))
     if method in ("gcond", "gcond_stoch"):
         return Stepper(method, _gcond(problem, method == "gcond_stoch", cfg))
+    if method == "gcond_nomom":
+        return Stepper(method, _gcond(problem, False, cfg, momentum_beta=0.0))
     if method in SONGOKU_FAMILY:
         return _songoku(problem, method, seed, cfg)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

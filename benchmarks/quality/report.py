@@ -19,6 +19,8 @@ PROBLEM_TITLES = {
     "planted_k16": "Planted conflict groups, K = 16 (4 groups)",
     "diabetes": "Diabetes (load_diabetes: progression + bmi, s5 auxiliaries)",
 }
+# extra metrics shown next to the headline one in the headline table
+HEADLINE_EXTRA = {"planted_k6": ["worst_rel_mse"], "planted_k16": ["worst_rel_mse"]}
 # (metric key, column title, scale, decimals)
 COLUMNS: dict[str, list[tuple[str, str, float, int]]] = {
     "multidigits": [
@@ -171,46 +173,47 @@ def toy_table(toy: list[Record]) -> str:
 
 
 def headline_table(records: list[Record], toy: list[Record], methods: list[str]) -> str:
-    """One row per method: the headline metric of each problem, the toy, total training time."""
+    """One row per method: the headline metric(s) of each problem, the toy, total training time.
+    The best mean of each column is in bold."""
     grouped = _group(records)
     problems = [p for p in PROBLEM_TITLES if p in grouped] + [
         p for p in grouped if p not in PROBLEM_TITLES
     ]
     toy_by = {t["method"]: t for t in toy}
-    best: dict[str, float] = {}
+    columns = []  # (problem, key, higher_is_better, scale, decimals, best mean)
     for p in problems:
         r0 = next(iter(grouped[p].values()))[0]
-        means = [
-            mean_std([r["metrics"][r0["headline"]] for r in rs])[0] for rs in grouped[p].values()
-        ]
-        best[p] = max(means) if r0["higher_is_better"] else min(means)
-    head = ["method"]
-    for p in problems:
-        r0 = next(iter(grouped[p].values()))[0]
-        arrow = "↑" if r0["higher_is_better"] else "↓"
-        head.append(f"{p}: {r0['headline']} {arrow}")
+        for key in [r0["headline"], *HEADLINE_EXTRA.get(p, [])]:
+            higher = r0["higher_is_better"] if key == r0["headline"] else False
+            cols = COLUMNS.get(p, [])
+            sc = next((c[2] for c in cols if c[0] == key), 1.0)
+            dc = next((c[3] for c in cols if c[0] == key), 3)
+            means = [mean_std([r["metrics"][key] for r in rs])[0] for rs in grouped[p].values()]
+            means = [m for m in means if math.isfinite(m)]
+            best = (max(means) if higher else min(means)) if means else float("nan")
+            columns.append((p, key, higher, sc, dc, best))
+    head = ["method"] + [f"{p}: {key} {'↑' if hi else '↓'}" for p, key, hi, *_ in columns]
     if toy:
         head.append("toy: on front")
     head.append("total train time s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         row = [LABELS.get(method, method)]
-        total = 0.0
         present = False
-        for p in problems:
+        for p, key, _, sc, dc, best in columns:
             rs = grouped[p].get(method, [])
             if not rs:
                 row.append("—")
                 continue
             present = True
-            key = rs[0]["headline"]
-            cols = COLUMNS.get(p, [])
-            sc = next((c[2] for c in cols if c[0] == key), 1.0)
-            dc = next((c[3] for c in cols if c[0] == key), 3)
             m, s = mean_std([r["metrics"][key] for r in rs])
             cell = _fmt(m, s, sc, dc)
-            row.append(f"**{cell}**" if math.isclose(m, best[p], rel_tol=1e-12) else cell)
-            total += mean_std([r["time_s"] for r in rs])[0]
+            row.append(f"**{cell}**" if math.isclose(m, best, rel_tol=1e-6) else cell)
+        total = sum(
+            mean_std([r["time_s"] for r in grouped[p][method]])[0]
+            for p in problems
+            if grouped[p].get(method)
+        )
         if toy:
             t = toy_by.get(method)
             row.append(f"{t['reached']}/{len(t['runs'])}" if t else "—")

@@ -55,11 +55,13 @@ def edge_f1(pred: Any, truth: torch.Tensor) -> float:
 
 
 def interference(problem: Problem, params: dict[str, torch.Tensor]) -> list[list[float]]:
-    """``ρ = −cos`` between the tasks' shared gradients on the problem's probe batch (K×K)."""
+    """``ρ = −cos`` between the tasks' shared gradients on the problem's probe batch (K×K), with
+    a zero diagonal (as SON-GOKU's interference matrix)."""
     _, grads = value_and_per_task_grads(problem.loss_fn, params, problem.probe, wrt=problem.shared)
     g = tree.gramian(grads, dtype=torch.float64)
     norms = g.diagonal().clamp_min(1e-30).sqrt()
-    return (-(g / norms[:, None] / norms[None, :])).tolist()
+    rho = -(g / norms[:, None] / norms[None, :])
+    return rho.fill_diagonal_(0.0).tolist()
 
 
 def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:

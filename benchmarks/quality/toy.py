@@ -4,8 +4,8 @@
 scaled by 0.1 (the Nash-MTL setting), which makes the two gradients very unequal in size. The
 Pareto set is the segment ``x₂ ≈ −8.3552``, ``x₁ ∈ [−7, 7]``. Starts: the papers' five points.
 The papers run Adam with lr 1e-3 for 35 000 steps; here the budget is scaled to fit a CPU
-(default Adam lr 5e-2 for 500 steps, then lr 5e-3 for the last ``steps // 5``: a path-length
-budget of ~25, enough to reach the front from every start, and a fine last phase).
+(default 400 steps: Adam lr 7e-2, then lr 7e-3 for the last ``steps // 5``: a path-length
+budget of ~23, enough to reach the front from every start, and a fine last phase).
 
 A run ends *on the front* when its final point lies on the Pareto set: ``|x₂ + 8.3552| ≤ tol``
 and ``x₁ ∈ [−7, 7]`` (the loss surface is very flat along ``x₂``, so a loss-space distance
@@ -86,8 +86,8 @@ def toy_problem(start: tuple[float, float]) -> Problem:
 def run_toy(
     method: str,
     *,
-    steps: int = 600,
-    lr: float = 5e-2,
+    steps: int = 400,
+    lr: float = 7e-2,
     record_every: int = 5,
     tol: float = 0.2,
     cfg: MethodConfig | None = None,
