@@ -1,0 +1,172 @@
+"""Mixed precision: bf16 autocast and torch.amp.GradScaler (CPU) through the SON-GOKU transform
+and adapter, against plain PyTorch autocast / unscaled runs written out here."""
+
+from __future__ import annotations
+
+import optree
+import torch
+from torch import nn
+
+from gradfn import SonGokuScheduler, TaskSpec, songoku
+
+K = 3
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.trunk(x))
+        return torch.cat([h(z) for h in self.heads], dim=1)
+
+
+def task_loss(k: int):
+    def loss_fn(model, batch):
+        x, y = batch
+        return ((model(x)[:, k].float() - y[:, k]) ** 2).mean()
+
+    return loss_fn
+
+
+def make_batch(step: int, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(50 + step)
+    x = torch.randn(6, 4, generator=g)
+    w = torch.randn(4, generator=g)
+    y = torch.stack([x @ w, -(x @ w), torch.cos(x[:, 1])], dim=1)
+    if poison:
+        x = x.clone()
+        x[0, 0] = float("inf")
+    return x, y
+
+
+def functional_loss(params, batch):
+    x, y = batch
+    z = torch.tanh(x @ params["trunk.weight"].T + params["trunk.bias"])
+    out = torch.stack(
+        [z @ params[f"heads.{k}.weight"][0] + params[f"heads.{k}.bias"][0] for k in range(K)],
+        dim=1,
+    )
+    return ((out - y) ** 2).mean(dim=0)
+
+
+def scheduler(model, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tasks = [TaskSpec(f"t{k}", task_loss(k)) for k in range(K)]
+    return SonGokuScheduler(model, tasks, opt, refresh_period=2, tau_schedule=None, **kw), opt
+
+
+def all_tasks(batch):
+    return {f"t{k}": batch for k in range(K)}
+
+
+def assert_unchanged(after, before, ignore=("skipped", "losses")):
+    """Every field of ``after`` (a state as a dict) but ``ignore`` equals ``before``, bit for bit."""
+    for name, value in after.items():
+        if name not in ignore:
+            assert_trees_close(value, before[name], 0.0)
+
+
+def assert_trees_close(a, b, tol):
+    la, sa = optree.tree_flatten(a, none_is_leaf=True)
+    lb, sb = optree.tree_flatten(b, none_is_leaf=True)
+    assert sa == sb
+    for x, y in zip(la, lb, strict=True):
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol, equal_nan=True)
+        else:
+            assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------
+# functional core: loss_scale
+
+
+def test_loss_scale_gives_unscaled_decisions_and_skips_on_overflow():
+    params = {n: p.detach().clone() for n, p in Net().named_parameters()}
+    tx = songoku(functional_loss, num_tasks=K, shared=lambda n: n.startswith("trunk"))
+    s0 = tx.init(params)
+    batch = make_batch(0)
+    plain_state, plain_grads = tx.step(s0, params, batch)
+    scale = torch.tensor(2.0**12)
+    st, grads = tx.step(s0, params, batch, loss_scale=scale)
+    assert not bool(st.skipped)
+    assert_trees_close((st._asdict(), grads), (plain_state._asdict(), plain_grads), 1e-6)
+    # a scale whose product overflows float32: the step is skipped, the state kept
+    huge = torch.tensor(torch.finfo(torch.float32).max)
+    st2, grads2 = tx.step(s0, params, batch, loss_scale=huge)
+    assert bool(st2.skipped)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads2.values())
+    assert_unchanged(st2._asdict(), s0._asdict())
+
+
+# ------------------------------------------------------------------------------------------
+# adapter: bf16 autocast
+
+
+def test_bf16_autocast_first_step_matches_plain_autocast_backward():
+    model = Net()
+    sched, _ = scheduler(model, autocast_dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = make_batch(0)
+    losses = sched.step(all_tasks(batch))
+    # oracle: plain autocast forward + backward of every task (all tasks active at step 0)
+    ref = Net()
+    ref.load_state_dict({n: before[n] for n in before})
+    expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    ref_losses = []
+    for k in range(K):
+        ref.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = task_loss(k)(ref, batch)
+        loss.backward()
+        ref_losses.append(loss.item())
+        for n, p in ref.named_parameters():
+            expected[n] += p.grad
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6)
+        assert p.grad.dtype == torch.float32
+    assert [losses[f"t{k}"] for k in range(K)] == ref_losses
+    # the forward really ran in bf16: an fp32 forward gives other losses
+    fp32 = [task_loss(k)(ref, batch).item() for k in range(K)]
+    assert max(abs(a - b) for a, b in zip(fp32, ref_losses, strict=True)) > 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# adapter: GradScaler on CPU
+
+
+def test_grad_scaler_matches_unscaled_training_and_skips_an_overflow():
+    steps = [make_batch(t) for t in range(6)]
+    # oracle: no scaler and no poisoned step
+    ref_model = Net()
+    ref, _ = scheduler(ref_model)
+    for batch in steps:
+        ref.step(all_tasks(batch))
+
+    model = Net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    sched, _ = scheduler(model, scaler=scaler)
+    scales = []
+    for t, batch in enumerate(steps):
+        if t == 3:  # an extra, poisoned step before batch 3
+            before_state = sched.state._asdict()
+            before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            sched.step(all_tasks(make_batch(t, poison=True)))
+            assert bool(sched.state.skipped)
+            assert_unchanged(sched.state._asdict(), before_state)
+            for n, p in model.named_parameters():
+                assert torch.equal(p.detach(), before_params[n])
+            # scaler.step skipped the optimizer (SGD holds no state; the params did not move)
+            assert scaler.get_scale() == scales[-1] * scaler.get_backoff_factor()
+        sched.step(all_tasks(batch))
+        assert not bool(sched.state.skipped)
+        scales.append(scaler.get_scale())
+    # the scale grew on schedule (growth_interval=2) around the back-off
+    assert scales == [2.0**8, 2.0**9, 2.0**9, 2.0**8, 2.0**9, 2.0**9]
+    assert_trees_close(sched.state._asdict(), ref.state._asdict(), 1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=n)
