@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"
     )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="train nothing: rewrite results.md and the figures from --out/results.json",
+    )
     return p
 
 
@@ -73,6 +78,8 @@ def _subset(arg: str | None, allowed: list[str] | tuple[str, ...], what: str) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"records", "toy", "files"}``."""
     args = _parser().parse_args(argv)
+    if args.replot:
+        return _replot(args.out, not args.no_figures)
     table = QUICK if args.quick else FULL
     problems = _subset(args.problems, list(table), "problems")
     methods = _subset(args.methods, METHODS, "methods")
@@ -120,14 +127,6 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
         toy = _run_toys(methods, toy_steps, jobs)
     total = time.perf_counter() - t0
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[str] = []
-    if not args.no_figures:
-        if figures.available():
-            files = figures.write_all(records, toy, out)
-        else:
-            print("matplotlib is not installed: no figures")
     settings = {
         "mode": "quick" if args.quick else "full",
         "seeds": seeds,
@@ -143,13 +142,40 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
         "threads per run": 1,
         "worker processes": jobs,
         "sweep wall-clock s": round(total, 1),
+        "methods": methods,
     }
-    (out / "results.md").write_text(report.markdown_report(records, toy, methods, settings, files))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps({"settings": settings, "records": records, "toy": toy}, allow_nan=True)
     )
-    print(f"wrote {out / 'results.md'} ({len(records)} runs, {len(files)} figures, {total:.1f} s)")
+    return _write(out, records, toy, settings, not args.no_figures)
+
+
+def _write(
+    out: Path,
+    records: list[dict[str, Any]],
+    toy: list[dict[str, Any]],
+    settings: dict[str, Any],
+    with_figures: bool,
+) -> dict[str, Any]:
+    files: list[str] = []
+    if with_figures:
+        if figures.available():
+            files = figures.write_all(records, toy, out)
+        else:
+            print("matplotlib is not installed: no figures")
+    methods = settings.get("methods") or sorted(
+        {r["method"] for r in records} | {t["method"] for t in toy}, key=METHODS.index
+    )
+    (out / "results.md").write_text(report.markdown_report(records, toy, methods, settings, files))
+    print(f"wrote {out / 'results.md'} ({len(records)} runs, {len(files)} figures)")
     return {"records": records, "toy": toy, "files": files, "settings": settings}
+
+
+def _replot(out: Path, with_figures: bool) -> dict[str, Any]:
+    data = json.loads((out / "results.json").read_text())
+    return _write(out, data["records"], data["toy"], data["settings"], with_figures)
 
 
 def _toy_one(args: tuple[str, int]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def accuracy_vs_time(records: list[Record], out: Path) -> list[str]:
                 marker="o",
                 ms=2.5,
                 lw=1.2,
-                color=f"C{i % 10}",
+                color=plt.get_cmap("tab20")(i % 20),
                 label=LABELS.get(method, method),
             )
         ax.set_xscale("log")
@@ -197,6 +197,9 @@ def edge_f1_over_training(records: list[Record], out: Path) -> list[str]:
                 math.sqrt(sum((r["edge_f1"][j] - mean[j]) ** 2 for r in rs) / max(1, len(rs) - 1))
                 for j in range(n)
             ]
+            if n == 1:  # one colouring, kept for the whole run: a constant graph
+                last = max(r["steps"] for r in rs)
+                steps, mean, sd = [steps[0], last], mean * 2, sd * 2
             ax.plot(steps, mean, marker="o", ms=3, color=f"C{i}", label=LABELS[method])
             ax.fill_between(
                 steps,
