@@ -1,8 +1,9 @@
 """Every script in ``examples/`` runs to completion in its quick mode (so none rots).
 
 Each example runs in a fresh interpreter (as a user would run it) with a timeout; the test checks
-the exit status and the line the script prints when it has done its job. A new example without an
-entry in ``QUICK`` fails :func:`test_every_example_has_a_quick_run`.
+the exit status and, where ``RUNS`` names one, the line the script prints when it has done its
+job. An example without an entry in ``RUNS`` is run as ``python examples/<name> --quick``.
+``ddp.py`` runs on two processes (gloo on the CPU) through ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -16,28 +17,47 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TIMEOUT_S = 240  # generous: a loaded 2-core machine; the quick runs take seconds
+TIMEOUT_S = 300  # generous: a loaded 2-core machine; the quick runs take seconds
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-# example file -> (arguments of its quick run, text its output must contain)
-QUICK: dict[str, tuple[list[str], str]] = {
-    "quickstart_songoku.py": (["--steps", "16"], "colour groups:"),
-    "quickstart_conductor.py": (["--quick"], "final:"),
-    "functional_loop.py": (["--quick"], "upgrad weights of the last step"),
-    "compile.py": (["--quick"], "compiled results match eager"),
-    "plot_interference.py": (["--quick"], "wrote"),
-}
-# a second run of the same script: the SON-GOKU branch of the functional loop
-EXTRA: list[tuple[str, list[str], str]] = [
-    ("functional_loop.py", ["--quick", "--method", "songoku"], "colour groups (task indices)"),
+# (example file, launcher prefix or None for `python`, arguments, text the output must contain)
+RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
+    ("quickstart_songoku.py", None, ["--steps", "16"], "colour groups:"),
+    ("quickstart_conductor.py", None, ["--quick"], "final:"),
+    ("functional_loop.py", None, ["--quick"], "upgrad weights of the last step"),
+    ("functional_loop.py", None, ["--quick", "--method", "songoku"], "colour groups (task"),
+    ("compile.py", None, ["--quick"], "compiled results match eager"),
+    ("plot_interference.py", None, ["--quick", "--out", "{tmp}/rho.png"], "wrote"),
+    ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
 ]
 
 
-def run_example(name: str, args: list[str], tmp_path: Path) -> str:
+def _scripts() -> list[str]:
+    return sorted(p.name for p in EXAMPLES.glob("*.py"))
+
+
+def _cases() -> list:
+    present = set(_scripts())
+    cases = [c for c in RUNS if c[0] in present]
+    named = {c[0] for c in RUNS}
+    cases += [(name, None, ["--quick"], None) for name in sorted(present - named)]
+    ids = [
+        c[0] if [d[0] for d in cases].count(c[0]) == 1 else f"{c[0]}-{i}"
+        for i, c in enumerate(cases)
+    ]
+    return [pytest.param(*c, id=i) for c, i in zip(cases, ids, strict=True)]
+
+
+def run_example(
+    name: str, launcher: list[str] | None, args: list[str], tmp_path: Path
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["MPLBACKEND"] = "Agg"
+    argv = [*(launcher or [sys.executable]), str(EXAMPLES / name)]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
+        argv,
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -46,33 +66,26 @@ def run_example(name: str, args: list[str], tmp_path: Path) -> str:
         check=False,
     )
     assert proc.returncode == 0, (
-        f"{name} {' '.join(args)} exited with {proc.returncode}\n"
-        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        f"{' '.join(argv)} exited with {proc.returncode}\n"
+        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr[-4000:]}"
     )
-    return proc.stdout
+    return proc
 
 
-def test_every_example_has_a_quick_run():
-    scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts, "no example found"
-    assert sorted(QUICK) == scripts
+def test_every_example_has_a_quick_mode():
+    scripts = _scripts()
+    assert "quickstart_songoku.py" in scripts and "quickstart_conductor.py" in scripts
+    named = {c[0] for c in RUNS}
+    for name in scripts:
+        source = (EXAMPLES / name).read_text(encoding="utf-8")
+        assert name in named or "--quick" in source, f"examples/{name} has no --quick mode"
 
 
-@pytest.mark.parametrize(
-    ("name", "args", "expected"),
-    [(n, a, e) for n, (a, e) in QUICK.items() if n != "plot_interference.py"]
-    + [(n, a, e) for n, a, e in EXTRA],
-    ids=[n for n in QUICK if n != "plot_interference.py"] + [f"{n}-{a[-1]}" for n, a, _ in EXTRA],
-)
-def test_example_runs(name, args, expected, tmp_path):
-    out = run_example(name, args, tmp_path)
-    assert expected in out, out
-
-
-def test_plot_interference_writes_a_png(tmp_path):
-    target = tmp_path / "rho.png"
-    args, expected = QUICK["plot_interference.py"]
-    out = run_example("plot_interference.py", [*args, "--out", str(target)], tmp_path)
-    assert expected in out, out
-    data = target.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+@pytest.mark.parametrize(("name", "launcher", "args", "expected"), _cases())
+def test_example_runs(name, launcher, args, expected, tmp_path):
+    proc = run_example(name, launcher, args, tmp_path)
+    if expected is not None:
+        assert expected in proc.stdout, proc.stdout
+    if name == "plot_interference.py":
+        data = (tmp_path / "rho.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
