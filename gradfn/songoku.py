@@ -61,6 +61,7 @@ import optree
 import torch
 from torch import Tensor
 
+from gradfn.amp import scale_losses, unscale
 from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
 from gradfn.base import Transform
 from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
@@ -390,7 +391,7 @@ def songoku(
         ``probe`` (K,) bool: tasks whose EMA this step also updates (``ema_mode="refresh"``
         probes every task on the step that triggers a refresh). ``loss_scale``: module docstring.
         """
-        fn = _scaled_loss(loss_fn, loss_scale)
+        fn = scale_losses(loss_fn, loss_scale)
         active = state.groups.index_select(0, state.ptr.reshape(1)).squeeze(0)
         af = active.to(torch.float32)
         count = af.sum()
@@ -405,12 +406,12 @@ def songoku(
 
         if not always_per_task and probe is None:
             losses, grads = value_and_weighted_grad(fn, params, batch, af * red, num_tasks=k)
-            losses, grads = _unscale((losses, grads), loss_scale)
+            losses, grads = unscale((losses, grads), loss_scale)
             if reduce is not None:
                 losses, grads = reduce((losses, grads))
         else:
             losses, rows, idx = per_task(fn, params, batch, active | ema_mask, None)
-            losses, rows = _unscale((losses, rows), loss_scale)
+            losses, rows = unscale((losses, rows), loss_scale)
             if reduce is not None and not late_reduce:
                 losses, rows = reduce((losses, rows))
             act_r = active.index_select(0, idx)
@@ -492,9 +493,9 @@ def songoku(
                 if probe is None
                 else probe.to(device=state.step.device, dtype=torch.bool)
             )
-            fn = _scaled_loss(loss_fn, loss_scale)
+            fn = scale_losses(loss_fn, loss_scale)
             losses, rows, idx = per_task(fn, params, batch, mask, is_shared)
-            losses, rows = _unscale((losses, rows), loss_scale)
+            losses, rows = unscale((losses, rows), loss_scale)
             obs = observe({n: rows[n] for n in shared_names(params)})
             if reduce is not None:
                 losses, obs = reduce((losses, obs))
@@ -569,31 +570,6 @@ def songoku(
         distributed=reduce is not None,
     )
     return SonGokuTransform(init, update, step, refresh, config)
-
-
-def _scaled_loss(
-    loss_fn: Callable[[Params, Any], Any], scale: Tensor | None
-) -> Callable[[Params, Any], Any]:
-    """``loss_fn`` with every loss multiplied by ``scale`` (identity for None)."""
-    if scale is None:
-        return loss_fn
-
-    def scaled(params: Params, batch: Any) -> list[Tensor]:
-        return [x * scale for x in _loss_list(loss_fn(params, batch))]
-
-    return scaled
-
-
-def _unscale(tree: PyTree, scale: Tensor | None) -> PyTree:
-    """Every leaf divided by ``scale`` (identity for None)."""
-    if scale is None:
-        return tree
-
-    def one(x: Tensor) -> Tensor:
-        wide = torch.promote_types(x.dtype, torch.float32)
-        return (x.to(wide) / scale.to(wide)).to(x.dtype)
-
-    return optree.tree_map(one, tree)
 
 
 def _nonfinite(tree: Mapping[str, Tensor]) -> Tensor:

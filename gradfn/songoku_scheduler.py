@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradfn.amp import poison_like
 from gradfn.autodiff import functional_loss
 from gradfn.distributed import is_distributed, make_reducer
 from gradfn.schedules import TauSchedule
@@ -451,7 +452,7 @@ class SonGokuScheduler:
             if hit or name in head_of_active:
                 g = grads[name].detach()
                 if poison:
-                    g = torch.full_like(p, float("inf"))
+                    g = poison_like(p)
                 elif scale is not None:
                     g = g.to(torch.promote_types(g.dtype, torch.float32)) * scale
                 p.grad = g.to(p.dtype)

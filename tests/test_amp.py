@@ -170,3 +170,21 @@ def test_grad_scaler_matches_unscaled_training_and_skips_an_overflow():
     assert_trees_close(sched.state._asdict(), ref.state._asdict(), 1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_scale_helpers_keep_structure_and_dtype():
+    from gradfn.amp import poison_like, scale_losses, unscale
+
+    scale = torch.tensor(2.0**16)
+    f = scale_losses(lambda p, b: {"a": p * b, "b": [p, b]}, scale)
+    out = f(torch.tensor(3.0), torch.tensor(0.5))
+    assert out["a"].item() == 1.5 * 2**16 and out["b"][1].item() == 0.5 * 2**16
+    # a half-precision leaf is divided in float32: 2^16 itself does not fit in float16
+    tree = {"h": torch.tensor([2.0**15], dtype=torch.float16), "d": torch.ones(2).double()}
+    back = unscale(tree, scale)
+    assert back["h"].dtype == torch.float16 and back["h"].item() == 0.5
+    assert back["d"].dtype == torch.float64 and torch.equal(
+        back["d"], torch.full((2,), 2.0**-16).double()
+    )
+    assert unscale(tree, None) is tree and scale_losses(f, None) is f
+    assert torch.isinf(poison_like(torch.zeros(3))).all()
