@@ -91,9 +91,10 @@ def _batchnorm_eval(module: nn.Module, whole_model: bool) -> Iterator[None]:
             m.training = mode
 
 
-def _state_items(state: ConductorState) -> list[tuple[str, Tensor]]:
+def _state_items(state: ConductorState) -> tuple[list[str], list[Tensor]]:
+    """The state's tensors with '/'-joined paths as keys (``momentum/1/<param>``, ``history``)."""
     paths, leaves, _ = optree.tree_flatten_with_path(state._asdict())
-    return ["/".join(str(p) for p in path) for path in paths], leaves  # type: ignore[return-value]
+    return ["/".join(str(p) for p in path) for path in paths], leaves
 
 
 class GradientConductor:
