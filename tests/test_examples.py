@@ -29,6 +29,7 @@ RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
     ("compile.py", None, ["--quick"], "compiled results match eager"),
     ("plot_interference.py", None, ["--quick", "--out", "{tmp}/rho.png"], "wrote"),
     ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
+    ("amp.py", None, ["--quick"], "amp run finished"),
 ]
 
 
