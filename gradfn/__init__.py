@@ -8,6 +8,7 @@ Pure functions over parameter pytrees (optree), executed with ``torch.func``:
 
 from gradfn import aggregators, tree
 from gradfn.autodiff import (
+    accumulate_per_task_grads,
     choose_strategy,
     functional_loss,
     per_task_grads,
@@ -38,6 +39,7 @@ __all__ = [
     "TauSchedule",
     "Transform",
     "__version__",
+    "accumulate_per_task_grads",
     "aggregators",
     "choose_strategy",
     "color",

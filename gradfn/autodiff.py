@@ -51,6 +51,7 @@ LossFn = Callable[[Params, Any], Any]
 Strategy = Literal["auto", "vmap", "loop"]
 
 __all__ = [
+    "accumulate_per_task_grads",
     "choose_strategy",
     "functional_loss",
     "per_task_grads",
@@ -393,6 +394,99 @@ def per_task_grads(
         num_tasks=num_tasks,
     )
     return grads
+
+
+def accumulate_per_task_grads(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    into: PyTree,
+    *,
+    scale: float | Tensor = 1.0,
+    wrt: Callable[[str], bool] | None = None,
+    strategy: Strategy = "auto",
+    task_batched: bool = False,
+    has_aux: bool = False,
+    num_tasks: int | None = None,
+) -> Any:
+    """Add ``scale · J`` into the task-stacked buffers ``into``, in place; return the losses.
+
+    The accumulation form of :func:`value_and_per_task_grads`, for gradient accumulation over
+    micro-batches: ``into[name][k] += scale · ∂L_k/∂params[name]``. With the ``"loop"`` strategy
+    each task's gradient is added straight into its row, so no ``K × n`` stacked copy is made;
+    rows of parameters a task does not use are left untouched. ``into`` has the structure of the
+    selected ``params`` with a leading ``K`` axis; its dtype may be wider than the parameters'
+    (e.g. float32 accumulators for bfloat16 parameters). Eager only (it mutates ``into``).
+
+    Returns ``losses`` (``(K,)``, detached), or ``(losses, aux)`` with ``has_aux``.
+    """
+    _check_strategy(strategy)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    selected, rest = _select(params, wrt)
+    sel_leaves, spec = optree.tree_flatten(selected)
+    try:
+        into_leaves = spec.flatten_up_to(into)
+    except ValueError as err:
+        raise ValueError(
+            f"`into` must have the structure of the differentiated params: {err}"
+        ) from None
+    for x, acc in zip(sel_leaves, into_leaves, strict=True):
+        if not isinstance(acc, Tensor) or acc.shape[1:] != x.shape or acc.dim() != x.dim() + 1:
+            shape = tuple(acc.shape) if isinstance(acc, Tensor) else type(acc).__name__
+            raise ValueError(
+                f"`into` leaves must have shape (K, *param.shape); got {shape} for a parameter "
+                f"of shape {tuple(x.shape)}"
+            )
+    if strategy == "auto":
+        strategy = choose_strategy(selected)
+    if strategy == "loop" and not task_batched and not _is_compiling():
+        leaves = [x.detach().requires_grad_(True) for x in sel_leaves]
+        with torch.enable_grad():
+            out, aux = _split_aux(
+                loss_fn(_merge(optree.tree_unflatten(spec, leaves), rest), batch), has_aux
+            )
+            loss_list = _loss_list(out, num_tasks)
+            k = len(loss_list)
+            if any(acc.shape[0] != k for acc in into_leaves):
+                raise ValueError(f"`into` has a task axis that differs from the {k} task losses")
+            last = max((i for i, loss in enumerate(loss_list) if loss.requires_grad), default=-1)
+            for i, loss in enumerate(loss_list):
+                if not loss.requires_grad:
+                    continue
+                g = torch.autograd.grad(loss, leaves, retain_graph=i < last, allow_unused=True)
+                with torch.no_grad():
+                    for acc, gi in zip(into_leaves, g, strict=True):
+                        if gi is None:
+                            continue
+                        if isinstance(scale, Tensor):
+                            acc[i].add_(gi * scale)
+                        else:
+                            acc[i].add_(gi, alpha=scale)
+        losses = _stack_losses(loss_list).detach()
+    else:
+        (losses, aux), grads = value_and_per_task_grads(
+            lambda p, b: _with_aux(loss_fn(p, b), has_aux),
+            params,
+            batch,
+            wrt=wrt,
+            strategy=strategy,
+            task_batched=task_batched,
+            has_aux=True,
+            num_tasks=num_tasks,
+        )
+        for acc, g in zip(into_leaves, spec.flatten_up_to(grads), strict=True):
+            if acc.shape[0] != g.shape[0]:
+                raise ValueError(
+                    f"`into` has a task axis of {acc.shape[0]} but there are {g.shape[0]} tasks"
+                )
+            with torch.no_grad():
+                acc.add_(g * scale)
+    return (losses, aux) if has_aux else losses
+
+
+def _with_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    return out if has_aux else (out, None)
 
 
 def value_and_weighted_grad(

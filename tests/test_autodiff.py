@@ -293,3 +293,40 @@ def test_split_module_separates_frozen_and_buffers():
     assert "frozen.weight" in buffers and "trunk.1.running_mean" in buffers
     assert all(not p.requires_grad for p in params.values())
     assert params["trunk.0.weight"].data_ptr() == model.trunk[0].weight.data_ptr()
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_accumulate_adds_scaled_rows_in_place(strategy):
+    from gradfn import accumulate_per_task_grads
+
+    torch.manual_seed(7)
+    model = TrunkHeads(k=3)
+    params, f = functional_loss(model, task_losses, freeze_running_stats=True)
+    batches = [make_batch(3, seed=s) for s in (1, 2)]
+    into = {n: torch.ones((3, *p.shape), dtype=torch.float64) for n, p in params.items()}
+    for b in batches:
+        losses = accumulate_per_task_grads(f, params, b, into, scale=0.5, strategy=strategy)
+        assert losses.shape == (3,)
+    expected = {n: torch.ones_like(v) for n, v in into.items()}
+    for b in batches:
+        oracle = naive_grads(model, b, list(params))
+        for n in params:
+            expected[n] += 0.5 * oracle[n].double()
+    for n in params:
+        torch.testing.assert_close(into[n], expected[n], atol=1e-5, rtol=1e-5)
+    # rows of parameters a task does not use keep their value
+    assert torch.equal(into["heads.0.weight"][1], torch.ones_like(into["heads.0.weight"][1]))
+
+
+def test_accumulate_rejects_mismatched_buffers():
+    from gradfn import accumulate_per_task_grads
+
+    params = {"w": torch.ones(2)}
+    with pytest.raises(ValueError, match="into"):
+        accumulate_per_task_grads(
+            lambda p, b: [p["w"].sum()], params, None, {"w": torch.zeros(1, 3)}
+        )
+    with pytest.raises(ValueError, match="into"):
+        accumulate_per_task_grads(
+            lambda p, b: [p["w"].sum(), p["w"].prod()], params, None, {"w": torch.zeros(3, 2)}
+        )
