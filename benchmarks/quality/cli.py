@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (quick 1, full 5)")
     p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="override the Adam learning rate")
     p.add_argument(
         "--refresh-period", type=int, default=None, help="SON-GOKU R (quick 16, full 32)"
     )
@@ -104,6 +105,7 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
         for problem in problems:
             steps, lr, every, kwargs = table[problem]
             steps = args.steps or steps
+            lr = args.lr or lr
             for method in methods:
                 specs.append(
                     RunSpec(
@@ -130,7 +132,9 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
     settings = {
         "mode": "quick" if args.quick else "full",
         "seeds": seeds,
-        "problems": {p: {"steps": args.steps or table[p][0], "lr": table[p][1]} for p in problems},
+        "problems": {
+            p: {"steps": args.steps or table[p][0], "lr": args.lr or table[p][1]} for p in problems
+        },
         "optimizer": "Adam (torch defaults besides lr)",
         "SON-GOKU": f"R = {r_period}, tau = {cfg.tau} (constant), beta = {cfg.ema_beta}, EMA of the active tasks",
         "GCond": f"classic N = {cfg.gcond_classic_microbatches} micro-batches, stochastic N = K; "
