@@ -37,6 +37,19 @@ arguments that reproduce the reference instead:
   below ``eps``, ``norm_floor=sqrt(eps)``);
 * ``norm_cap`` also applies with one loss (reference: ignored, ``cap_single_loss=False``, §5.10);
 * non-finite cycles are skipped (reference: none, NaN poisons the state, §4).
+
+Distributed training (``reduce``, e.g. :func:`gradfn.distributed.make_reducer`): after the
+accumulation each rank averages its task-stacked ``A_k`` and the losses across ranks (``K·n + 2K``
+values per cycle, float32, bucketed) BEFORE the Gramian, the norm EMA, the resolution and the
+arbitrator, so every rank takes the same decisions and returns the same gradient with nothing else
+communicated; with mean-reduced losses and equal per-rank micro-batches this is one process on the
+union of the micro-batches (the reference instead resolves per rank and all-reduces the output,
+gcond spec §2.10).
+
+Loss scaling (``update(..., loss_scale=s)``, a 0-d tensor such as
+``GradScaler.scale(torch.ones(()))``): the losses are multiplied by ``s`` before differentiation
+and the accumulated gradients and losses divided by ``s`` (in float32) before anything else
+(:mod:`gradfn.amp`); the state and the returned gradient are unscaled.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn.amp import scale_losses, unscale
 from gradfn.arbitrator import DominanceRule, init_history, update_norm_ema
 from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
 from gradfn.base import Transform
@@ -508,6 +522,7 @@ def conductor(
     strategy: str = "auto",
     skip_guard: bool = True,
     compile: bool | str = False,
+    reduce: Callable[[PyTree], PyTree] | None = None,
 ) -> Transform:
     """GradientConductor as ``(init, update)``; see the module docstring.
 
@@ -533,6 +548,9 @@ def conductor(
             ``torch.where`` copies of the previous gradients and the momentum.
         compile: compile :func:`process` with ``torch.compile(fullgraph=True)``; ``True`` for the
             default backend or a backend name (``"aot_eager"``, ``"inductor"``).
+        reduce: ``reduce(tree) -> tree`` averaging a pytree across ranks, applied to the
+            accumulated ``A_k`` and losses before :func:`process` (module docstring); None: one
+            process.
 
     Raises:
         ValueError: at construction, for a bad argument value, including ``N % K != 0`` in
@@ -541,6 +559,8 @@ def conductor(
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}")
     config = make_config(
         lambdas,
         accumulation_steps,
@@ -581,9 +601,17 @@ def conductor(
         return init_state(config, params)
 
     def update(
-        state: ConductorState, params: PyTree, microbatches: Any
+        state: ConductorState,
+        params: PyTree,
+        microbatches: Any,
+        *,
+        loss_scale: Tensor | None = None,
     ) -> tuple[ConductorState, PyTree]:
-        grads, losses, raw_losses = accumulate(config, loss_fn, params, microbatches)
+        fn = scale_losses(loss_fn, loss_scale)
+        cycle = unscale(accumulate(config, fn, params, microbatches), loss_scale)
+        if reduce is not None:
+            cycle = reduce(cycle)  # (A, losses, raw_losses) averaged over the ranks
+        grads, losses, raw_losses = cycle
         return step(state, grads, losses, raw_losses, params)
 
     return Transform(init, update)

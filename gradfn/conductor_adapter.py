@@ -24,23 +24,48 @@ Differences from the reference (each a defect of spec §5; ``reference=True`` re
   reference). They are found once, on the first step, by one extra forward + backward of the first
   micro-batch (random state and BatchNorm statistics restored);
 * a non-finite loss or gradient skips the cycle: the conductor's state is unchanged, every
-  ``p.grad`` is set to ``None`` (so ``optimizer.step()`` leaves the parameters alone) and
-  ``stats["skipped"]`` is True;
+  ``p.grad`` is set to ``None`` (so ``optimizer.step()`` leaves the parameters alone; with a
+  ``scaler``: ``+inf``, see below) and ``stats["skipped"]`` is True;
 * no autocast unless ``autocast_dtype`` is given (the reference forces bfloat16 autocast on CUDA);
 * ``state_dict()`` returns copies (the reference: live references) and records the loss names,
-  which ``load_state_dict`` checks.
+  which ``load_state_dict`` checks;
+* distributed: every rank takes the same decisions from averaged statistics (below), where the
+  reference resolves per rank and sums the outputs.
 
-``ddp_sync`` (``"avg"`` | ``"broadcast"`` | ``"none"``) is validated. With no initialised
-``torch.distributed`` process group it does nothing. With one, the written gradients are all-reduced
-(sum; divided by the world size for ``"avg"``; ``"broadcast"`` is the reference's plain sum) in
-float32 after each step, as the reference does; each rank still resolves conflicts on its local
-gradients (spec §2.10).
+Distributed training (``torch.distributed``, gloo or NCCL), by ``ddp_sync``:
+
+* ``"avg"`` (default): when the model is wrapped in ``DistributedDataParallel`` (unwrapped: the
+  forward runs through ``model.module`` with substituted parameters, so DDP's hooks never fire) or
+  a process group is initialised before the conductor is built, each rank's accumulated per-loss
+  gradients ``A_k`` and losses are averaged across ranks (``K·n + 2K`` floats per cycle, float32,
+  bucketed) BEFORE the Gramian, the EMAs, the resolution and the arbitrator
+  (:func:`gradfn.conductor.conductor`'s ``reduce``). Every rank then holds the same state and
+  writes the same gradient; nothing else is communicated. With ``reference=True``: the
+  reference's scheme instead, each rank resolves its local ``A_k`` and the written outputs are
+  averaged (``n`` floats per cycle).
+* ``"broadcast"``: the reference's scheme, per-rank resolution and the outputs SUMMED across ranks
+  (the reference's behaviour despite the name; a warning says so at construction).
+* ``"none"``: no communication, every rank on its own gradients.
+
+``process_group`` selects the group (default: the DDP model's, else the default group). In the
+per-rank schemes a cycle skipped on one rank is skipped on all. Buffers (BatchNorm statistics)
+are not synchronised.
+
+Mixed precision: ``autocast_dtype`` (``torch.bfloat16``, or ``torch.float16`` on GPU) runs the
+forward and the losses under ``torch.autocast``. ``scaler`` (a ``torch.amp.GradScaler``): the
+losses are scaled before differentiation, the accumulated gradients unscaled (float32) before any
+statistic or decision, and ``p.grad`` receives the GCond output times the scale; YOU then call
+``scaler.step(optimizer)`` (which unscales it exactly once: the output is never unscaled twice,
+gcond spec §2.12) and ``scaler.update()``. A non-finite cycle leaves the state unchanged and writes
+``+inf`` gradients, so ``scaler.step`` skips the optimizer step and ``scaler.update`` lowers the
+scale, as after a plain overflowing ``scaler.scale(loss).backward()``. ``stats`` are unscaled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -48,8 +73,10 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from gradfn.amp import poison_like
 from gradfn.autodiff import functional_loss
 from gradfn.conductor import ConductorState, conductor, discard_cycle, reference_options
+from gradfn.distributed import all_reduce_mean, is_distributed, make_reducer, world_size
 
 __all__ = ["GradientConductor"]
 
@@ -117,14 +144,17 @@ class GradientConductor:
         stochastic_accumulation: each loss on its own ``N/#losses`` micro-batches (``N`` must be
             divisible by the number of losses, checked here).
         ddp_sync: ``"avg"`` | ``"broadcast"`` | ``"none"`` (module docstring).
+        process_group: the ``torch.distributed`` group (default: the DDP model's, else the
+            default group).
         freeze_bn: BatchNorm layers in eval mode during accumulation.
         eps: numerical floor.
 
     gradfn options (keyword-only; ``None`` = the gradfn default, or the reference's with
     ``reference=True``): ``dominance`` (``"loses"`` | ``"wins"``), ``untouched_grad``
     (``"none"`` | ``"zeros"``), ``accumulation_dtype``, ``stability_source``, ``min_cosine``,
-    ``arbitrate_weak``, ``norm_floor``, ``cap_single_loss``, ``autocast_dtype``; ``strategy`` (per-task
-    gradient strategy of the classic mode) and ``compile`` (compile the resolve + momentum part).
+    ``arbitrate_weak``, ``norm_floor``, ``cap_single_loss``, ``autocast_dtype``; ``scaler`` (a
+    ``torch.amp.GradScaler``: module docstring); ``strategy`` (per-task gradient strategy of the
+    classic mode) and ``compile`` (compile the resolve + momentum part).
     """
 
     def __init__(
@@ -161,6 +191,8 @@ class GradientConductor:
         norm_floor: float | None = None,
         cap_single_loss: bool | None = None,
         autocast_dtype: torch.dtype | None = None,
+        scaler: Any = None,
+        process_group: Any = None,
         strategy: str = "auto",
         compile: bool | str = False,
     ) -> None:
@@ -181,17 +213,48 @@ class GradientConductor:
             )
         if ddp_sync not in _DDP_SYNC:
             raise ValueError(f"`ddp_sync` must be one of {_DDP_SYNC}, got {ddp_sync!r}")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                "`autocast_dtype` must be None, torch.bfloat16 or torch.float16, got "
+                f"{autocast_dtype!r}"
+            )
+        if scaler is not None and not all(
+            hasattr(scaler, a) for a in ("scale", "step", "update", "is_enabled")
+        ):
+            raise TypeError("`scaler` must be a torch.amp.GradScaler or None")
+        if ddp_sync == "broadcast":
+            warnings.warn(
+                "ddp_sync='broadcast' reproduces the reference: each rank resolves its own "
+                "gradients and the outputs are SUMMED across ranks (not averaged); "
+                "ddp_sync='avg' takes every decision from averaged statistics",
+                UserWarning,
+                stacklevel=2,
+            )
         untouched = untouched_grad or ("zeros" if reference else "none")
         if untouched not in ("none", "zeros"):
             raise ValueError(f"`untouched_grad` must be 'none' or 'zeros', got {untouched_grad!r}")
 
         self.model = model
         self.module = _unwrap(model)
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if process_group is None and ddp:
+            process_group = model.process_group
+        self.process_group = process_group
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.loss_names = list(loss_fns)
         self.loss_fns = dict(loss_fns)
         self.lambdas = {k: lambdas[k] for k in self.loss_names}
         self.accumulation_steps = accumulation_steps
         self.ddp_sync = ddp_sync
+        # "avg": A_k averaged before every decision (the reference's per-rank scheme with
+        # reference=True); the output sync of the per-rank schemes runs after each step
+        averaged = ddp_sync == "avg" and not reference
+        reduce = (
+            make_reducer(process_group)
+            if averaged and (ddp or is_distributed(process_group))
+            else None
+        )
+        self._output_sync = ddp_sync == "broadcast" or (ddp_sync == "avg" and not averaged)
         self.freeze_bn = bool(freeze_bn)
         self.reference = bool(reference)
         self.untouched_grad = untouched
@@ -236,6 +299,7 @@ class GradientConductor:
             strategy=strategy,
             compile=compile,
             skip_guard=False,  # a skipped cycle is discarded below, at no cost (stats sync anyway)
+            reduce=reduce,
             **extras,
         )
         self._state = self._transform.init(self._params)
@@ -303,9 +367,15 @@ class GradientConductor:
                 first.append(batch)
             return tuple(batch)
 
+        scale = None
+        if self.scaler is not None:
+            # a 0-d tensor holding the current scale (also initialises the scaler lazily)
+            scale = self.scaler.scale(torch.ones((), device=self._device))
         old = self._state
         with self._mode():
-            self._state, grads = self._transform.update(self._state, self._params, provider)
+            self._state, grads = self._transform.update(
+                self._state, self._params, provider, loss_scale=scale
+            )
         if self._untouched is None:
             self._untouched = self._probe_untouched(first[0])
 
@@ -326,18 +396,27 @@ class GradientConductor:
                 self._state.losses,
             ]
         ).tolist()
-        skipped = bool(stats_vec[5])
+        local_skip = bool(stats_vec[5])
+        skipped = local_skip
+        final_norm = stats_vec[0]  # of the (unscaled) output
+        if self._sync_outputs():
+            grads, skipped = self._sync(grads, local_skip)
+            final_norm = math.sqrt(
+                sum(
+                    float(g.float().pow(2).sum())
+                    for n, g in grads.items()
+                    if n not in self._untouched  # type: ignore[operator]
+                )
+            )
         if skipped:
             self._state = discard_cycle(old, self._state)
-        self._write_grads(grads, skipped)
-        final_norm = 0.0 if skipped else stats_vec[0]  # nothing is written on a skipped cycle
-        if not skipped and self._sync():
-            sq = sum(
-                float(p.grad.float().pow(2).sum())
-                for p in self._module_params().values()
-                if p.grad is not None
-            )
-            final_norm = math.sqrt(sq)
+            if not local_skip:  # skipped because another rank's cycle was
+                self._state = self._state._replace(
+                    skipped=torch.ones_like(self._state.skipped),
+                    num_skipped=self._state.num_skipped + 1,
+                )
+            final_norm = 0.0  # nothing is applied on a skipped cycle
+        self._write_grads(grads, skipped, scale)
 
         k = len(self.loss_names)
         stats: dict[str, float | int | bool] = {
@@ -358,28 +437,37 @@ class GradientConductor:
         named = dict(self.module.named_parameters())
         return {n: named[n] for n in self._params}
 
-    def _write_grads(self, grads: Mapping[str, Tensor], skipped: bool) -> None:
+    def _write_grads(
+        self, grads: Mapping[str, Tensor], skipped: bool, scale: Tensor | None
+    ) -> None:
+        """``p.grad`` = output (× scale with a scaler); a skipped cycle writes ``None`` (``+inf``
+        with a scaler, so that ``scaler.step`` skips and ``scaler.update`` backs off)."""
         for name, p in self._module_params().items():
-            if skipped or name in self._untouched:  # type: ignore[operator]
+            if name in self._untouched:  # type: ignore[operator]
                 p.grad = None
+            elif skipped:
+                p.grad = None if scale is None else poison_like(p)
             else:
-                p.grad = grads[name].detach().to(p.dtype)
+                g = grads[name].detach()
+                if scale is not None:
+                    g = g.to(torch.promote_types(g.dtype, torch.float32)) * scale
+                p.grad = g.to(p.dtype)
 
-    def _sync(self) -> bool:
-        """All-reduce the written gradients when a process group is initialised (reference)."""
+    def _sync_outputs(self) -> bool:
+        """The per-rank schemes (``"broadcast"``, ``reference=True``) with a process group."""
         dist = torch.distributed
-        if self.ddp_sync == "none" or not (dist.is_available() and dist.is_initialized()):
-            return False
-        world = dist.get_world_size()
-        for p in self._module_params().values():
-            if p.grad is None:
-                continue
-            g = p.grad.float()
-            dist.all_reduce(g, op=dist.ReduceOp.SUM)
-            if self.ddp_sync == "avg":
-                g = g / world
-            p.grad = g.to(p.dtype)
-        return True
+        return self._output_sync and dist.is_available() and dist.is_initialized()
+
+    def _sync(self, grads: Mapping[str, Tensor], skipped: bool) -> tuple[dict[str, Tensor], bool]:
+        """The outputs averaged (``"avg"``) or summed (``"broadcast"``, the reference) across
+        ranks in float32, with a skip flag in the same all-reduce: any rank's skip skips all."""
+        flag = torch.full((), float(skipped), dtype=torch.float32, device=self._device)
+        reduced = all_reduce_mean({"grads": dict(grads), "flag": flag}, group=self.process_group)
+        out = reduced["grads"]
+        if self.ddp_sync == "broadcast":
+            world = world_size(self.process_group)
+            out = {n: g * world for n, g in out.items()}
+        return out, bool(reduced["flag"] > 0)
 
     @property
     def state(self) -> ConductorState:

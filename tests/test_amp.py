@@ -188,3 +188,90 @@ def test_scale_helpers_keep_structure_and_dtype():
     )
     assert unscale(tree, None) is tree and scale_losses(f, None) is f
     assert torch.isinf(poison_like(torch.zeros(3))).all()
+
+
+# ------------------------------------------------------------------------------------------
+# GradientConductor adapter
+
+
+def gcond_losses():
+    return {
+        f"t{k}": (lambda out, y, k=k: ((out[:, k].float() - y[:, k]) ** 2).mean()) for k in range(K)
+    }
+
+
+def gcond(model, **kw):
+    from gradfn import GradientConductor
+
+    return GradientConductor(model, gcond_losses(), {f"t{k}": 1.0 for k in range(K)}, 3, **kw)
+
+
+def test_gcond_bf16_autocast_matches_plain_autocast_backward():
+    # no resolution (every threshold at -1) and no momentum: the output is Σ_k mean_b ∇L_k
+    model = Net()
+    gc = gcond(
+        model,
+        autocast_dtype=torch.bfloat16,
+        stochastic_accumulation=False,
+        momentum_beta=0.0,
+        conflict_thresholds=(-1.0, -1.0, -1.0),
+    )
+    micro = [make_batch(10 + i) for i in range(3)]
+    ref = Net()
+    gc.step(iter(micro).__next__)
+    expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for b in micro:
+        for loss_fn in gcond_losses().values():
+            ref.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(ref(b[0]), b[1])
+            loss.backward()
+            for n, p in ref.named_parameters():
+                expected[n] += p.grad / len(micro)
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_gcond_grad_scaler_unscales_once_and_skips_an_overflow():
+    cycles = [[make_batch(20 + 3 * c + i) for i in range(3)] for c in range(4)]
+    ref_model = Net()
+    ref = gcond(ref_model)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.05)
+    for micro in cycles:
+        ref_opt.zero_grad()
+        ref.step(iter(micro).__next__)
+        ref_opt.step()
+
+    model = Net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    gc = gcond(model, scaler=scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for c, micro in enumerate(cycles):
+        if c == 2:  # an extra cycle whose data overflows
+            before = gc.state._asdict()
+            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            stats = gc.step(iter([micro[0], make_batch(0, poison=True), micro[2]]).__next__)
+            assert stats["skipped"]
+            scaler.step(opt)
+            scaler.update()
+            assert scaler.get_scale() == 2.0**7
+            assert_unchanged(gc.state._asdict(), before, ignore=set(gc.state._fields[5:]))
+            for n, p in model.named_parameters():
+                assert torch.equal(p.detach(), params[n])
+        opt.zero_grad()
+        stats = gc.step(iter(micro).__next__)
+        assert not stats["skipped"]
+        # p.grad holds the GCond output times the scale: unscaled exactly once by scaler.step
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        assert scale in (2.0**8, 2.0**7)
+    got = gc.state._asdict()
+    assert int(got.pop("num_skipped")) == 1
+    want = ref.state._asdict()
+    assert int(want.pop("num_skipped")) == 0
+    assert_trees_close(got, want, 1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=n)

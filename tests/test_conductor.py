@@ -268,6 +268,66 @@ def test_non_finite_gradient_skips_the_cycle():
         assert _equal_states(getattr(kept, field), getattr(new, field)), field
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_loss_scale_is_exact_and_an_overflow_is_skipped(stochastic):
+    # a power-of-two scale: scaling the losses and unscaling the sums is exact, bit for bit
+    t = conductor(_conflict, LAMBDAS, accumulation_steps=2, stochastic=stochastic)
+    params = _params()
+    state = t.init(params)
+    plain = scaled = state
+    for c in range(3):
+        plain, g_plain = t.update(plain, params, _batches(2, seed=c))
+        scaled, g_scaled = t.update(
+            scaled, params, _batches(2, seed=c), loss_scale=torch.tensor(2.0**12)
+        )
+        assert _equal_states(scaled, plain)
+        assert all(torch.equal(g_scaled[k], g_plain[k]) for k in g_plain)
+    # a scale that overflows float32 in the backward: skipped, state unchanged, zeros out
+    over, g = t.update(plain, params, _batches(2, seed=9), loss_scale=torch.tensor(2.0**127))
+    assert bool(over.skipped)
+    for field in ("momentum", "prev", "prev_sq_norms", "norm_ema", "history"):
+        assert _equal_states(getattr(over, field), getattr(plain, field)), field
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in g.values())
+
+
+def test_reduce_sees_the_accumulated_cycle_before_the_resolution():
+    params = _params()
+    seen = []
+
+    def halve_second(cycle):  # a stand-in for the cross-rank mean
+        seen.append(cycle)
+        acc, losses, raw = cycle
+        return (
+            {
+                k: v * torch.tensor([1.0, 0.5]).reshape(2, 1, *([1] * (v.dim() - 2)))
+                for k, v in acc.items()
+            },
+            losses,
+            raw,
+        )
+
+    t = conductor(_conflict, LAMBDAS, accumulation_steps=2, stochastic=False, reduce=halve_second)
+    ref = conductor(_conflict, LAMBDAS, accumulation_steps=2, stochastic=False)
+    cfg = make_config(LAMBDAS, 2, stochastic=False)
+    state, g = t.update(t.init(params), params, _batches(2))
+    # what is communicated: the K task-stacked A_k (K·n floats) and the two loss vectors (2K)
+    acc, losses, raw = seen[0]
+    assert sum(v.numel() for v in acc.values()) == 2 * sum(p.numel() for p in params.values())
+    assert losses.shape == raw.shape == (2,)
+    want_acc, want_losses, want_raw = accumulate(cfg, _conflict, params, _batches(2))
+    assert all(torch.equal(acc[k], want_acc[k]) for k in acc)
+    # the resolution ran on the reduced A_k
+    half = {
+        k: v * torch.tensor([1.0, 0.5]).reshape(2, 1, *([1] * (v.dim() - 2)))
+        for k, v in want_acc.items()
+    }
+    s2, g2 = process(cfg, ref.init(params), half, want_losses, want_raw, params)
+    assert _equal_states(state, s2)
+    assert all(torch.equal(g[k], g2[k]) for k in g)
+    with pytest.raises(TypeError, match="reduce"):
+        conductor(_losses, LAMBDAS, accumulation_steps=2, reduce=3)
+
+
 def test_process_compiles_fullgraph():
     params = _params()
     cfg = make_config(LAMBDAS, 2, stochastic=False, norm_cap=0.5, use_lion=True)

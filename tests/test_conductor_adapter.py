@@ -410,6 +410,12 @@ def test_constructor_errors():
         GradientConductor(net, {"fit": 3}, {"fit": 1.0}, 3)
     with pytest.raises(TypeError, match="model"):
         GradientConductor("net", LOSSES, LAMBDAS, 3)
+    with pytest.raises(TypeError, match="scaler"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, scaler=object())
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, autocast_dtype=torch.int8)
+    with pytest.warns(UserWarning, match="SUMMED"):
+        GradientConductor(net, LOSSES, LAMBDAS, 3, ddp_sync="broadcast")
     gc = GradientConductor(net, LOSSES, LAMBDAS, 3, ddp_sync="none", projection_max_iters=0)
     with pytest.raises(TypeError, match="data_provider"):
         gc.step(data(3))

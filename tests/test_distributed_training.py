@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 
 import optree
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gradfn import SonGokuScheduler, TaskSpec, songoku
+from gradfn import GradientConductor, SonGokuScheduler, TaskSpec, conductor, songoku
 from gradfn.distributed import make_reducer
 
 K = 3
@@ -112,6 +113,74 @@ def _songoku_adapter(rank: int, world: int, wrap, **kw) -> dict:
     return {"state": sched.state._asdict(), "params": params}
 
 
+def _micro(cycle: int, rank: int, world: int, n: int) -> list:
+    return [_batch(100 + n * cycle + i, rank, world) for i in range(n)]
+
+
+def _conductor_functional(rank: int, world: int, reduce, **kw) -> dict:
+    params = {n: p.detach().clone() for n, p in Net().named_parameters()}
+    tx = conductor(_functional_loss, [1.0, 0.5, 1.0], accumulation_steps=3, reduce=reduce, **kw)
+    state = tx.init(params)
+    for c in range(STEPS):
+        state, grads = tx.update(state, params, _micro(c, rank, world, 3))
+        params = {n: p - 0.1 * grads[n] for n, p in params.items()}
+    return {"state": state._asdict(), "params": params}
+
+
+def _conductor_adapter(rank: int, world: int, wrap, **kw) -> dict:
+    model = Net()
+    if wrap:
+        model = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fns = {
+        f"t{k}": (lambda out, y, k=k: ((out[:, k] - y[:, k]) ** 2).mean()) for k in range(K)
+    }
+    gc = GradientConductor(model, loss_fns, {f"t{k}": 1.0 for k in range(K)}, 3, **kw)
+    for c in range(STEPS):
+        opt.zero_grad()
+        gc.step(iter(_micro(c, rank, world, 3)).__next__)
+        opt.step()
+    module = model.module if wrap else model
+    params = {n: p.detach().clone() for n, p in module.named_parameters()}
+    return {"state": gc.state._asdict(), "params": params}
+
+
+def _conductor_two_cycles(rank: int, world: int, **kw) -> dict:
+    """A cycle, then one whose second micro-batch is non-finite on the last rank only."""
+    model = Net()
+    loss_fns = {
+        f"t{k}": (lambda out, y, k=k: ((out[:, k] - y[:, k]) ** 2).mean()) for k in range(K)
+    }
+    gc = GradientConductor(
+        model, loss_fns, {f"t{k}": 1.0 for k in range(K)}, 3, stochastic_accumulation=False, **kw
+    )
+    gc.step(iter(_micro(0, rank, world, 3)).__next__)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    micro = _micro(1, rank, world, 3)
+    if rank == world - 1:
+        x, y = micro[1]
+        micro[1] = (x.clone().fill_(float("nan")), y)
+    stats = gc.step(iter(micro).__next__)
+    return {
+        "grads": grads,
+        "skipped": torch.tensor(stats["skipped"]),
+        "num_skipped": gc.state.num_skipped.clone(),
+        "grad_none": torch.tensor(all(p.grad is None for p in model.parameters())),
+    }
+
+
+def _per_rank_scenarios(rank: int, world: int) -> dict[str, dict]:
+    """The reference's per-rank schemes (each rank resolves its own ``A_k``, outputs reduced)."""
+    return {
+        "avg": _conductor_two_cycles(rank, world),  # averaged A_k: the skip is shared too
+        # float32 accumulation: the reference's bfloat16 would round the reduced output
+        "reference_avg": _conductor_two_cycles(
+            rank, world, reference=True, accumulation_dtype=torch.float32
+        ),
+        "broadcast_sum": _conductor_two_cycles(rank, world, ddp_sync="broadcast"),
+    }
+
+
 def _scenarios(rank: int, world: int, distributed: bool) -> dict[str, dict]:
     reduce = make_reducer() if distributed else None
     return {
@@ -123,6 +192,13 @@ def _scenarios(rank: int, world: int, distributed: bool) -> dict[str, dict]:
         ),
         "adapter_ddp": _songoku_adapter(rank, world, wrap=distributed),
         "adapter_plain_refresh": _songoku_adapter(rank, world, wrap=False, ema_mode="refresh"),
+        # GCond: accumulated A_k and losses averaged before the resolution
+        "gcond_fn_classic": _conductor_functional(rank, world, reduce, stochastic=False),
+        "gcond_fn_stochastic_lion": _conductor_functional(rank, world, reduce, use_lion=True),
+        "gcond_adapter_ddp": _conductor_adapter(rank, world, wrap=distributed),
+        "gcond_adapter_plain_classic": _conductor_adapter(
+            rank, world, wrap=False, stochastic_accumulation=False
+        ),
     }
 
 
@@ -132,12 +208,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.save(_scenarios(rank, 2, True), os.path.join(out_dir, f"rank{rank}.pt"))
+        out = {"union": _scenarios(rank, 2, True), "per_rank": _per_rank_scenarios(rank, 2)}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _assert_trees(a, b, *, exact: bool) -> None:
+def _assert_trees(a, b, *, exact: bool, f64_tol: float = 1e-9) -> None:
     la, sa = optree.tree_flatten(a, none_is_leaf=True)
     lb, sb = optree.tree_flatten(b, none_is_leaf=True)
     assert sa == sb
@@ -149,7 +226,7 @@ def _assert_trees(a, b, *, exact: bool) -> None:
                 and torch.equal(x.nan_to_num(), y.nan_to_num())
             ), (x, y)
         elif x.is_floating_point():
-            tol = 1e-9 if x.dtype == torch.float64 else 1e-5
+            tol = f64_tol if x.dtype == torch.float64 else 1e-5
             torch.testing.assert_close(x, y, rtol=tol, atol=tol, equal_nan=True)
         else:
             assert torch.equal(x, y), (x, y)
@@ -160,14 +237,48 @@ def test_two_ranks_match_one_process_on_the_union():
         mp.start_processes(
             _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
         )
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+        ranks = [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)
+        ]
+    per_rank = [r["per_rank"] for r in ranks]
+    ranks = [r["union"] for r in ranks]
     oracle = _scenarios(0, 1, False)
     local = _scenarios(0, 2, False)  # rank 0 alone on its slice: the sync must matter
     for name, expected in oracle.items():
         _assert_trees(ranks[0][name], ranks[1][name], exact=True)
-        _assert_trees(ranks[0][name], expected, exact=False)
+        # GCond resolves in float32 (its output is float32 whatever the parameters' dtype)
+        f64_tol = 1e-6 if name.startswith("gcond") else 1e-9
+        _assert_trees(ranks[0][name], expected, exact=False, f64_tol=f64_tol)
         diff = ranks[0][name]["params"]["trunk.weight"] - local[name]["params"]["trunk.weight"]
         assert diff.abs().max() > 1e-6, name
     # the conflicting pair was split: some step ran fewer than K tasks
     assert (oracle["fn_active_pcgrad"]["active"].sum(dim=1) < K).any()
     assert int(oracle["adapter_ddp"]["state"]["refreshes"]) == STEPS // 2
+    # GCond resolved real conflicts (the projection ran) in the classic scenario
+    assert float(oracle["gcond_fn_classic"]["state"]["min_cosine_sim"]) < 0
+    _check_per_rank(per_rank)
+
+
+def _check_per_rank(ranks: list[dict]) -> None:
+    """Per-rank schemes against each rank's own run without a process group (same data)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ddp_sync="broadcast" warns
+        alone = [_per_rank_scenarios(r, 2) for r in range(2)]
+    for name, reduce in (("reference_avg", 0.5), ("broadcast_sum", 1.0)):
+        for r in range(2):
+            got = ranks[r][name]
+            for n, g in got["grads"].items():
+                want = reduce * (alone[0][name]["grads"][n] + alone[1][name]["grads"][n])
+                torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-9, msg=f"{name} {n}")
+    for name in ("avg", "reference_avg", "broadcast_sum"):
+        for r in range(2):
+            # the last rank's cycle is non-finite: every rank skips it and writes no gradient
+            assert bool(ranks[r][name]["skipped"]) and bool(ranks[r][name]["grad_none"]), name
+            assert int(ranks[r][name]["num_skipped"]) == 1, name
+        assert not bool(alone[0][name]["skipped"]) and bool(alone[1][name]["skipped"])
+    # averaged decisions: different from the per-rank resolution's averaged output
+    diff = (
+        ranks[0]["avg"]["grads"]["trunk.weight"]
+        - ranks[0]["reference_avg"]["grads"]["trunk.weight"]
+    )
+    assert diff.abs().max() > 1e-6
