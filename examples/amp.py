@@ -5,13 +5,11 @@
 
 * ``autocast_dtype``: every task's forward runs under ``torch.autocast``; the losses, the
   per-task statistics and the gradients written to ``p.grad`` stay float32.
-* ``scaler`` (SON-GOKU): the scheduler scales the losses before differentiating, takes every
-  decision on the unscaled gradients, and writes ``p.grad = gradient × scale``:
-  ``scaler.step(optimizer)`` unscales it ONCE and ``scaler.update()`` adjusts the scale. A step
-  with an overflow leaves the scheduler's state unchanged and ``scaler.step`` skips the optimizer
+* ``scaler``: the adapters scale the losses before differentiating, take every decision on the
+  unscaled gradients, and write ``p.grad = gradient × scale``: ``scaler.step(optimizer)`` unscales
+  it ONCE (the GCond output is never unscaled twice) and ``scaler.update()`` adjusts the scale. A
+  step with an overflow leaves gradfn's state unchanged and ``scaler.step`` skips the optimizer
   step. This script forces one overflow (an ``inf`` in the data) to show it.
-* GradientConductor writes true (unscaled) gradients: use a plain ``optimizer.step()`` with it
-  (bfloat16 autocast needs no loss scaling); a non-finite cycle is skipped by the conductor.
 """
 
 from __future__ import annotations
@@ -85,9 +83,10 @@ def main() -> None:
         f"groups {sched.schedule_snapshot()}, losses {losses}"
     )
 
-    # --- GradientConductor: autocast, plain optimizer step (no loss scaling)
+    # --- GradientConductor: the usual GradScaler loop around conductor.step
     model2 = Net().to(device)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, betas=(0.0, 0.95))
+    scaler2 = torch.amp.GradScaler(device.type, init_scale=2.0**10)
     loss_fns = {
         f"task{k}": (lambda out, y, k=k: nn.functional.mse_loss(out[:, k].float(), y[:, k]))
         for k in range(K)
@@ -97,16 +96,21 @@ def main() -> None:
         loss_fns,
         {name: 1.0 for name in loss_fns},
         accumulation_steps=K,
-        autocast_dtype=torch.bfloat16,
+        autocast_dtype=dtype,
+        scaler=scaler2,
     )
     skipped = 0
     for t in range(steps):
         opt2.zero_grad()
         micro = [batch(100 * t + i, device, poison=t == bad) for i in range(K)]
-        stats = gcond.step(iter(micro).__next__)  # p.grad = None on a skipped cycle
-        opt2.step()
+        stats = gcond.step(iter(micro).__next__)  # p.grad = GCond output × scale
+        scaler2.step(opt2)  # unscales once; skips the step after an overflow
+        scaler2.update()
         skipped += int(stats["skipped"])
-    print(f"GCond: skipped {skipped} cycle(s), final_grad_norm {stats['final_grad_norm']:.4f}")
+    print(
+        f"GCond: skipped {skipped} step(s), scale {scaler2.get_scale():g}, "
+        f"final_grad_norm {stats['final_grad_norm']:.4f}"
+    )
     print("amp run finished")
 
 

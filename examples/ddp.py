@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import optree
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -68,6 +69,16 @@ def ranks_agree(model: nn.Module) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
+def states_agree(state) -> bool:
+    """Is the conductor's state (EMAs, history, momentum) bit-identical on every rank?"""
+    flat = torch.cat([x.detach().reshape(-1).double() for x in optree.tree_leaves(state)])
+    if not dist.is_initialized():
+        return True
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], other) for other in gathered)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
@@ -105,7 +116,11 @@ def main() -> None:
         print(f"SON-GOKU on {world} rank(s): last losses {losses}")
         print(f"  colour groups: {sched.schedule_snapshot()}  ranks agree: {agree}")
 
-    # --- GradientConductor: accumulate per-loss gradients, resolve, momentum
+    # --- GradientConductor: accumulate per-loss gradients, resolve, momentum. ddp_sync="avg"
+    # (the default) averages the accumulated A_k and losses across ranks once per cycle
+    # (K·n + 2K floats), before the Gramian / resolution / arbitrator: every rank takes the same
+    # decisions and writes the same gradient (the reference instead resolves per rank and sums
+    # the outputs: ddp_sync="broadcast")
     model2 = wrap(Net().to(device))
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3, betas=(0.0, 0.95))
     loss_fns = {
@@ -113,7 +128,7 @@ def main() -> None:
         for k in range(K)
     }
     gcond = GradientConductor(
-        model2, loss_fns, {name: 1.0 for name in loss_fns}, accumulation_steps=K
+        model2, loss_fns, {name: 1.0 for name in loss_fns}, accumulation_steps=K, ddp_sync="avg"
     )
     counter = iter(range(10**9))
     for _ in range(steps):
@@ -121,10 +136,12 @@ def main() -> None:
         stats = gcond.step(lambda: shard(next(counter), rank, world, global_batch, device))
         opt2.step()
     agree2 = ranks_agree(model2)
+    agree3 = states_agree(gcond.state)  # a collective: every rank calls it
     if rank == 0:
         print(f"GCond on {world} rank(s): final_grad_norm {stats['final_grad_norm']:.4f}")
         print(f"  min_cosine_sim {stats['min_cosine_sim']:.3f}  ranks agree: {agree2}")
-        print(f"ranks agree: {agree and agree2}")
+        print(f"  conductor state identical on every rank: {agree3}")
+        print(f"ranks agree: {agree and agree2 and agree3}")
     if launched:
         dist.destroy_process_group()
 
