@@ -43,6 +43,14 @@ def _plt():
     return plt
 
 
+_EXTRA_COLOURS = ("#000000", "#4b0082", "#8b0000", "#556b2f", "#ff8c00")
+
+
+def _colour(i: int) -> str:
+    """Distinct line colours: matplotlib's ten defaults, then a few more."""
+    return f"C{i}" if i < 10 else _EXTRA_COLOURS[(i - 10) % len(_EXTRA_COLOURS)]
+
+
 def _pick(items: list, n: int) -> list:
     if len(items) <= n:
         return items
@@ -160,14 +168,14 @@ def accuracy_vs_time(records: list[Record], out: Path) -> list[str]:
                 marker="o",
                 ms=2.5,
                 lw=1.2,
-                color=plt.get_cmap("tab20")(i % 20),
+                color=_colour(i),
                 label=LABELS.get(method, method),
             )
         ax.set_xscale("log")
         ax.set_xlabel("training wall-clock (s, log scale)")
         ax.set_ylabel(f"test {key}")
         ax.set_title(f"{problem}: {key} vs wall-clock (mean over seeds)", fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(alpha=0.3)
         name = f"metric_vs_time_{problem}.png"
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
