@@ -64,7 +64,11 @@ from torch import Tensor
 from gradfn import tree
 from gradfn.amp import scale_losses, unscale
 from gradfn.arbitrator import DominanceRule, init_history, update_norm_ema
-from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
+from gradfn.autodiff import (
+    accumulate_per_task_grads,
+    value_and_per_task_grads,
+    value_and_weighted_grad,
+)
 from gradfn.base import Transform
 from gradfn.resolve import Rule, check_thresholds, cross_gramian, resolve_gramian
 from gradfn.transforms import MomentumState, cap_factors, momentum, sign_trust_ratio
@@ -317,6 +321,10 @@ def accumulate(
 
     ``A_k = λ_k·(1/D)·Σ_b ∇L_k(θ; b)`` accumulated in ``config.accumulation_dtype`` (each micro-batch
     term rounded to it before it is added, as the reference does in bfloat16).
+
+    Classic mode in float32 / float64 adds each micro-batch's per-task gradients straight into the
+    task-stacked buffers (:func:`gradfn.autodiff.accumulate_per_task_grads`: no stacked copy per
+    micro-batch with the loop strategy) and applies ``λ_k / N`` once at the end.
     """
     k, n, dt = config.num_tasks, config.accumulation_steps, config.accumulation_dtype
     next_batch = _batches(microbatches, n)
@@ -327,24 +335,30 @@ def accumulate(
     # micro-batch writes them, the others add in place
     acc = tree.tree_map(lambda p: torch.empty((k, *p.shape), dtype=dt, device=p.device), params)
     acc_leaves = tree.leaves(acc)
-    if not config.stochastic:
+    if not config.stochastic and dt != torch.bfloat16:
+        for a in acc_leaves:
+            a.zero_()
+        for _ in range(n):
+            losses = accumulate_per_task_grads(
+                loss_fn, params, next_batch(), acc, strategy=config.strategy, num_tasks=k
+            )
+            raw_losses = raw_losses + losses.float() / n
+        scale = (lam / n).to(dt)
+        for a in acc_leaves:
+            a.mul_(scale.reshape((k,) + (1,) * (a.dim() - 1)))
+        return acc, raw_losses * lam, raw_losses
+    if not config.stochastic:  # bfloat16: round each term before adding it, as the reference
         scale = lam / n
         for step in range(n):
             losses, grads = value_and_per_task_grads(
                 loss_fn, params, next_batch(), strategy=config.strategy, num_tasks=k
             )
             for a, g in zip(acc_leaves, tree.leaves(grads), strict=True):
-                w = scale.reshape((k,) + (1,) * (g.dim() - 1))
-                if dt == torch.bfloat16:  # round each term, as the reference does
-                    term = (g.float() * w).to(dt)
-                    if step == 0:
-                        a.copy_(term)
-                    else:
-                        a.add_(term)
-                elif step == 0:
-                    torch.mul(g.to(dt), w.to(dt), out=a)
+                term = (g.float() * scale.reshape((k,) + (1,) * (g.dim() - 1))).to(dt)
+                if step == 0:
+                    a.copy_(term)
                 else:
-                    a.addcmul_(g.to(dt), w.to(dt))
+                    a.add_(term)
             raw_losses = raw_losses + losses.detach().float() / n
         return acc, raw_losses * lam, raw_losses
     s = n // k

@@ -89,10 +89,11 @@ def test_pass_counts_classic_vs_stochastic(stochastic):
     assert k * n > fn.calls
 
 
-def test_classic_accumulation_is_lambda_weighted_mean():
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_classic_accumulation_is_lambda_weighted_mean(strategy):
     n = 3
     params, batches = _params(), _batches(n)
-    cfg = make_config(LAMBDAS, n, stochastic=False)
+    cfg = make_config(LAMBDAS, n, stochastic=False, strategy=strategy)
     acc, losses, raw = accumulate(cfg, _losses, params, batches)
     for task, lam in enumerate(LAMBDAS):
         want = {k: torch.zeros_like(v) for k, v in params.items()}
