@@ -481,7 +481,10 @@ def accumulate_per_task_grads(
                     f"`into` has a task axis of {acc.shape[0]} but there are {g.shape[0]} tasks"
                 )
             with torch.no_grad():
-                acc.add_(g * scale)
+                if isinstance(scale, Tensor):
+                    acc.add_(g * scale)
+                else:
+                    acc.add_(g, alpha=scale)
     return (losses, aux) if has_aux else losses
 
 
