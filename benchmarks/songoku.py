@@ -381,8 +381,9 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, K ≤ 16 in table 3")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
     print("### 1. ema_mode='refresh' (K = 8, R = 32): adapter step vs plain summed-loss step\n")
     print("\n".join(bench_refresh_mode(args.quick)) + "\n")

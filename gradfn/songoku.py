@@ -185,6 +185,8 @@ def songoku(
     per_task_rows: Literal["auto", "all", "active"] = "auto",
     legacy_pointer: bool = False,
     reduce: Callable[[PyTree], PyTree] | None = None,
+    donate_state: bool = False,
+    guard_grads: bool = True,
 ) -> SonGokuTransform:
     """Build SON-GOKU for ``loss_fn(params, batch) -> K losses`` (dict / tuple / 1-D tensor).
 
@@ -218,6 +220,14 @@ def songoku(
         legacy_pointer: reproduce the reference's cycle start at group 1 after each refresh.
         reduce: ``reduce(tree) -> tree`` averaging a pytree across ranks
             (:func:`gradfn.distributed.make_reducer`); None: single process (module docstring).
+        donate_state: the caller gives up the state it passes in (as with a donated buffer in
+            JAX): eagerly, the EMA rows are then updated in place instead of through a copy of
+            the whole ``K × n`` EMA (the returned state shares its storage). Under
+            ``torch.compile`` the update stays functional. A skipped step still leaves the EMA
+            unchanged. The adapter uses it; keep the default when you hold on to old states.
+        guard_grads: zero the returned gradients of a skipped step inside the step
+            (tensor-only). ``False`` returns them as computed, for a driver that reads
+            ``state.skipped`` on the host and then does not apply them (the adapter does).
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
@@ -362,6 +372,8 @@ def songoku(
 
     def blend_rows(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor) -> PyTree:
         """``e_i ← β e_i + (1−β) o_i`` for the rows ``idx`` where ``mask`` (R,) holds."""
+        if donate_state and not torch.compiler.is_compiling():
+            return blend_rows_inplace(ema, obs, idx, mask)
 
         def one(e: Tensor, o: Tensor) -> Tensor:
             old = e.index_select(0, idx)
@@ -370,6 +382,24 @@ def songoku(
             return e.index_copy(0, idx, new)
 
         return optree.tree_map(one, ema, obs)
+
+    def blend_rows_inplace(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor) -> PyTree:
+        """:func:`blend_rows` writing into ``ema`` (eager; reads the row mask on the host)."""
+        sel = torch.nonzero(mask).flatten()
+        n_sel = int(sel.numel())
+        if n_sel == 0:
+            return ema
+        rows = idx.index_select(0, sel)
+        every = n_sel == k and bool((rows == torch.arange(k, device=rows.device)).all())
+        for e, o in zip(optree.tree_leaves(ema), optree.tree_leaves(obs), strict=True):
+            if every:
+                e.lerp_(o.to(e.dtype), 1.0 - beta)
+            else:
+                new = torch.lerp(
+                    e.index_select(0, rows), o.index_select(0, sel).to(e.dtype), 1.0 - beta
+                )
+                e.index_copy_(0, rows, new)
+        return ema
 
     def scatter_rows(tree: PyTree, idx: Tensor) -> PyTree:
         def one(x: Tensor) -> Tensor:
@@ -468,8 +498,9 @@ def songoku(
         out = tree_where(ok, moved, small)._replace(
             skipped=bad, losses=losses, ema=new_ema, ema_count=ema_count
         )
-        zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-        grads = {n: torch.where(ok, g, zero.to(g.dtype)) for n, g in grads.items()}
+        if guard_grads:
+            zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+            grads = {n: torch.where(ok, g, zero.to(g.dtype)) for n, g in grads.items()}
         return out, grads
 
     def refresh(

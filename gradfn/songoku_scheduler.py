@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -252,6 +253,8 @@ class SonGokuScheduler:
             per_task_rows="active",
             legacy_pointer=legacy_pointer,
             reduce=reduce,
+            donate_state=True,  # the scheduler never reuses an old state
+            guard_grads=False,  # a skipped step's gradients are never written
         )
         self._state: SonGokuState | None = None
         self._usage: Tensor | None = None  # (K, P) bool: task k's loss touches parameter p
@@ -539,7 +542,8 @@ class SonGokuScheduler:
         return {
             "version": 1,
             "task_names": list(self.names),
-            "core": None if self._state is None else self._state._asdict(),
+            # copies: the scheduler updates its EMA in place, later steps must not change this
+            "core": None if self._state is None else _copy_tree(self._state._asdict()),
             "usage": self._usage,
             "shared_params": list(self._shared_names),
             "head_params": [list(h) for h in self._heads],
@@ -562,7 +566,7 @@ class SonGokuScheduler:
         self._shared_set = frozenset(self._shared_names)
         self._heads = [list(h) for h in state_dict["head_params"]]
         self._usage = state_dict["usage"].clone()
-        self._state = SonGokuState(**core)
+        self._state = SonGokuState(**_copy_tree(dict(core)))
 
     # ----------------------------------------------------------------------------------------
     # optional logs
@@ -603,6 +607,11 @@ class SonGokuScheduler:
     def _groups_of(state: SonGokuState) -> list[list[int]]:
         m = int(state.num_groups)
         return [torch.nonzero(state.groups[g]).flatten().tolist() for g in range(m)]
+
+
+def _copy_tree(tree: Any) -> Any:
+    """Detached copies of every tensor leaf (other leaves as they are)."""
+    return optree.tree_map(lambda x: x.detach().clone() if isinstance(x, Tensor) else x, tree)
 
 
 def _ema_norms(ema: Any, k: int) -> list[float]:

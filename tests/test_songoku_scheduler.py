@@ -431,3 +431,29 @@ for step in range(100):
     if (step+1) % 32 == 0:
         print("Schedule:", sched.schedule_snapshot())
 """
+
+
+def test_state_dict_is_a_copy_not_a_live_reference():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+    def loss_of(i):
+        return lambda m, b: (m(b)[:, i] ** 2).mean()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = SonGokuScheduler(
+        model,
+        [TaskSpec("a", loss_of(0)), TaskSpec("b", loss_of(1))],
+        opt,
+        shared_param_filter=lambda p: p is model[0].weight or p is model[0].bias,
+        refresh_period=2,
+    )
+    x = torch.randn(8, 3)
+    sched.step({"a": x, "b": x})
+    saved = sched.state_dict()
+    ema_before = {n: v.clone() for n, v in saved["core"]["ema"].items()}
+    for _ in range(3):
+        sched.step({"a": x, "b": x})
+    for n, v in saved["core"]["ema"].items():
+        assert torch.equal(v, ema_before[n])
+    assert not all(torch.equal(v, sched.state.ema[n]) for n, v in saved["core"]["ema"].items())
