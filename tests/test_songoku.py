@@ -394,3 +394,39 @@ def test_per_step_path_compiles_fullgraph(ema_mode):
         strict=True,
     ):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ema_mode", ["active", "refresh"])
+def test_donated_state_gives_the_same_trajectory(ema_mode):
+    dirs, _ = planted()
+    k = dirs.shape[0]
+    kw = dict(num_tasks=k, shared=["w"], refresh_period=3, tau_schedule=0.2, ema_mode=ema_mode)
+    plain = songoku(linear_loss(dirs), **kw)
+    donated = songoku(linear_loss(dirs), donate_state=True, guard_grads=False, **kw)
+    params = make_params(k)
+    s1, s2 = plain.init(params), donated.init(params)
+    for b in batches(k, 10):
+        s1, g1 = plain.update(s1, params, b)
+        s2, g2 = donated.update(s2, params, b)
+        for n in g1:
+            torch.testing.assert_close(g1[n], g2[n])
+    for a, b in zip(s1, s2, strict=True):
+        if isinstance(a, dict):
+            for n in a:
+                torch.testing.assert_close(a[n], b[n])
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_donated_state_is_unchanged_by_a_skipped_step():
+    dirs, _ = planted()
+    k = dirs.shape[0]
+    tx = songoku(linear_loss(dirs), num_tasks=k, shared=["w"], donate_state=True)
+    params = make_params(k)
+    state, _ = tx.step(tx.init(params), params, batches(k, 1)[0])
+    ema_before = state.ema["w"].clone()
+    bad = batches(k, 1)[0]
+    bad[0, 0] = float("nan")
+    state2, _ = tx.step(state, params, bad)
+    assert bool(state2.skipped)
+    assert torch.equal(state2.ema["w"], ema_before)
