@@ -237,14 +237,16 @@ def bench_refresh_mode(quick: bool) -> list[str]:
     n = 2 * r
     batches = make_batches(k, n + r)
     rows = [
-        "| setting | plain summed-loss step (ms) | adapter step (ms) | ratio | groups |",
-        "|---|---|---|---|---|",
+        "| setting | trunk width | plain summed-loss step (ms) | adapter step (ms) | ratio | groups |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, tau in (
-        ("joint (τ = 1: one group, same work as plain)", 1.0),
-        ("scheduled (τ = −0.5)", -0.5),
+    for label, tau, hidden in (
+        ("joint (τ = 1: one group, same work as plain)", 1.0, HIDDEN),
+        ("scheduled (τ = −0.5)", -0.5, HIDDEN),
+        ("joint (τ = 1: one group, same work as plain)", 1.0, 4 * HIDDEN),
+        ("scheduled (τ = −0.5)", -0.5, 4 * HIDDEN),
     ):
-        m_plain, m_ad = MultiHead(k), MultiHead(k)
+        m_plain, m_ad = MultiHead(k, hidden), MultiHead(k, hidden)
         o_plain = torch.optim.Adam(m_plain.parameters(), lr=1e-3)
         o_ad = torch.optim.Adam(m_ad.parameters(), lr=1e-3)
         sched = adapter(m_ad, o_ad, k, r, tau, "refresh")
@@ -257,7 +259,7 @@ def bench_refresh_mode(quick: bool) -> list[str]:
             2 if quick else 5,
         )
         rows.append(
-            f"| {label} | {res['plain'] * 1e3:.3f} | {res['adapter'] * 1e3:.3f} | "
+            f"| {label} | {hidden} | {res['plain'] * 1e3:.3f} | {res['adapter'] * 1e3:.3f} | "
             f"{res['adapter'] / res['plain']:.2f}× | {groups_summary(sched)} |"
         )
     return rows
