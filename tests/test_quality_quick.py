@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,58 @@ def test_markdown_has_a_row_per_method(quick_run):
         assert [row.split(" | ")[0][2:] for row in rows] == [LABELS[m] for m in METHODS]
         assert "nan" not in section
     assert not list(out.glob("*.png"))  # --no-figures
+
+
+QUICK_ARGS = [
+    "--quick",
+    "--problems=planted_k6",
+    "--steps=12",
+    "--refresh-period=4",
+    "--toy-steps=4",
+    "--jobs=1",
+    "--no-figures",
+]
+
+
+def test_merge_adds_runs_and_replaces_same_seed(quick_run, tmp_path):
+    old_out, _ = quick_run
+    out = tmp_path / "merged"
+    shutil.copytree(old_out, out)
+    old = json.loads((out / "results.json").read_text())
+    cli.main(
+        [*QUICK_ARGS, "--methods=uniform,gcond_b1zero", "--seeds=1", "--merge", f"--out={out}"]
+    )
+    data = json.loads((out / "results.json").read_text())
+    keys = [(r["method"], r["seed"]) for r in data["records"]]
+    assert sorted(keys) == sorted([*((m, s) for m in METHODS for s in (0, 1)), ("gcond_b1zero", 0)])
+    # the re-run of uniform seed 0 replaced the old record and reproduced it exactly
+    before = next(r for r in old["records"] if (r["method"], r["seed"]) == ("uniform", 0))
+    after = next(r for r in data["records"] if (r["method"], r["seed"]) == ("uniform", 0))
+    assert after["metrics"] == before["metrics"]
+    betas = {r["method"]: r["adam_betas"] for r in data["records"]}
+    assert betas == {"uniform": [0.9, 0.999], "songoku": [0.9, 0.999], "gcond_b1zero": [0.0, 0.999]}
+    assert sorted(t["method"] for t in data["toy"]) == ["gcond_b1zero", "songoku", "uniform"]
+    settings = data["settings"]
+    assert settings["methods"] == ["uniform", "gcond_b1zero", "songoku"]
+    assert (
+        settings["seeds"] == [0, 1] and "gcond_b1zero: betas=(0.0, 0.999)" in settings["optimizer"]
+    )
+    assert settings["merged runs"][0]["methods"] == ["uniform", "gcond_b1zero"]
+    text = (out / "results.md").read_text()
+    assert f"| {LABELS['gcond_b1zero']} |" in text
+
+
+def test_merge_refuses_other_budgets(quick_run, tmp_path):
+    old_out, _ = quick_run
+    out = tmp_path / "merged"
+    shutil.copytree(old_out, out)
+    before = (out / "results.json").read_text()
+    args = [*QUICK_ARGS, "--methods=uniform", "--seeds=1", "--no-toy", "--merge", f"--out={out}"]
+    with pytest.raises(SystemExit, match="budget"):
+        cli.main([*args, "--steps=10"])  # later --steps wins
+    assert (out / "results.json").read_text() == before
+    with pytest.raises(SystemExit, match="no results"):
+        cli.main([*args, f"--out={tmp_path / 'empty'}"])
 
 
 def test_edge_f1_against_a_hand_count():

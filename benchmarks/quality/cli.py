@@ -2,7 +2,9 @@
 
 Writes into ``--out``: ``results.md`` (tables), ``results.json`` (every run: final metrics,
 curves, times, SON-GOKU traces) and the PNG figures (unless ``--no-figures`` or matplotlib is
-missing).
+missing). With ``--merge`` the new runs are added to the ``results.json`` already in ``--out``
+(a run of the same problem, method and seed replaces the old one) and everything is rewritten
+from the merged set, so a few methods can be added without re-running the others.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Any
 import torch
 
 from benchmarks.quality import figures, report
-from benchmarks.quality.methods import METHODS, SONGOKU_FAMILY, MethodConfig
+from benchmarks.quality.methods import ADAM_BETAS, METHODS, SONGOKU_FAMILY, MethodConfig
 from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
 from benchmarks.quality.toy import run_toy
 
-__all__ = ["FULL", "QUICK", "main"]
+__all__ = ["FULL", "QUICK", "main", "merge_results"]
 
 # problem -> (steps, lr, eval_every, problem kwargs)
 FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
@@ -59,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"
     )
     p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the new runs to --out/results.json (same problem, method and seed: replaced) "
+        "and rewrite results.md and the figures from the merged set",
+    )
+    p.add_argument(
         "--replot",
         action="store_true",
         help="train nothing: rewrite results.md and the figures from --out/results.json",
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.replot:
         return _replot(args.out, not args.no_figures)
+    if args.merge and not (args.out / "results.json").is_file():
+        raise SystemExit(f"--merge: no results.json in {args.out}")
     table = QUICK if args.quick else FULL
     problems = _subset(args.problems, list(table), "problems")
     methods = _subset(args.methods, METHODS, "methods")
@@ -135,7 +145,7 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
         "problems": {
             p: {"steps": args.steps or table[p][0], "lr": args.lr or table[p][1]} for p in problems
         },
-        "optimizer": "Adam (torch defaults besides lr)",
+        "optimizer": _optimizer_note(methods),
         "SON-GOKU": f"R = {r_period}, tau = {cfg.tau} (constant), beta = {cfg.ema_beta}, EMA of the active tasks",
         "GCond": f"classic N = {cfg.gcond_classic_microbatches} micro-batches, stochastic N = K; "
         "library defaults otherwise",
@@ -150,10 +160,65 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
     }
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        old = json.loads((out / "results.json").read_text())
+        settings, records, toy = merge_results(old, settings, records, toy)
     (out / "results.json").write_text(
         json.dumps({"settings": settings, "records": records, "toy": toy}, allow_nan=True)
     )
     return _write(out, records, toy, settings, not args.no_figures)
+
+
+def _optimizer_note(methods: list[str]) -> str:
+    note = "Adam (torch defaults besides lr)"
+    special = [m for m in methods if m in ADAM_BETAS]
+    if special:
+        note += "; " + ", ".join(f"{m}: betas={ADAM_BETAS[m]}" for m in special)
+    return note
+
+
+def merge_results(
+    old: dict[str, Any],
+    settings: dict[str, Any],
+    records: list[dict[str, Any]],
+    toy: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Merge a new sweep into an old ``results.json`` payload.
+
+    The budgets must agree (same mode; same steps and lr for every problem both ran). A new record
+    replaces an old one of the same ``(problem, method, seed)``, a new toy run the old one of its
+    method; the old order is kept and new entries are appended. Returns ``(settings, records,
+    toy)``; the settings are the old ones with the methods, problems and seeds of both, the
+    optimizer note of every method and a ``merged runs`` log.
+    """
+    prev = old["settings"]
+    if prev.get("mode") != settings["mode"]:
+        raise SystemExit(
+            f"--merge: mode {settings['mode']!r} != {prev.get('mode')!r} in results.json"
+        )
+    for name, budget in settings["problems"].items():
+        known = prev["problems"].get(name)
+        if known is not None and known != budget:
+            raise SystemExit(f"--merge: {name} budget {budget} != {known} in results.json")
+
+    def key(r: dict[str, Any]) -> tuple[str, str, int]:
+        return (r["problem"], r["method"], r["seed"])
+
+    new_keys = {key(r) for r in records}
+    merged = [r for r in old["records"] if key(r) not in new_keys] + list(records)
+    new_toys = {t["method"] for t in toy}
+    merged_toy = [t for t in old["toy"] if t["method"] not in new_toys] + list(toy)
+    present = {r["method"] for r in merged} | {t["method"] for t in merged_toy}
+    methods = [m for m in METHODS if m in present]
+    out = dict(prev)
+    out["problems"] = {**prev["problems"], **settings["problems"]}
+    out["seeds"] = sorted(set(prev["seeds"]) | set(settings["seeds"]))
+    out["methods"] = methods
+    out["optimizer"] = _optimizer_note(methods)
+    log = {k: settings[k] for k in ("methods", "seeds", "sweep wall-clock s", "worker processes")}
+    log["problems"] = list(settings["problems"])
+    out["merged runs"] = [*prev.get("merged runs", []), log]
+    return out, merged, merged_toy
 
 
 def _write(
@@ -164,6 +229,8 @@ def _write(
     with_figures: bool,
 ) -> dict[str, Any]:
     files: list[str] = []
+    # the toy table follows the method order (a merge appends its runs at the end)
+    toy = sorted(toy, key=lambda t: METHODS.index(t["method"]) if t["method"] in METHODS else 99)
     if with_figures:
         if figures.available():
             files = figures.write_all(records, toy, out)

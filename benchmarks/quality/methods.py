@@ -13,10 +13,15 @@ same optimizer and the same number of optimizer steps on the same mini-batches.
   each loss on its own ``N/K`` micro-batches). GCond resolves over all parameters (its API has no
   shared/head split) and applies its own momentum (β = 0.85) before the optimizer; the extra row
   *no internal momentum* (``momentum_beta=0``) separates the conflict resolution from that
-  momentum.
+  momentum. The rows *Adam β1 = 0* keep that momentum and follow the reference's recommended
+  usage instead: the conductor owns the first moment, so the optimizer's own first moment is off
+  (Adam ``betas=(0.0, 0.999)``, same learning rate; :data:`ADAM_BETAS`).
 * **SON-GOKU** (:func:`gradfn.songoku.songoku`) and its variants: ``+ PCGrad`` (PCGrad inside the
   active group), **Static** (one colouring at the first refresh, never recoloured) and
   **Single-step** (``β = 0``: the graph from the latest gradients only).
+
+Every stepper carries the Adam ``betas`` the runner must use (:data:`ADAM_BETAS`, torch's
+``(0.9, 0.999)`` unless listed there).
 
 SON-GOKU steppers keep a ``trace``: the active mask of every step and, at each refresh, the step,
 ``τ``, the interference ``ρ`` and the conflict graph.
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_grad
 
-__all__ = ["LABELS", "METHODS", "MethodConfig", "build_method"]
+__all__ = ["ADAM_BETAS", "DEFAULT_BETAS", "LABELS", "METHODS", "MethodConfig", "build_method"]
 
 Grads = dict[str, Tensor]
 
@@ -47,6 +52,8 @@ LABELS: dict[str, str] = {
     "gcond": "GCond (classic)",
     "gcond_stoch": "GCond (stochastic)",
     "gcond_nomom": "GCond (classic, no internal momentum)",
+    "gcond_b1zero": "GCond (classic, Adam β1 = 0)",
+    "gcond_stoch_b1zero": "GCond (stochastic, Adam β1 = 0)",
     "songoku": "SON-GOKU",
     "songoku_pcgrad": "SON-GOKU + PCGrad",
     "static": "Static one-shot colouring",
@@ -54,6 +61,14 @@ LABELS: dict[str, str] = {
 }
 METHODS: tuple[str, ...] = tuple(LABELS)
 SONGOKU_FAMILY = ("songoku", "songoku_pcgrad", "static", "single_step")
+
+DEFAULT_BETAS: tuple[float, float] = (0.9, 0.999)
+# Adam betas that differ from torch's defaults, per method. GCond's reference recommends
+# (AdamW with) betas=(0.0, β2): its internal momentum is the first moment.
+ADAM_BETAS: dict[str, tuple[float, float]] = {
+    "gcond_b1zero": (0.0, 0.999),
+    "gcond_stoch_b1zero": (0.0, 0.999),
+}
 
 
 @dataclass
@@ -70,11 +85,13 @@ class MethodConfig:
 
 @dataclass
 class Stepper:
-    """``stepper(params, batch) -> grads``; ``trace`` holds SON-GOKU's schedule and graphs."""
+    """``stepper(params, batch) -> grads``; ``trace`` holds SON-GOKU's schedule and graphs;
+    ``adam_betas`` are the betas of the optimizer that takes the steps."""
 
     name: str
     fn: Callable[[dict[str, Tensor], Any], Grads]
     trace: dict[str, list] = field(default_factory=dict)
+    adam_betas: tuple[float, float] = DEFAULT_BETAS
 
     def __call__(self, params: dict[str, Tensor], batch: Any) -> Grads:
         return self.fn(params, batch)
@@ -185,8 +202,10 @@ def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = Non
         return Stepper(method, _uniform(problem))
     if method in ("pcgrad", "mgda", "cagrad", "upgrad", "nash_mtl"):
         return Stepper(method, _aggregated(problem, method, seed, cfg))
-    if method in ("gcond", "gcond_stoch"):
-        return Stepper(method, _gcond(problem, method == "gcond_stoch", cfg))
+    if method in ("gcond", "gcond_stoch", "gcond_b1zero", "gcond_stoch_b1zero"):
+        stochastic = method in ("gcond_stoch", "gcond_stoch_b1zero")
+        betas = ADAM_BETAS.get(method, DEFAULT_BETAS)
+        return Stepper(method, _gcond(problem, stochastic, cfg), adam_betas=betas)
     if method == "gcond_nomom":
         return Stepper(method, _gcond(problem, False, cfg, momentum_beta=0.0))
     if method in SONGOKU_FAMILY:

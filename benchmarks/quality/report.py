@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from benchmarks.quality.methods import LABELS
+from benchmarks.quality.methods import ADAM_BETAS, LABELS
 
 __all__ = ["headline_table", "markdown_report", "mean_std", "problem_tables", "toy_table"]
 
@@ -237,11 +237,30 @@ def markdown_report(
     out = ["# Quality benchmark results", ""]
     out.append(
         "Mean ± sample std over seeds; every method trains the same model with the same optimizer "
-        "for the same number of optimizer steps on the same mini-batches (same seed = same "
-        "initialisation and batch order). *Δ vs Uniform (paired)*: per-seed difference to "
+        "(Adam, one learning rate per problem; rows marked *Adam β1 = 0* use betas (0.0, 0.999), "
+        "see *optimizer* below) for the same number of optimizer steps on the same mini-batches "
+        "(same seed = same initialisation and batch order). *Δ vs Uniform (paired)*: per-seed "
+        "difference to "
         "Uniform, mean ± std; *wins*: seeds on which the method beats Uniform. Times: training "
         "only (gradient computation + optimizer step), single-threaded."
     )
+    if any(m in ADAM_BETAS for m in methods):
+        out += [
+            "",
+            "GCond rows: *Adam β1 = 0* keeps GCond's internal momentum (β = 0.85) and turns Adam's "
+            "first moment off (betas (0.0, 0.999)), the usage GCond's reference recommends since "
+            "the conductor owns the first moment. The other GCond rows use torch's default betas "
+            "(0.9, 0.999): with GCond's momentum on, two first moments are stacked; *no internal "
+            "momentum* leaves only Adam's.",
+        ]
+    if settings.get("merged runs"):
+        out += [
+            "",
+            "Runs added later with `--merge` (*merged runs* below) were timed in their own sweep "
+            "(its own worker count and machine load): compare their times with the others' with "
+            "care. Their quality numbers are comparable (same seeds, budgets and mini-batches).",
+        ]
+    out += ["", "What these numbers show: `docs/results.md` (the documentation's results page)."]
     out += ["", "## Settings", "", "```"]
     out += [f"{k}: {v}" for k, v in settings.items()]
     out += ["```", "", "## Headline", "", headline_table(records, toy, methods), ""]

@@ -1,7 +1,9 @@
 """Training loop and the sweep over problems × methods × seeds.
 
-One run: ``steps`` optimizer steps of Adam (same learning rate for every method) on mini-batches
-drawn from a generator seeded by the run's seed, so every method sees the same batches. Only the
+One run: ``steps`` optimizer steps of Adam (same learning rate for every method; torch's default
+betas unless the method's stepper asks for others, see :data:`~benchmarks.quality.methods.ADAM_BETAS`)
+on mini-batches drawn from a generator seeded by the run's seed, so every method sees the same
+batches. Only the
 method's gradient computation and the optimizer step are timed (``time.perf_counter``); held-out
 evaluations, the interference probes and the bookkeeping of the traces are not.
 """
@@ -68,7 +70,7 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
     """Train one method on one problem; return final metrics, time and curves."""
     stepper = build_method(spec.method, problem, spec.seed, spec.method_config)
     params = {n: p.clone() for n, p in problem.params.items()}
-    opt = torch.optim.Adam(list(params.values()), lr=spec.lr)
+    opt = torch.optim.Adam(list(params.values()), lr=spec.lr, betas=stepper.adam_betas)
     gen = torch.Generator().manual_seed(10_000 + spec.seed)
     probe_at = (
         {round(i * spec.steps / (spec.probe_points - 1)) for i in range(spec.probe_points)}
@@ -103,6 +105,7 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
         "steps": spec.steps,
         "time_s": elapsed,
         "ms_per_step": 1000.0 * elapsed / max(1, spec.steps),
+        "adam_betas": list(opt.defaults["betas"]),
         "metrics": final,
         "nonfinite": nonfinite,
         "curve": curve,

@@ -102,7 +102,7 @@ def run_toy(
         problem = toy_problem(start)
         stepper = build_method(method, problem, i, cfg)
         params = {n: p.clone() for n, p in problem.params.items()}
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        opt = torch.optim.Adam(list(params.values()), lr=lr, betas=stepper.adam_betas)
         xs = [params["trunk.x"].tolist()]
         for t in range(steps):
             if t == steps - steps // 5:
@@ -134,6 +134,7 @@ def run_toy(
         "method": method,
         "steps": steps,
         "lr": lr,
+        "adam_betas": list(opt.defaults["betas"]),
         "time_s": elapsed,
         "ms_per_step": 1000.0 * elapsed / (steps * len(STARTS)),
         "runs": runs,
