@@ -39,13 +39,16 @@ def _jacobian(k: int, n: int, device: torch.device) -> torch.Tensor:
     return j.to(device)
 
 
-def _gradfn_call(method: str, k: int, j: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _gradfn_call(
+    method: str, k: int, j: torch.Tensor, compiled: bool = False
+) -> Callable[[], torch.Tensor]:
     agg = A.aggregator(method)
     grads = {"w": j}
     box = [agg.init(k, device=j.device)]
+    update = torch.compile(agg.update, fullgraph=True, dynamic=False) if compiled else agg.update
 
     def call() -> torch.Tensor:
-        box[0], out = agg.update(box[0], grads)
+        box[0], out = update(box[0], grads)
         return out.grad["w"]
 
     return call
@@ -118,10 +121,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(A.METHODS))
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add a column with gradfn compiled (torch.compile, fullgraph, inductor)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     ks = (2, 8) if args.quick else (2, 8, 32)
+    if args.compile:  # one compiled graph per (method, K, n)
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 1024)
     ns = (10_000,) if args.quick else (10_000, 1_000_000)
     rounds, budget = (3, 0.5) if args.quick else (15, 4.0)
     methods = [m for m in args.methods.split(",") if m]
@@ -131,21 +143,34 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()})",
         "",
-        "`python benchmarks/aggregators.py" + (" --quick" if args.quick else "") + "`; float32 "
-        "Jacobian K × n, eager, median of interleaved rounds. Ratio = TorchJD / gradfn "
-        "(> 1: gradfn faster).",
+        "`python benchmarks/aggregators.py"
+        + (" --quick" if args.quick else "")
+        + (" --compile" if args.compile else "")
+        + "`; float32 Jacobian K × n, median of interleaved rounds; TorchJD runs eagerly. Ratio = "
+        "TorchJD / gradfn (> 1: gradfn faster)"
+        + (
+            "; the compiled column is gradfn's `update` under `torch.compile(fullgraph=True)` "
+            "(first-call compilation excluded)."
+            if args.compile
+            else "."
+        ),
         "",
-        "| method | K | n | gradfn | TorchJD | ratio |",
-        "|---|---|---|---|---|---|",
+        "| method | K | n | gradfn | TorchJD | ratio |"
+        + (" gradfn compiled | ratio (compiled) |" if args.compile else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     print("\n".join(lines), flush=True)
     ratios: dict[str, list[float]] = {}
+    c_ratios: dict[str, list[float]] = {}
     for n in ns:
         for k in ks:
             j = _jacobian(k, n, device)
             for method in methods:
                 fns = [_gradfn_call(method, k, j), _torchjd_call(method, k, j)]
-                t_ours, t_ref = _time(fns, device, rounds, budget)
+                if args.compile:
+                    fns.append(_gradfn_call(method, k, j, compiled=True))
+                times = _time(fns, device, rounds, budget)
+                t_ours, t_ref = times[0], times[1]
                 ratio = None if t_ref is None or t_ours is None else t_ref / t_ours
                 if ratio is not None:
                     ratios.setdefault(method, []).append(ratio)
@@ -153,11 +178,26 @@ def main() -> None:
                     f"| {method} | {k} | {n:.0e} | {_fmt(t_ours)} | {_fmt(t_ref)} | "
                     f"{'—' if ratio is None else f'{ratio:.2f}×'} |"
                 )
+                if args.compile:
+                    t_c = times[2]
+                    r_c = None if t_ref is None or t_c is None else t_ref / t_c
+                    if r_c is not None:
+                        c_ratios.setdefault(method, []).append(r_c)
+                    row += f" {_fmt(t_c)} | {'—' if r_c is None else f'{r_c:.2f}×'} |"
                 lines.append(row)
                 print(row, flush=True)
-    lines += ["", "| method | min ratio | max ratio |", "|---|---|---|"]
+    lines += [
+        "",
+        "| method | min ratio | max ratio |"
+        + (" min (compiled) | max (compiled) |" if c_ratios else ""),
+        "|---|---|---|" + ("---|---|" if c_ratios else ""),
+    ]
     for method, rs in ratios.items():
-        lines.append(f"| {method} | {min(rs):.2f}× | {max(rs):.2f}× |")
+        row = f"| {method} | {min(rs):.2f}× | {max(rs):.2f}× |"
+        if c_ratios:
+            cr = c_ratios.get(method, [])
+            row += f" {min(cr):.2f}× | {max(cr):.2f}× |" if cr else " — | — |"
+        lines.append(row)
     print("\n".join(lines[-len(ratios) - 3 :]))
     if args.out:
         with open(args.out, "w") as f:
