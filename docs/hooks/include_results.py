@@ -51,6 +51,7 @@ def on_page_markdown(markdown: str, *, config, **kwargs: object) -> str:
         path = (root / match.group(1)).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"include-results: {match.group(1)} does not exist")
-        return _embed(path.read_text(encoding="utf-8"))
+        # a blank line after the file, so that a table at its end never swallows the next heading
+        return _embed(path.read_text(encoding="utf-8")).rstrip("\n") + "\n\n"
 
     return _DIRECTIVE.sub(replace, markdown)
