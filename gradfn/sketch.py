@@ -85,22 +85,15 @@ def count_sketch_hashes(seed: int, leaf: int, ids: Tensor, dim: int) -> tuple[Te
     return bucket, sign
 
 
-def _count_sketch(stacked: PyTree, dim: int, seed: int, chunk: int) -> Tensor:
-    k = num_tasks(stacked)
-    ls = leaves(stacked)
-    out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
-    for index, leaf in enumerate(ls):
-        rows = leaf.reshape(k, -1)
-        n = rows.shape[1]
-        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
-        part = torch.zeros(k, dim, dtype=acc, device=leaf.device)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            ids = torch.arange(start, stop, dtype=torch.int64, device=leaf.device)
-            bucket, sign = count_sketch_hashes(seed, index, ids, dim)
-            part = part.index_add(1, bucket, rows[:, start:stop].to(acc) * sign.to(acc))
-        out = out + part.to(torch.float32)
-    return out
+def _project_chunk(
+    method: str, seed: int, leaf: int, rows: Tensor, ids: Tensor, dim: int
+) -> Tensor:
+    """``(K, dim)`` projection of the columns ``ids`` of one leaf's rows (``rows``: ``K × c``)."""
+    if method == "countsketch":
+        bucket, sign = count_sketch_hashes(seed, leaf, ids, dim)
+        out = torch.zeros(rows.shape[0], dim, dtype=rows.dtype, device=rows.device)
+        return out.index_add(1, bucket, rows * sign.to(rows.dtype))
+    return rows @ projection_block(seed, leaf, ids, dim, dtype=rows.dtype)
 
 
 def sketch(
@@ -125,8 +118,6 @@ def sketch(
         chunk = 65536 if method == "countsketch" else 8192
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}")
-    if method == "countsketch":
-        return _count_sketch(stacked, dim, seed, chunk)
     k = num_tasks(stacked)
     ls = leaves(stacked)
     out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
@@ -134,9 +125,10 @@ def sketch(
         rows = leaf.reshape(k, -1)
         n = rows.shape[1]
         acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+        part = torch.zeros(k, dim, dtype=acc, device=leaf.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             ids = torch.arange(start, stop, dtype=torch.int64, device=leaf.device)
-            block = projection_block(seed, index, ids, dim, dtype=acc)
-            out = out + (rows[:, start:stop].to(acc) @ block).to(torch.float32)
+            part = part + _project_chunk(method, seed, index, rows[:, start:stop].to(acc), ids, dim)
+        out = out + part.to(torch.float32)
     return out
