@@ -604,11 +604,16 @@ def songoku(
 
 
 def _nonfinite(tree: Mapping[str, Tensor]) -> Tensor:
-    """0-d bool: does any leaf hold a NaN or an infinity? (one reduction per leaf)"""
-    sums = [x.sum().to(torch.float32) for x in tree.values()]
-    if not sums:
+    """0-d bool: does any leaf hold a NaN or an infinity?
+
+    One fused multi-tensor norm over the leaves (``torch._foreach_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` uses): a non-finite entry gives a non-finite norm.
+    """
+    leaves = list(tree.values())
+    if not leaves:
         return torch.zeros((), dtype=torch.bool)
-    return ~torch.isfinite(torch.stack(sums).sum())
+    norms = torch._foreach_norm(leaves)
+    return ~torch.isfinite(torch.stack([x.to(torch.float32) for x in norms]).sum())
 
 
 def _gram(stacked: PyTree) -> Tensor:
