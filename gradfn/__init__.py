@@ -4,6 +4,12 @@ Pure functions over parameter pytrees (optree), executed with ``torch.func``:
 
 * :mod:`gradfn.tree` — pytree helpers (task-stacked gradients, Gramian, weighted sums).
 * :mod:`gradfn.autodiff` — the per-task gradient engine (``per_task_grads``).
+* :mod:`gradfn.graph`, :mod:`gradfn.coloring`, :mod:`gradfn.schedules`, :mod:`gradfn.sketch` —
+  SON-GOKU's pieces; :func:`songoku` the transform, :class:`SonGokuScheduler` its adapter.
+* :mod:`gradfn.resolve`, :mod:`gradfn.arbitrator`, :mod:`gradfn.transforms` — GradientConductor's
+  pieces; :func:`conductor` the transform, :class:`GradientConductor` its adapter.
+* :mod:`gradfn.aggregators` — PCGrad, MGDA, UPGrad, CAGrad, Nash-MTL, … on task-stacked gradients.
+* :mod:`gradfn.distributed`, :mod:`gradfn.amp` — torch.distributed and mixed-precision helpers.
 """
 
 from gradfn import aggregators, tree
