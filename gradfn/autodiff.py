@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from gradfn._compat import is_compiling as _is_compiling
 from gradfn.tree import partition
 
 PyTree = Any
@@ -135,13 +136,6 @@ def _merge(selected: PyTree, rest: dict[str, Tensor]) -> PyTree:
     if not rest:
         return selected
     return {**rest, **selected}
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return bool(torch._dynamo.is_compiling())
 
 
 def _check_strategy(strategy: str) -> None:

@@ -61,6 +61,7 @@ import optree
 import torch
 from torch import Tensor
 
+from gradfn._compat import is_compiling
 from gradfn.amp import scale_losses, unscale
 from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
 from gradfn.base import Transform
@@ -348,9 +349,7 @@ def songoku(
         Eagerly (``per_task_rows`` "active"/"auto") only the tasks in ``rows`` are differentiated
         (``R = |rows|``, read on the host); otherwise all ``K`` (``idx = arange(K)``).
         """
-        compact = per_task_rows == "active" or (
-            per_task_rows == "auto" and not torch.compiler.is_compiling()
-        )
+        compact = per_task_rows == "active" or (per_task_rows == "auto" and not is_compiling())
         if not compact:
             losses, grads = value_and_per_task_grads(
                 fn, params, batch, wrt=wrt, strategy=strategy, num_tasks=k
@@ -372,7 +371,7 @@ def songoku(
 
     def blend_rows(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor) -> PyTree:
         """``e_i ← β e_i + (1−β) o_i`` for the rows ``idx`` where ``mask`` (R,) holds."""
-        if donate_state and not torch.compiler.is_compiling():
+        if donate_state and not is_compiling():
             return blend_rows_inplace(ema, obs, idx, mask)
 
         def one(e: Tensor, o: Tensor) -> Tensor:

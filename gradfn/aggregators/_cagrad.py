@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradfn._compat import is_compiling
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -27,7 +28,7 @@ from gradfn.aggregators._base import (
     normalize_trace,
     restrict,
 )
-from gradfn.aggregators._qp import _is_compiling, simplex_qp
+from gradfn.aggregators._qp import simplex_qp
 
 PyTree = Any
 
@@ -75,7 +76,7 @@ def cagrad_weights(
         return w @ lin + sqrt_phi * (w @ g @ w).clamp_min(0.0).sqrt()
 
     w = b
-    early_exit = g.device.type == "cpu" and not _is_compiling()
+    early_exit = g.device.type == "cpu" and not is_compiling()
     for _ in range(iters):
         gw = g @ w
         t = (w @ gw).clamp_min(0.0).sqrt().clamp_min(1e-12)

@@ -19,14 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradfn._compat import is_compiling as _is_compiling
+
 __all__ = ["dual_cone_project", "lcp", "simplex_qp"]
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return bool(torch._dynamo.is_compiling())
 
 
 def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
