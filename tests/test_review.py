@@ -468,3 +468,38 @@ def test_hyper_parameter_tables_match_the_signatures(page, header, fns):
             f"{fn.__qualname__}({k}) undocumented" for k in undocumented if f"`{k}`" not in text
         ]
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. bad input is rejected at construction, naming the argument
+
+
+def _two_losses(p, b):
+    return [p["w"].sum() ** 2, (p["w"] - 1).pow(2).sum()]
+
+
+# gcond forwards its keywords to the resolution: an unknown one fails at the first update
+@pytest.mark.parametrize("method", [m for m in aggregators.METHODS if m != "gcond"])
+def test_aggregator_rejects_unknown_hyper_parameters_when_built(method):
+    # a typo used to pass silently until the first update (inside a training loop)
+    with pytest.raises(TypeError, match="reg_esp"):
+        aggregators.aggregator(method, reg_esp=1e-4)
+    with pytest.raises(TypeError, match="reg_esp"):
+        aggregators.as_gradient_transform(method, reg_esp=1e-4)
+
+
+def test_aggregator_accepts_its_documented_hyper_parameters():
+    for method, hp in [
+        ("upgrad", {"reg_eps": 1e-4}),
+        ("cagrad", {"c": 0.4}),
+        ("pcgrad", {"seed": 3}),
+        ("graddrop", {"seed": 1}),
+        ("gradvac", {"beta": 0.1, "seed": 2}),
+        ("nash_mtl", {"max_norm": 0.0}),
+        ("mgda", {"solver": "frank_wolfe", "max_iters": 50}),
+        ("config", {"rcond": 1e-6}),
+        ("gcond", {"thresholds": (-0.9, -0.5, 0.0)}),
+    ]:
+        agg = aggregators.aggregator(method, **hp)
+        _, out = agg.update(agg.init(3), {"w": torch.randn(3, 4)})
+        assert out.weights.shape == (3,) or method == "graddrop"

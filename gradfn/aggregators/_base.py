@@ -190,6 +190,7 @@ def from_weighting(weights_fn: Callable[..., Tensor], fn: str) -> Callable[..., 
         return Aggregated(tree.weighted_sum(grads, w), w)
 
     aggregate.__name__ = fn
+    aggregate.weights_fn = weights_fn  # type: ignore[attr-defined]  # its keywords, for checks
     return aggregate
 
 

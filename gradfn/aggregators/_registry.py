@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -52,10 +53,28 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
     if not isinstance(method, str):
         raise TypeError(f"aggregator: `method` must be a name or a callable, got {type(method)}")
     if method in _STATELESS:
+        _check_hparams(_STATELESS[method], method, hparams)
         return stateless(_STATELESS[method], method, **hparams)
     if method in _SEEDED:
+        _check_hparams(_SEEDED[method], method, hparams)
         seed = hparams.pop("seed", 0)
         return seeded(_SEEDED[method], method, seed, **hparams)
     if method in _FACTORIES:
         return _FACTORIES[method](**hparams)
     raise ValueError(f"aggregator: unknown method {method!r}; expected one of {METHODS}")
+
+
+def _check_hparams(aggregate: Callable[..., Aggregated], method: str, hparams: dict) -> None:
+    """Unknown hyper-parameter names fail when the aggregator is built, not at its first use."""
+    fn = getattr(aggregate, "weights_fn", aggregate)  # the Gramian weighting, if it is one
+    params = list(inspect.signature(fn).parameters.values())[1:]  # after grads / gram
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return  # it forwards keywords further: checked where they land
+    allowed = {p.name for p in params}
+    allowed -= {"active", "gram"}
+    unknown = sorted(set(hparams) - allowed)
+    if unknown:
+        raise TypeError(
+            f"aggregator: unknown hyper-parameter(s) {unknown} for {method!r}; "
+            f"it takes {sorted(allowed)}"
+        )
