@@ -256,6 +256,10 @@ def make_config(lambdas: Any, accumulation_steps: int, **kwargs: Any) -> Conduct
         )
     if cfg.min_cosine not in ("true", "reference"):
         raise ValueError(f"`min_cosine` must be 'true' or 'reference', got {cfg.min_cosine!r}")
+    if cfg.norm_floor is not None and not (
+        isinstance(cfg.norm_floor, (int, float)) and cfg.norm_floor >= 0
+    ):
+        raise ValueError(f"`norm_floor` must be None or a number >= 0, got {cfg.norm_floor!r}")
     if cfg.strategy not in ("auto", "vmap", "loop"):
         raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {cfg.strategy!r}")
     return cfg._replace(
@@ -575,6 +579,8 @@ def conductor(
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
     if reduce is not None and not callable(reduce):
         raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}")
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"`compile` must be a bool or a backend name, got {compile!r}")
     config = make_config(
         lambdas,
         accumulation_steps,

@@ -503,3 +503,24 @@ def test_aggregator_accepts_its_documented_hyper_parameters():
         agg = aggregators.aggregator(method, **hp)
         _, out = agg.update(agg.init(3), {"w": torch.randn(3, 4)})
         assert out.weights.shape == (3,) or method == "graddrop"
+
+
+@pytest.mark.parametrize("compile_arg", [3, 1.0, ["inductor"]])
+def test_conductor_rejects_a_non_bool_non_str_compile(compile_arg):
+    with pytest.raises(TypeError, match="compile"):
+        conductor(_two_losses, [1.0, 1.0], accumulation_steps=2, compile=compile_arg)
+    with pytest.raises(TypeError, match="compile"):
+        GradientConductor(
+            nn.Linear(3, 2),
+            GC_LOSSES,
+            GC_LAMBDAS,
+            3,
+            stochastic_accumulation=False,
+            compile=compile_arg,
+        )
+
+
+@pytest.mark.parametrize("floor", [-1.0, float("nan"), "x"])
+def test_conductor_rejects_a_bad_norm_floor(floor):
+    with pytest.raises((ValueError, TypeError), match="norm_floor"):
+        conductor(_two_losses, [1.0, 1.0], accumulation_steps=2, norm_floor=floor)
