@@ -54,6 +54,7 @@ right after, so every decision, the EMAs and the returned gradient are unscaled.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -272,6 +273,10 @@ def songoku(
         )
     if eps < 0:
         raise ValueError(f"`eps` must be ≥ 0, got {eps}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    if strategy not in ("auto", "vmap", "loop"):
+        raise ValueError(f"`strategy` must be 'auto', 'vmap' or 'loop', got {strategy!r}")
     if reduce is not None and not callable(reduce):
         raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}")
     # validate the graph options once, on a dummy interference matrix

@@ -524,3 +524,14 @@ def test_conductor_rejects_a_non_bool_non_str_compile(compile_arg):
 def test_conductor_rejects_a_bad_norm_floor(floor):
     with pytest.raises((ValueError, TypeError), match="norm_floor"):
         conductor(_two_losses, [1.0, 1.0], accumulation_steps=2, norm_floor=floor)
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", None, True])
+def test_songoku_rejects_a_non_integer_seed(seed):
+    with pytest.raises((ValueError, TypeError), match="seed"):
+        songoku(_two_losses, num_tasks=2, seed=seed)
+
+
+def test_songoku_rejects_an_unknown_strategy_when_built():
+    with pytest.raises(ValueError, match="strategy"):
+        songoku(_two_losses, num_tasks=2, strategy="vamp")
