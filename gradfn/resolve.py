@@ -116,14 +116,17 @@ def true_min_cosine(gram: Tensor, eps: float = 1e-8, norm_floor: float | None = 
 
 
 def _angle(c: Tensor, t: tuple[float, float, float], p: float, eps: float) -> Tensor:
-    """The smooth rule's effective conflict angle ``α(c)`` (spec §2.4 item 2)."""
+    """The smooth rule's effective conflict angle ``α(c)`` (spec §2.4 item 2).
+
+    Clamping ``c`` to ``[−1, 1]`` (as the spec does) changes nothing here: above 1 the weak-zone
+    ``u`` is clamped anyway, below −1 lies in the critical zone.
+    """
     t_c, t_m, t_w = t
-    c = torch.clamp(c, -1.0, 1.0)
-    u_weak = torch.clamp((c - t_m) / (t_w - t_m + eps), 0.0, 1.0)
-    a_weak = (math.pi / 2) * (1.0 - u_weak)
-    u_main = torch.clamp((c - t_m) / (t_c - t_m + eps), min=0.0)
-    a_main = math.pi / 2 + (math.pi / 2) * u_main**p
-    return torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, torch.full_like(c, math.pi)))
+    half_pi = math.pi / 2
+    shifted = c - t_m
+    a_weak = half_pi - half_pi * torch.clamp(shifted * (1.0 / (t_w - t_m + eps)), 0.0, 1.0)
+    a_main = half_pi + half_pi * torch.clamp(shifted * (1.0 / (t_c - t_m + eps)), min=0.0) ** p
+    return torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, math.pi))
 
 
 def resolve_gramian(
@@ -208,8 +211,6 @@ def resolve_gramian(
         prev_cross = prev_cross.to(dtype)
         prev_sq_norms = prev_sq_norms.to(dtype)  # type: ignore[union-attr]
     half_pi = math.pi / 2
-    inv_weak = 1.0 / (t_w - t_m + eps)
-    inv_main = 1.0 / (t_c - t_m + eps)
     floor_sq = floor * floor
 
     coeff = eye
@@ -253,10 +254,7 @@ def resolve_gramian(
         row_w, row_l = oh_w @ coeff, oh_l @ coeff
 
         if rule == "smooth":
-            shifted = c - t_m
-            a_weak = half_pi - half_pi * torch.clamp(shifted * inv_weak, 0.0, 1.0)
-            a_main = half_pi + half_pi * torch.clamp(shifted * inv_main, min=0.0) ** remap_power
-            alpha = torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, math.pi))
+            alpha = _angle(c, (t_c, t_m, t_w), remap_power, eps)
             s_w = torch.sin(alpha)
             s_l = torch.sin(torch.clamp(alpha, max=half_pi))
             a = torch.where(active, s_w * d / (n_l + eps), zero)  # g_w -= a g_l
