@@ -64,7 +64,12 @@ from torch import Tensor
 
 from gradfn._compat import is_compiling
 from gradfn.amp import scale_losses, unscale
-from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
+from gradfn.autodiff import (
+    _loss_list,
+    _stack_losses,
+    value_and_per_task_grads,
+    value_and_weighted_grad,
+)
 from gradfn.base import Transform
 from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
 from gradfn.graph import GRAPH_RULES, conflict_adjacency, interference
@@ -134,13 +139,6 @@ class SonGokuTransform(Transform):
         self.refresh = refresh
         self.config = config
         return self
-
-
-def _loss_list(out: Any) -> list[Tensor]:
-    """The ``K`` losses of ``loss_fn`` as a list (a task's backward then starts at its own loss)."""
-    if isinstance(out, Tensor):
-        return list(out.reshape(-1).unbind(0))
-    return list(out.values()) if isinstance(out, Mapping) else list(out)
 
 
 def _shared_predicate(shared: Any) -> Callable[[str], bool] | None:
@@ -365,10 +363,8 @@ def songoku(
         captured: dict[str, Tensor] = {}
 
         def sub(p: Params, b: Any) -> list[Tensor]:
-            out = _loss_list(fn(p, b))
-            if len(out) != k:
-                raise ValueError(f"loss_fn returned {len(out)} losses but num_tasks={k}")
-            captured["losses"] = torch.stack([x.detach().reshape(()) for x in out])
+            out = _loss_list(fn(p, b), k)
+            captured["losses"] = _stack_losses(out).detach()
             return [out[i] for i in chosen]
 
         _, grads = value_and_per_task_grads(sub, params, batch, wrt=wrt, strategy=strategy)
