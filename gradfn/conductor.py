@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._checks import check_float, check_int
 from gradfn.amp import scale_losses, unscale
 from gradfn.arbitrator import DominanceRule, init_history, update_norm_ema
 from gradfn.autodiff import (
@@ -174,21 +175,6 @@ def reference_options(eps: float = 1e-8) -> dict[str, Any]:
 # construction-time validation
 
 
-def _check_int(x: Any, name: str, low: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {x!r}")
-    return x
-
-
-def _check_float(x: Any, name: str, low: float, high: float, *, open_high: bool = True) -> float:
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool)
-    ok = ok and low <= x and (x < high if open_high else x <= high)
-    if not ok:
-        bracket = ")" if open_high else "]"
-        raise ValueError(f"`{name}` must be a number in [{low}, {high}{bracket}, got {x!r}")
-    return float(x)
-
-
 def _lambdas(lambdas: Any) -> tuple[float, ...]:
     if isinstance(lambdas, Tensor):
         if lambdas.dim() != 1:
@@ -210,7 +196,7 @@ def make_config(lambdas: Any, accumulation_steps: int, **kwargs: Any) -> Conduct
     """Validate the arguments of :func:`conductor` and bundle them (errors name the argument)."""
     lam = _lambdas(lambdas)
     k = len(lam)
-    n = _check_int(accumulation_steps, "accumulation_steps", 1)
+    n = check_int("accumulation_steps", accumulation_steps, 1)
     cfg = ConductorConfig(num_tasks=k, lambdas=lam, accumulation_steps=n, **kwargs)
     if cfg.stochastic and n % k != 0:
         raise ValueError(
@@ -221,20 +207,20 @@ def make_config(lambdas: Any, accumulation_steps: int, **kwargs: Any) -> Conduct
     if cfg.rule not in ("smooth", "zones"):
         raise ValueError(f"`rule` must be 'smooth' or 'zones', got {cfg.rule!r}")
     if cfg.max_iters is not None:
-        _check_int(cfg.max_iters, "projection_max_iters", 0)
+        check_int("projection_max_iters", cfg.max_iters, 0)
     if not (isinstance(cfg.remap_power, (int, float)) and cfg.remap_power > 0):
         raise ValueError(f"`remap_power` must be > 0, got {cfg.remap_power!r}")
     if cfg.norm_cap is not None and not (
         isinstance(cfg.norm_cap, (int, float)) and cfg.norm_cap > 0
     ):
         raise ValueError(f"`norm_cap` must be None or a number > 0, got {cfg.norm_cap!r}")
-    _check_float(cfg.norm_ema_beta, "norm_ema_beta", 0.0, 1.0)
-    _check_float(cfg.momentum_beta, "momentum_beta", 0.0, 1.0)
+    check_float("norm_ema_beta", cfg.norm_ema_beta, 0.0, 1.0)
+    check_float("momentum_beta", cfg.momentum_beta, 0.0, 1.0)
     if not (isinstance(cfg.trust_ratio_coef, (int, float)) and cfg.trust_ratio_coef > 0):
         raise ValueError(f"`trust_ratio_coef` must be > 0, got {cfg.trust_ratio_coef!r}")
     if not (isinstance(cfg.trust_ratio_clip, (int, float)) and cfg.trust_ratio_clip > 0):
         raise ValueError(f"`trust_ratio_clip` must be > 0, got {cfg.trust_ratio_clip!r}")
-    _check_int(cfg.dominance_window, "dominance_window", 0)
+    check_int("dominance_window", cfg.dominance_window, 0)
     if cfg.dominance not in ("loses", "wins"):
         raise ValueError(f"`dominance` must be 'loses' or 'wins', got {cfg.dominance!r}")
     w = tuple(cfg.tie_breaking_weights)

@@ -62,6 +62,7 @@ import optree
 import torch
 from torch import Tensor
 
+from gradfn._checks import check_int
 from gradfn._compat import is_compiling
 from gradfn.amp import scale_losses, unscale
 from gradfn.autodiff import (
@@ -155,12 +156,6 @@ def _shared_predicate(shared: Any) -> Callable[[str], bool] | None:
     return lambda name: name in names
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer ≥ {minimum}, got {value!r}")
-    return value
-
-
 def songoku(
     loss_fn: Callable[[Params, Any], Any],
     *,
@@ -231,9 +226,9 @@ def songoku(
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
-    k = _check_int("num_tasks", num_tasks, 1)
-    r_period = _check_int("refresh_period", refresh_period, 1)
-    f_min = _check_int("min_updates_per_cycle", min_updates_per_cycle, 1)
+    k = check_int("num_tasks", num_tasks, 1)
+    r_period = check_int("refresh_period", refresh_period, 1)
+    f_min = check_int("min_updates_per_cycle", min_updates_per_cycle, 1)
     if tau_schedule is None:
         schedule = TauSchedule()
     elif isinstance(tau_schedule, TauSchedule):
@@ -264,7 +259,7 @@ def songoku(
     ):
         raise TypeError("`gradient_transform` must be a callable, a built-in name or None")
     if sketch_dim is not None:
-        _check_int("sketch_dim", sketch_dim, 1)
+        check_int("sketch_dim", sketch_dim, 1)
     if per_task_rows not in ("auto", "all", "active"):
         raise ValueError(
             f"`per_task_rows` must be 'auto', 'all' or 'active', got {per_task_rows!r}"
