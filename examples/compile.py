@@ -97,7 +97,7 @@ def songoku_demo(backend: str, repeats: int, gen: torch.Generator) -> None:
     check_close(compiled_out, tx.step(state, params, batches[0]), "songoku step")
 
     # a compiled loop: compiled step every call, eager refresh every R steps
-    s, r = state, tx.config["refresh_period"]
+    s, r = state, tx.config.refresh_period
     for t in range(int(s.step) + 1, int(s.step) + 1 + 2 * r):
         s, grads = step(s, params, batches[t % 8])
         params = {n: p - 0.01 * grads[n] for n, p in params.items()}

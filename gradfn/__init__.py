@@ -1,69 +1,98 @@
 """gradfn: functional multi-task gradients for PyTorch.
 
-Pure functions over parameter pytrees (optree), executed with ``torch.func``:
+Pure functions over parameter pytrees (optree), executed with ``torch.func``; the packages are the
+layers, each importing only those beneath it:
 
-* :mod:`gradfn.tree` — pytree helpers (task-stacked gradients, Gramian, weighted sums).
-* :mod:`gradfn.autodiff` — the per-task gradient engine (``per_task_grads``).
-* :mod:`gradfn.graph`, :mod:`gradfn.coloring`, :mod:`gradfn.schedules`, :mod:`gradfn.sketch` —
-  SON-GOKU's pieces; :func:`songoku` the transform, :class:`SonGokuScheduler` its adapter.
-* :mod:`gradfn.resolve`, :mod:`gradfn.arbitrator`, :mod:`gradfn.transforms` — GradientConductor's
-  pieces; :func:`conductor` the transform, :class:`GradientConductor` its adapter.
-* :mod:`gradfn.aggregators` — PCGrad, MGDA, UPGrad, CAGrad, Nash-MTL, … on task-stacked gradients.
-* :mod:`gradfn.distributed`, :mod:`gradfn.amp` — torch.distributed and mixed-precision helpers.
+1. :mod:`gradfn.tree` (and :mod:`gradfn.typing`): pytree helpers, task-stacked gradients, Gramians.
+2. :mod:`gradfn.autodiff`: the per-task gradient engine (``value_and_per_task_grads``).
+3. :mod:`gradfn.transforms` (the ``(init, update)`` gradient-transform protocol),
+   :mod:`gradfn.aggregators` (PCGrad, MGDA, UPGrad, CAGrad, Nash-MTL, …),
+   :mod:`gradfn.conflict` (interference, colouring, sketches, GCond's resolution),
+   :mod:`gradfn.schedules` (``τ(t)``).
+4. :mod:`gradfn.algorithms`: :func:`songoku` (SON-GOKU) and :func:`conductor` (GradientConductor),
+   ``update(state, params, batch) -> (state, grads)``.
+5. :mod:`gradfn.adapters`: :class:`SonGokuScheduler` and :class:`GradientConductor` for
+   ``nn.Module`` training, with the published implementations' names.
+6. :mod:`gradfn.integrations`: ``torch.distributed`` and mixed precision.
 """
 
-from gradfn import aggregators, tree
+from typing import Any
+
+from gradfn import (
+    adapters,
+    aggregators,
+    algorithms,
+    autodiff,
+    conflict,
+    integrations,
+    schedules,
+    transforms,
+    tree,
+)
+from gradfn._deprecated import TOP_LEVEL as _TOP_LEVEL
+from gradfn._deprecated import install as _install_deprecated
+from gradfn._deprecated import moved as _moved
+from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
+from gradfn.algorithms import (
+    Algorithm,
+    ConductorConfig,
+    ConductorState,
+    SonGokuConfig,
+    SonGokuState,
+    conductor,
+    reference_options,
+    songoku,
+)
 from gradfn.autodiff import (
     accumulate_per_task_grads,
-    choose_strategy,
     functional_loss,
     per_task_grads,
     split_module,
     value_and_per_task_grads,
     value_and_weighted_grad,
 )
-from gradfn.base import Transform
-from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
-from gradfn.conductor import ConductorState, conductor, reference_options
-from gradfn.conductor_adapter import GradientConductor
-from gradfn.graph import conflict_adjacency, interference
-from gradfn.resolve import ResolveResult, resolve, resolve_gramian
-from gradfn.schedules import TauSchedule, tau_value
-from gradfn.sketch import sketch
-from gradfn.songoku import SonGokuState, songoku
-from gradfn.songoku_scheduler import SonGokuScheduler, TaskSpec
+from gradfn.schedules import TauSchedule
+from gradfn.transforms import GradientTransform
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Algorithm",
+    "ConductorConfig",
     "ConductorState",
     "GradientConductor",
-    "ResolveResult",
+    "GradientTransform",
+    "SonGokuConfig",
     "SonGokuScheduler",
     "SonGokuState",
     "TaskSpec",
     "TauSchedule",
-    "Transform",
     "__version__",
     "accumulate_per_task_grads",
+    "adapters",
     "aggregators",
-    "choose_strategy",
-    "color",
+    "algorithms",
+    "autodiff",
     "conductor",
-    "conflict_adjacency",
-    "duplicate_min_coverage",
+    "conflict",
     "functional_loss",
-    "groups_from_colors",
-    "interference",
+    "integrations",
     "per_task_grads",
     "reference_options",
-    "resolve",
-    "resolve_gramian",
-    "sketch",
+    "schedules",
     "songoku",
     "split_module",
-    "tau_value",
+    "transforms",
     "tree",
     "value_and_per_task_grads",
     "value_and_weighted_grad",
 ]
+
+_install_deprecated()
+
+
+def __getattr__(name: str) -> Any:
+    """gradfn 0.1 top-level names that moved into a package (deprecated, removed in 0.3)."""
+    if name in _TOP_LEVEL:
+        return _moved(f"gradfn.{name}", _TOP_LEVEL[name])
+    raise AttributeError(f"module 'gradfn' has no attribute {name!r}")

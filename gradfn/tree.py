@@ -1,4 +1,4 @@
-"""Pytree helpers over optree (DESIGN.md layer 1).
+"""Pytree helpers over optree (layer 1 of gradfn).
 
 A *pytree* here is any nesting of dicts / lists / tuples / NamedTuples whose leaves are tensors; the
 usual one is ``dict[str, Tensor]`` keyed by dotted parameter names (``model.named_parameters()``).
@@ -11,17 +11,17 @@ Every function is pure and tensor-only (no host syncs), so it traces under ``tor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import optree
 import torch
 from torch import Tensor
 
-PyTree = Any
+from gradfn.typing import PyTree
 
 __all__ = [
     "PyTree",
     "combine",
+    "gram_dtype",
     "gramian",
     "leaves",
     "num_tasks",
@@ -132,25 +132,38 @@ def tree_norm(tree: PyTree, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def tree_any_nonfinite(tree: PyTree) -> Tensor:
-    """0-d boolean tensor: does any leaf hold a NaN or an infinity? (no host sync)"""
-    flags = [~torch.isfinite(x).all() for x in leaves(tree)]
-    if not flags:
+    """0-d boolean tensor: does any leaf hold a NaN or an infinity? (no host sync)
+
+    One fused multi-tensor max-norm over the leaves (``torch._foreach_norm`` with ``ord=inf``, as
+    ``torch.nn.utils.clip_grad_norm_`` fuses its norms): it is NaN or infinite exactly when a leaf
+    holds a NaN or an infinity, and it cannot overflow.
+    """
+    ls = leaves(tree)
+    if not ls:
         return torch.tensor(False)
-    return torch.stack(flags).any()
+    norms = torch._foreach_norm(ls, float("inf"))
+    return ~torch.isfinite(torch.stack([n.to(torch.float32) for n in norms]).sum())
 
 
 def _rows(leaf: Tensor, k: int) -> Tensor:
     return leaf.reshape(k, -1)
 
 
-def gramian(stacked: PyTree, dtype: torch.dtype = torch.float32) -> Tensor:
+def gram_dtype(stacked: PyTree) -> torch.dtype:
+    """The Gramian's accumulation dtype: float64 when any leaf is float64, else float32."""
+    wide = any(x.dtype == torch.float64 for x in leaves(stacked))
+    return torch.float64 if wide else torch.float32
+
+
+def gramian(stacked: PyTree, dtype: torch.dtype | None = torch.float32) -> Tensor:
     """Gramian ``G = J Jᵀ`` (``K×K``, in ``dtype``) of a task-stacked pytree.
 
     ``G_ij = <g_i, g_j>`` summed leaf by leaf (``Σ_leaf l.reshape(K,-1) @ l.reshape(K,-1)ᵀ``),
-    never concatenating the parameters.
+    never concatenating the parameters. ``dtype=None`` picks :func:`gram_dtype`.
     """
     ls = leaves(stacked)
     k = num_tasks(stacked)
+    dtype = gram_dtype(stacked) if dtype is None else dtype
     g = torch.zeros(k, k, dtype=dtype, device=ls[0].device)
     for leaf in ls:
         rows = _rows(leaf, k).to(dtype)

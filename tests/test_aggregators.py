@@ -535,7 +535,7 @@ def test_bad_input_errors():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rule", ["smooth", "zones"])
 def test_gcond_is_the_sum_of_resolved_gradients(case, rule):
-    from gradfn.resolve import resolve
+    from gradfn.conflict import resolve
 
     seed, k, n = case
     j = _jac(seed, k, n)

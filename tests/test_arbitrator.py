@@ -7,15 +7,15 @@ from collections import deque
 import pytest
 import torch
 
-from gradfn.arbitrator import (
+from gradfn.conflict import (
     arbitrate,
     init_history,
     is_dominant,
     push_history,
+    resolve_gramian,
     stability,
-    update_norm_ema,
 )
-from gradfn.resolve import resolve_gramian
+from gradfn.transforms import ema_of_norms as update_norm_ema
 
 TI, TJ = torch.tensor(0), torch.tensor(1)
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradfn.coloring import color, duplicate_min_coverage, groups_from_colors
+from gradfn.conflict import color, duplicate_min_coverage, groups_from_colors
 
 
 def random_graph(k, p, seed):

@@ -7,9 +7,6 @@ import math
 import optree
 import pytest
 import torch
-
-from gradfn import tree
-from gradfn.arbitrator import init_history
 from gradfn.conductor import (
     accumulate,
     conductor,
@@ -18,7 +15,9 @@ from gradfn.conductor import (
     process,
     reference_options,
 )
-from gradfn.resolve import resolve
+
+from gradfn import tree
+from gradfn.conflict import init_history, resolve
 
 LAMBDAS = [1.0, 0.5]
 
@@ -260,10 +259,12 @@ def test_non_finite_gradient_skips_the_cycle():
     inf[0] = (inf[0][0] * float("inf"), inf[0][1])
     s_inf, _ = t.update(state, params, inf)
     assert bool(s_inf.skipped) and int(s_inf.step) == 1
-    # without the in-graph guard the caller discards the cycle: same state
-    free = conductor(_losses, LAMBDAS, accumulation_steps=2, stochastic=False, skip_guard=False)
-    raw_new, _ = free.update(state, params, bad)
-    assert bool(raw_new.skipped) and int(raw_new.step) == 2  # not guarded
+    # a donated state: the skip is decided on the host, the old algorithm state is kept as is
+    free = conductor(_losses, LAMBDAS, accumulation_steps=2, stochastic=False, donate_state=True)
+    raw_new, g_free = free.update(state, params, bad)
+    assert bool(raw_new.skipped) and int(raw_new.step) == 1
+    assert raw_new.inner.inner is state.inner.inner
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in g_free.values())
     kept = discard_cycle(state, raw_new)
     for field in ("momentum", "prev", "prev_sq_norms", "norm_ema", "history", "final_grad_norm"):
         assert _equal_states(getattr(kept, field), getattr(new, field)), field
@@ -323,7 +324,7 @@ def test_reduce_sees_the_accumulated_cycle_before_the_resolution():
         for k, v in want_acc.items()
     }
     s2, g2 = process(cfg, ref.init(params), half, want_losses, want_raw, params)
-    assert _equal_states(state, s2)
+    assert _equal_states(state._replace(touched=s2.touched), s2)
     assert all(torch.equal(g[k], g2[k]) for k in g)
     with pytest.raises(TypeError, match="reduce"):
         conductor(_losses, LAMBDAS, accumulation_steps=2, reduce=3)

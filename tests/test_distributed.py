@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradfn.distributed import (
+from gradfn.integrations.distributed import (
     all_reduce_mean,
     broadcast_tree,
     is_distributed,

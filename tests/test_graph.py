@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradfn.graph import conflict_adjacency, edge_density, interference, knn_k_for_density
+from gradfn.conflict import conflict_adjacency, edge_density, interference, knn_k_for_density
 
 # The reference's test matrix of cosines (spec §1.5).
 COS = torch.tensor(

@@ -11,8 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradfn import tree
-from gradfn.arbitrator import init_history
-from gradfn.resolve import _angle, check_thresholds, resolve, resolve_gramian, true_min_cosine
+from gradfn.conflict import (
+    check_thresholds,
+    init_history,
+    resolve,
+    resolve_gramian,
+    true_min_cosine,
+)
+from gradfn.conflict._resolve import _angle
 
 DEFAULT_T = (-0.8, -0.5, 0.0)
 

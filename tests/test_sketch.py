@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradfn.sketch import count_sketch_hashes, projection_block, sketch
+from gradfn.conflict import count_sketch_hashes, projection_block, sketch
 
 
 def stacked(k=3, seed=0):

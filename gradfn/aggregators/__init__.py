@@ -1,19 +1,22 @@
-"""Multi-task gradient aggregators (DESIGN.md layer 3), Gramian first and compile-ready.
+"""Multi-task gradient aggregators (layer 3), Gramian first and compile-ready.
 
 Each method is a pure function of task-stacked gradients, ``xxx(grads, ...) ->
 Aggregated(grad, weights)``, and (except GradDrop) a weighting of their Gramian,
-``xxx_weights(gram, ...) -> w`` with ``grad = Σ_k w_k g_k``. Stateful methods (GradVac,
-Nash-MTL) are ``(init, update)`` pairs over NamedTuple states. :func:`aggregator` builds the
-common :class:`Aggregator` protocol for any method; :func:`as_gradient_transform` adapts it to
-SON-GOKU's in-group hook; :func:`backward` runs it from an ``nn.Module`` loop and writes
-``p.grad``. Every hot path is tensor-only (fixed-iteration solvers, masks instead of branches)
-and compiles with ``torch.compile(fullgraph=True)``.
+``xxx_weights(gram, ...) -> w`` with ``grad = Σ_k w_k g_k``. An :class:`Aggregator` is the
+gradient-transform protocol of :mod:`gradfn.transforms` over task-stacked input:
+``init(tasks)`` and ``update(state, grads, params=None, *, active=None, gram=None) -> (state,
+Aggregated)``; stateful methods (GradVac, Nash-MTL, inverse-norm) keep NamedTuple states.
+:func:`aggregator` builds one for any method, SON-GOKU takes one as its in-group aggregator, and
+:func:`backward` runs one from an ``nn.Module`` loop and writes ``p.grad``. Every hot path is
+tensor-only (fixed-iteration solvers, masks instead of branches) and compiles with
+``torch.compile(fullgraph=True)``.
 
 Methods: mean, sum, pcgrad, graddrop, cagrad, mgda, upgrad, dualproj, imtl_g, aligned_mtl,
-gradvac, nash_mtl, config, gcond (GCond's resolution).
+gradvac, nash_mtl, config, gcond (GCond's resolution), inverse_norm.
 """
 
 from gradfn.aggregators._adapters import (
+    as_aggregator,
     as_gradient_transform,
     as_stateful_gradient_transform,
     backward,
@@ -28,6 +31,12 @@ from gradfn.aggregators._gcond import gcond, gcond_weights
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import GradVacState, gradvac, gradvac_init, gradvac_weights
 from gradfn.aggregators._imtl_g import imtl_g, imtl_g_weights
+from gradfn.aggregators._inverse_norm import (
+    InverseNormState,
+    inverse_norm,
+    inverse_norm_init,
+    inverse_norm_weights,
+)
 from gradfn.aggregators._mean import mean, mean_weights, sum_, sum_weights
 from gradfn.aggregators._mgda import mgda, mgda_weights
 from gradfn.aggregators._nash_mtl import (
@@ -49,10 +58,12 @@ __all__ = [
     "CounterState",
     "EmptyState",
     "GradVacState",
+    "InverseNormState",
     "NashMTLState",
     "aggregator",
     "aligned_mtl",
     "aligned_mtl_weights",
+    "as_aggregator",
     "as_gradient_transform",
     "as_stateful_gradient_transform",
     "backward",
@@ -71,6 +82,9 @@ __all__ = [
     "gradvac_weights",
     "imtl_g",
     "imtl_g_weights",
+    "inverse_norm",
+    "inverse_norm_init",
+    "inverse_norm_weights",
     "mean",
     "mean_weights",
     "mgda",

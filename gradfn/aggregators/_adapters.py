@@ -1,8 +1,10 @@
-"""Using an aggregator (2) as SON-GOKU's in-group ``gradient_transform`` and (3) from an
-``nn.Module`` training loop in one call that writes ``p.grad``."""
+"""Using an aggregator from an ``nn.Module`` training loop in one call that writes ``p.grad``
+(:func:`backward`), and the 0.1 in-group hooks of SON-GOKU (deprecated: ``songoku`` now takes an
+:class:`Aggregator` directly, stateful ones included)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,10 +14,22 @@ from torch import Tensor, nn
 
 from gradfn.aggregators._base import Aggregated, Aggregator, check_grads
 from gradfn.aggregators._registry import aggregator as _build
+from gradfn.typing import PyTree
 
-PyTree = Any
+__all__ = [
+    "as_aggregator",
+    "as_gradient_transform",
+    "as_stateful_gradient_transform",
+    "backward",
+    "per_task_rows",
+]
 
-__all__ = ["as_gradient_transform", "as_stateful_gradient_transform", "backward"]
+
+def as_aggregator(
+    agg: Aggregator | str | Callable[..., Aggregated], hparams: dict | None = None
+) -> Aggregator:
+    """An :class:`Aggregator` from an aggregator, a method name or a pure aggregate function."""
+    return _resolve(agg, hparams or {})
 
 
 def _resolve(agg: Aggregator | str | Callable[..., Aggregated], hparams: dict) -> Aggregator:
@@ -42,13 +56,20 @@ def per_task_rows(out: Aggregated, grads: PyTree) -> PyTree:
 def as_gradient_transform(
     agg: Aggregator | str | Callable[..., Aggregated], **hparams: Any
 ) -> Callable[..., PyTree]:
-    """A stateless in-group hook ``transform(grads, active=None) -> rows``.
+    """Deprecated: pass the aggregator to ``songoku(..., aggregator=...)`` instead.
+
+    A stateless in-group hook ``transform(grads, active=None) -> rows``.
 
     ``grads`` task-stacked (``K`` rows), ``active`` a ``(K,)`` bool mask. Row ``k`` of the output
     is ``w_k g_k`` for active ``k`` and 0 otherwise, so the rows sum to the method's aggregate
     over the active tasks. For stateful or randomised methods (GradVac, Nash-MTL, PCGrad,
     GradDrop) use :func:`as_stateful_gradient_transform`, which threads their state.
     """
+    warnings.warn(
+        "as_gradient_transform is deprecated: pass the aggregator to songoku(aggregator=...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     a = _resolve(agg, hparams)
     if a.stateful:
         raise TypeError(
@@ -67,9 +88,17 @@ def as_gradient_transform(
 def as_stateful_gradient_transform(
     agg: Aggregator | str | Callable[..., Aggregated], **hparams: Any
 ) -> tuple[Callable[..., Any], Callable[..., tuple[Any, PyTree]]]:
-    """``(init, transform)``: ``init(num_tasks) -> state`` and
+    """Deprecated: pass the aggregator to ``songoku(..., aggregator=...)`` instead.
+
+    ``(init, transform)``: ``init(num_tasks) -> state`` and
     ``transform(state, grads, active=None) -> (state, rows)`` (rows as in
     :func:`as_gradient_transform`)."""
+    warnings.warn(
+        "as_stateful_gradient_transform is deprecated: pass the aggregator to "
+        "songoku(aggregator=...), which keeps its state in the SON-GOKU state",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     a = _resolve(agg, hparams)
 
     def transform(state: Any, grads: PyTree, active: Tensor | None = None) -> tuple[Any, PyTree]:

@@ -8,7 +8,7 @@ mask, not a slice, so the function traces with static shapes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,8 +22,6 @@ from gradfn.aggregators._base import (
     pref_or_mean,
     restrict,
 )
-
-PyTree = Any
 
 __all__ = ["aligned_mtl", "aligned_mtl_weights"]
 

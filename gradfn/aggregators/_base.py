@@ -6,10 +6,14 @@ Two layers:
   to task weights ``w`` (``K,``); ``xxx(grads, ...) -> Aggregated(grad, weights)`` takes the
   task-stacked gradients, computes ``w`` from their Gramian and returns ``Σ_k w_k g_k``
   (Gramian first: only ``K×K`` work besides the Gramian and the final weighted sum).
-* **Aggregator** ``(init, update)``: ``init(num_tasks) -> state`` and
-  ``update(state, grads, *, active=None, gram=None) -> (state, Aggregated)``, one shape for
-  stateless methods (an empty state), random ones (a counter that seeds the next draw) and
-  stateful ones (GradVac, Nash-MTL). Build one with :func:`gradfn.aggregators.aggregator`.
+* **Aggregator**: the gradient-transform protocol of :mod:`gradfn.transforms` over task-stacked
+  input. ``init(tasks) -> state`` (``tasks``: a task-stacked pytree, or the number of tasks ``K``)
+  and ``update(state, grads, params=None, *, active=None, gram=None) -> (state, Aggregated)``:
+  one shape for stateless methods (an empty state), random ones (a counter that seeds the next
+  draw) and stateful ones (GradVac, Nash-MTL). Where the method is a weighting of the Gramian,
+  ``weighting(state, gram, *, active=None) -> (state, w)`` gives the weights from a ``K×K``
+  Gramian alone (what SON-GOKU and GCond use: no ``K × n`` work). Build one with
+  :func:`gradfn.aggregators.aggregator`.
 
 Every weighting takes an optional ``active`` (``K,`` bool) mask: inactive tasks are ignored (as if
 their rows were absent) and get weight 0.
@@ -29,12 +33,11 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.aggregators._random import fold_in
+from gradfn._internal.prng import fold_in
+from gradfn.transforms import EmptyState
+from gradfn.typing import PyTree, State
 
-PyTree = Any
-State = Any
-
-__all__ = ["Aggregated", "Aggregator", "EmptyState"]
+__all__ = ["Aggregated", "Aggregator", "CounterState", "EmptyState", "task_count"]
 
 _WORK = torch.float64  # the K×K work runs in float64: cheap, and it keeps the QPs well posed
 
@@ -52,21 +55,35 @@ class Aggregated(NamedTuple):
     rows: PyTree | None = None
 
 
-class EmptyState(NamedTuple):
-    """The state of a stateless aggregator."""
-
-
 class Aggregator(NamedTuple):
-    """``init(num_tasks, *, device=None) -> state``;
-    ``update(state, grads, *, active=None, gram=None) -> (state, Aggregated)``.
+    """A gradient transform over task-stacked input (module docstring).
 
+    ``init(tasks, *, device=None) -> state``;
+    ``update(state, grads, params=None, *, active=None, gram=None) -> (state, Aggregated)``;
+    ``weighting(state, gram, *, active=None) -> (state, w)`` or ``None`` (not a weighting).
     ``stateful`` says whether the state changes between calls (a counter or statistics).
     """
 
     init: Callable[..., State]
     update: Callable[..., tuple[State, Aggregated]]
-    name: str
+    name: str = "aggregator"
     stateful: bool = False
+    weighting: Callable[..., tuple[State, Tensor]] | None = None
+
+
+def task_count(
+    tasks: int | PyTree, device: torch.device | str | None = None
+) -> tuple[int, torch.device | str | None]:
+    """``(K, device)`` from what ``Aggregator.init`` receives: ``K`` itself or a task-stacked
+    pytree (whose leading axis is ``K`` and whose device is used unless ``device`` is given)."""
+    if isinstance(tasks, bool):
+        raise TypeError("aggregator init: `tasks` must be K or a task-stacked pytree, got a bool")
+    if isinstance(tasks, int):
+        if tasks <= 0:
+            raise ValueError(f"aggregator init: the number of tasks must be positive, got {tasks}")
+        return tasks, device
+    k = tree.num_tasks(tasks)
+    return k, tree.leaves(tasks)[0].device if device is None else device
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,17 +139,9 @@ def check_pref(pref: Tensor | None, k: int, fn: str) -> None:
 # K-space helpers
 
 
-def gram_dtype(grads: PyTree) -> torch.dtype:
-    """float64 when any leaf is float64, else float32 (the Gramian's accumulation dtype)."""
-    return (
-        torch.float64
-        if any(x.dtype == torch.float64 for x in tree.leaves(grads))
-        else (torch.float32)
-    )
-
-
 def gramian_of(grads: PyTree) -> Tensor:
-    return tree.gramian(grads, dtype=gram_dtype(grads))
+    """The Gramian in :func:`gradfn.tree.gram_dtype` (float64 for float64 gradients)."""
+    return tree.gramian(grads, dtype=None)
 
 
 def restrict(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -196,21 +205,32 @@ def from_weighting(weights_fn: Callable[..., Tensor], fn: str) -> Callable[..., 
 
 def stateless(aggregate: Callable[..., Aggregated], name: str, **hparams: Any) -> Aggregator:
     """An :class:`Aggregator` with an empty state around ``aggregate(grads, **hparams)``."""
+    weights_fn = getattr(aggregate, "weights_fn", None)
 
-    def init(num_tasks: int, *, device: torch.device | str | None = None) -> EmptyState:
-        del num_tasks, device
+    def init(tasks: int | PyTree, *, device: torch.device | str | None = None) -> EmptyState:
+        task_count(tasks, device)
         return EmptyState()
 
     def update(
         state: EmptyState,
         grads: PyTree,
+        params: PyTree = None,
         *,
         active: Tensor | None = None,
         gram: Tensor | None = None,
+        **extra: Any,
     ) -> tuple[EmptyState, Aggregated]:
         return state, aggregate(grads, active=active, gram=gram, **hparams)
 
-    return Aggregator(init, update, name, stateful=False)
+    weighting = None
+    if weights_fn is not None:
+
+        def weighting(
+            state: EmptyState, gram: Tensor, *, active: Tensor | None = None
+        ) -> tuple[EmptyState, Tensor]:
+            return state, weights_fn(gram, active=active, **hparams)
+
+    return Aggregator(init, update, name, stateful=False, weighting=weighting)
 
 
 class CounterState(NamedTuple):
@@ -223,22 +243,65 @@ class CounterState(NamedTuple):
 def seeded(
     aggregate: Callable[..., Aggregated], name: str, seed: int, **hparams: Any
 ) -> Aggregator:
-    """An :class:`Aggregator` that feeds ``aggregate`` a fresh seed each call (``seed + count``)."""
+    """An :class:`Aggregator` that feeds ``aggregate`` a fresh key each call, ``fold_in(seed,
+    count)``, and counts its calls in the state."""
+    weights_fn = getattr(aggregate, "weights_fn", None)
 
-    def init(num_tasks: int, *, device: torch.device | str | None = None) -> CounterState:
-        del num_tasks
+    def init(tasks: int | PyTree, *, device: torch.device | str | None = None) -> CounterState:
+        _, device = task_count(tasks, device)
         z = torch.zeros((), dtype=torch.int64, device=device)
         return CounterState(z + seed, z)
 
     def update(
         state: CounterState,
         grads: PyTree,
+        params: PyTree = None,
         *,
         active: Tensor | None = None,
         gram: Tensor | None = None,
+        **extra: Any,
     ) -> tuple[CounterState, Aggregated]:
         key = fold_in(state.seed, state.count)
         out = aggregate(grads, seed=key, active=active, gram=gram, **hparams)
         return CounterState(state.seed, state.count + 1), out
 
-    return Aggregator(init, update, name, stateful=True)
+    weighting = None
+    if weights_fn is not None:
+
+        def weighting(
+            state: CounterState, gram: Tensor, *, active: Tensor | None = None
+        ) -> tuple[CounterState, Tensor]:
+            key = fold_in(state.seed, state.count)
+            w = weights_fn(gram, seed=key, active=active, **hparams)
+            return CounterState(state.seed, state.count + 1), w
+
+    return Aggregator(init, update, name, stateful=True, weighting=weighting)
+
+
+def from_stateful_weighting(
+    init_fn: Callable[..., State],
+    weights_fn: Callable[..., tuple[State, Tensor]],
+    name: str,
+) -> Aggregator:
+    """A stateful :class:`Aggregator` from ``init_fn(K, device=) -> state`` and a Gramian
+    weighting ``weights_fn(state, gram, *, active=None) -> (state, w)``."""
+
+    def init(tasks: int | PyTree, *, device: torch.device | str | None = None) -> State:
+        k, device = task_count(tasks, device)
+        return init_fn(k, device=device)
+
+    def update(
+        state: State,
+        grads: PyTree,
+        params: PyTree = None,
+        *,
+        active: Tensor | None = None,
+        gram: Tensor | None = None,
+        **extra: Any,
+    ) -> tuple[State, Aggregated]:
+        check_grads(grads, name)
+        g = gramian_of(grads) if gram is None else gram
+        state, w = weights_fn(state, g, active=active)
+        return state, Aggregated(tree.weighted_sum(grads, w), w)
+
+    return Aggregator(init, update, name, stateful=True, weighting=weights_fn)

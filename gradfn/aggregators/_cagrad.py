@@ -13,12 +13,10 @@ cvxpy/Clarabel.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from gradfn._compat import is_compiling
+from gradfn._internal.compat import is_compiling
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -29,8 +27,6 @@ from gradfn.aggregators._base import (
     restrict,
 )
 from gradfn.aggregators._qp import simplex_qp
-
-PyTree = Any
 
 __all__ = ["cagrad", "cagrad_weights"]
 

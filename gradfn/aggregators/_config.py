@@ -11,8 +11,6 @@ the row span: ``d = Ûᵀ Ĝ⁺ p`` with ``Ĝ = D⁻¹ G D⁻¹`` the Gramian of
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,7 @@ from gradfn.aggregators._base import (
     gramian_of,
     restrict,
 )
-
-PyTree = Any
+from gradfn.typing import PyTree
 
 __all__ = ["config", "config_weights"]
 

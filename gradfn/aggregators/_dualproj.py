@@ -5,8 +5,6 @@ on ``G / tr(G) + reg_eps·I``. Non-conflicting: ``(G w)_j ≥ 0``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from gradfn.aggregators._base import (
@@ -19,8 +17,6 @@ from gradfn.aggregators._base import (
 )
 from gradfn.aggregators._qp import dual_cone_project
 from gradfn.aggregators._upgrad import _check_eps, regularized
-
-PyTree = Any
 
 __all__ = ["dualproj", "dualproj_weights"]
 

@@ -1,6 +1,6 @@
-"""GCond's conflict resolution (GradientConductor, gcond spec §2.3–§2.5) as an aggregator.
+"""GCond's conflict resolution (GradientConductor, arXiv:2509.07252) as an aggregator.
 
-Wraps :func:`gradfn.resolve.resolve_gramian`: the resolution tracks ``g_i = Σ_j C_ij g⁰_j`` in
+Wraps :func:`gradfn.conflict.resolve_gramian`: the resolution tracks ``g_i = Σ_j C_ij g⁰_j`` in
 K-space, and the sum of the resolved gradients is ``Σ_j w_j g⁰_j`` with ``w = 1ᵀC``. This is the
 stateless use (no arbitrator history, norm EMAs or previous-step stability); the accumulation,
 momentum and trust ratio of GradientConductor live in its own transform.
@@ -14,9 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from gradfn.aggregators._base import check_active, check_gram, finish, from_weighting, restrict
-from gradfn.resolve import resolve_gramian
-
-PyTree = Any
+from gradfn.conflict import resolve_gramian
 
 __all__ = ["gcond", "gcond_weights"]
 
@@ -31,7 +29,7 @@ def gcond_weights(
     """Weights of the summed GCond-resolved gradients.
 
     ``thresholds`` = (critical, main, weak); further keywords go to
-    :func:`gradfn.resolve.resolve_gramian` (``rule``, ``max_iters``, ``eps``, ...). Inactive tasks
+    :func:`gradfn.conflict.resolve_gramian` (``rule``, ``max_iters``, ``eps``, ...). Inactive tasks
     (``active``) are neither resolved nor summed.
     """
     k = check_gram(gram, "gcond_weights")

@@ -6,24 +6,22 @@ and it is negative; ``out = Σ_k (ℓ_k + (1 − ℓ_k) M_k) ⊙ g_k`` (``ℓ`` 
 
 Not a weighting of the rows: :class:`Aggregated` carries the per-task ``rows`` (their sum is the
 update) and ``weights`` are ones. Randomness: ``U`` is drawn from ``seed`` with the counter-based
-hash of :mod:`._random` (pure, device-independent), or passed in as ``noise`` (a pytree shaped
+hash of :mod:`gradfn._internal.prng` (pure, device-independent), or passed in as ``noise`` (a pytree shaped
 like one task's gradient).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import optree
 import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._internal.prng import fold_in, uniform
 from gradfn.aggregators._base import Aggregated, check_active, check_grads
-from gradfn.aggregators._random import fold_in, uniform
-
-PyTree = Any
+from gradfn.typing import PyTree
 
 __all__ = ["graddrop"]
 

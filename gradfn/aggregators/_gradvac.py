@@ -11,24 +11,19 @@ of the visiting orders.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradfn import tree
+from gradfn._internal.prng import fold_in, permutations
 from gradfn.aggregators._base import (
-    Aggregated,
     Aggregator,
     check_active,
-    check_grads,
     check_gram,
-    gramian_of,
+    from_stateful_weighting,
     restrict,
 )
-from gradfn.aggregators._random import fold_in, permutations
-
-PyTree = Any
 
 __all__ = ["GradVacState", "gradvac", "gradvac_init", "gradvac_weights"]
 
@@ -124,16 +119,9 @@ def gradvac(*, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> Aggregato
     def init(num_tasks: int, *, device: torch.device | str | None = None) -> GradVacState:
         return gradvac_init(num_tasks, seed=seed, device=device)
 
-    def update(
-        state: GradVacState,
-        grads: PyTree,
-        *,
-        active: Tensor | None = None,
-        gram: Tensor | None = None,
-    ) -> tuple[GradVacState, Aggregated]:
-        check_grads(grads, "gradvac")
-        g = gramian_of(grads) if gram is None else gram
-        state, w = gradvac_weights(state, g, beta=beta, eps=eps, active=active)
-        return state, Aggregated(tree.weighted_sum(grads, w), w)
+    def weights(
+        state: GradVacState, gram: Tensor, *, active: Tensor | None = None
+    ) -> tuple[GradVacState, Tensor]:
+        return gradvac_weights(state, gram, beta=beta, eps=eps, active=active)
 
-    return Aggregator(init, update, "gradvac", stateful=True)
+    return from_stateful_weighting(init, weights, "gradvac")

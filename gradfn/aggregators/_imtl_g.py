@@ -9,8 +9,6 @@ singular-value cut-off ``K·eps`` of the Gramian's dtype, as ``torch.linalg.pinv
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -22,8 +20,6 @@ from gradfn.aggregators._base import (
     normalize_trace,
     restrict,
 )
-
-PyTree = Any
 
 __all__ = ["imtl_g", "imtl_g_weights"]
 

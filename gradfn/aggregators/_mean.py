@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from gradfn import tree
 from gradfn.aggregators._base import Aggregated, check_active, check_grads, check_gram
-
-PyTree = Any
+from gradfn.typing import PyTree
 
 __all__ = ["mean", "mean_weights", "sum_", "sum_weights"]
 
@@ -57,3 +54,7 @@ def sum_(grads: PyTree, *, active: Tensor | None = None, gram: Tensor | None = N
     del gram
     w = _no_gram_weights(grads, active, "sum_", mean=False)
     return Aggregated(tree.weighted_sum(grads, w), w)
+
+
+mean.weights_fn = mean_weights  # type: ignore[attr-defined]  # a weighting: no Gramian needed
+sum_.weights_fn = sum_weights  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ so it reproduces TorchJD's numbers).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,8 +24,6 @@ from gradfn.aggregators._base import (
     restrict,
 )
 from gradfn.aggregators._qp import simplex_qp
-
-PyTree = Any
 
 __all__ = ["mgda", "mgda_weights"]
 

@@ -13,23 +13,18 @@ get weight 0 (no bargaining solution exists for them).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradfn import tree
 from gradfn.aggregators._base import (
-    Aggregated,
     Aggregator,
     check_active,
-    check_grads,
     check_gram,
-    gramian_of,
+    from_stateful_weighting,
     restrict,
 )
-
-PyTree = Any
 
 __all__ = ["NashMTLState", "nash_mtl", "nash_mtl_init", "nash_mtl_solve", "nash_mtl_weights"]
 
@@ -108,26 +103,16 @@ def nash_mtl(
 ) -> Aggregator:
     """The Nash-MTL :class:`Aggregator` (stateful)."""
 
-    def init(num_tasks: int, *, device: torch.device | str | None = None) -> NashMTLState:
-        return nash_mtl_init(num_tasks, device=device)
-
-    def update(
-        state: NashMTLState,
-        grads: PyTree,
-        *,
-        active: Tensor | None = None,
-        gram: Tensor | None = None,
-    ) -> tuple[NashMTLState, Aggregated]:
-        check_grads(grads, "nash_mtl")
-        g = gramian_of(grads) if gram is None else gram
-        state, w = nash_mtl_weights(
+    def weights(
+        state: NashMTLState, gram: Tensor, *, active: Tensor | None = None
+    ) -> tuple[NashMTLState, Tensor]:
+        return nash_mtl_weights(
             state,
-            g,
+            gram,
             max_norm=max_norm,
             update_weights_every=update_weights_every,
             iters=iters,
             active=active,
         )
-        return state, Aggregated(tree.weighted_sum(grads, w), w)
 
-    return Aggregator(init, update, "nash_mtl", stateful=True)
+    return from_stateful_weighting(nash_mtl_init, weights, "nash_mtl")

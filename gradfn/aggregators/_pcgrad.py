@@ -4,17 +4,17 @@ Each projected gradient is a combination of the originals, ``g_i^PC = Σ_j C_ij 
 ``g_i^PC`` off a conflicting ``g_j`` (``⟨g_i^PC, g_j⟩ < 0``) is ``C_ij -= ⟨g_i^PC, g_j⟩ / ‖g_j‖²``
 with ``⟨g_i^PC, g_j⟩ = (C G)_ij``. All ``K`` rows advance together, one visiting step at a time
 (``K`` vectorised steps, no Python branch on data), and the result is ``Σ_i g_i^PC``:
-weights ``w = 1ᵀ C``. The visiting order of each row is a random permutation drawn from ``seed``
-(or given explicitly as ``order``).
+weights ``w = 1ᵀ C`` (``reduction="mean"``: ``Σ_i g_i^PC / K``, the average many PCGrad
+implementations return). The visiting order of each row is a random permutation drawn from
+``seed`` (or given explicitly as ``order``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from gradfn._internal.prng import permutations
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -22,9 +22,6 @@ from gradfn.aggregators._base import (
     from_weighting,
     restrict,
 )
-from gradfn.aggregators._random import permutations
-
-PyTree = Any
 
 __all__ = ["pcgrad", "pcgrad_weights"]
 
@@ -35,6 +32,7 @@ def pcgrad_weights(
     seed: int | Tensor = 0,
     order: Tensor | None = None,
     active: Tensor | None = None,
+    reduction: str = "sum",
 ) -> Tensor:
     """PCGrad weights from the Gramian.
 
@@ -44,12 +42,17 @@ def pcgrad_weights(
         order: optional ``(K, K)`` int tensor; row ``i`` is the order in which task ``i`` visits
             the tasks (a permutation of ``range(K)``; the entry ``i`` itself is skipped).
         active: optional ``(K,)`` bool mask.
+        reduction: ``"sum"`` (Yu et al.) or ``"mean"`` of the projected gradients over the
+            active tasks.
 
     Returns:
-        ``w`` (``K,``) with ``Σ_i g_i^PC = Σ_k w_k g_k``.
+        ``w`` (``K,``) with ``Σ_i g_i^PC = Σ_k w_k g_k`` (divided by the number of active tasks
+        with ``reduction="mean"``).
     """
     k = check_gram(gram, "pcgrad_weights")
     check_active(active, k, "pcgrad_weights")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
     g, a = restrict(gram, active)
     if order is None:
         order = permutations(seed, k, k, device=g.device)
@@ -67,12 +70,15 @@ def pcgrad_weights(
         gjj = diag[j]
         step = torch.where(valid & (ip < 0), -ip / torch.where(gjj > 0, gjj, 1.0), 0.0)
         c = c + step[:, None] * torch.nn.functional.one_hot(j, k).to(g.dtype)
-    return finish((c * a[:, None]).sum(0), gram, a)
+    w = (c * a[:, None]).sum(0)
+    if reduction == "mean":
+        w = w / a.sum().clamp_min(1.0)
+    return finish(w, gram, a)
 
 
 pcgrad = from_weighting(pcgrad_weights, "pcgrad")
 pcgrad.__doc__ = """PCGrad on task-stacked ``grads``: ``Aggregated(Σ_i g_i^PC, w)``.
 
-Keywords as :func:`pcgrad_weights` (``seed``, ``order``, ``active``) plus an optional
-precomputed ``gram``.
+Keywords as :func:`pcgrad_weights` (``seed``, ``order``, ``active``, ``reduction``) plus an
+optional precomputed ``gram``.
 """

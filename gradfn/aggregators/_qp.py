@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradfn._compat import is_compiling as _is_compiling
+from gradfn._internal.compat import is_compiling as _is_compiling
 
 __all__ = ["dual_cone_project", "lcp", "simplex_qp"]
 

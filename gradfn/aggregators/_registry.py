@@ -15,6 +15,7 @@ from gradfn.aggregators._gcond import gcond
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import gradvac
 from gradfn.aggregators._imtl_g import imtl_g
+from gradfn.aggregators._inverse_norm import inverse_norm
 from gradfn.aggregators._mean import mean, sum_
 from gradfn.aggregators._mgda import mgda
 from gradfn.aggregators._nash_mtl import nash_mtl
@@ -36,7 +37,11 @@ _STATELESS: dict[str, Callable[..., Aggregated]] = {
     "gcond": gcond,
 }
 _SEEDED: dict[str, Callable[..., Aggregated]] = {"pcgrad": pcgrad, "graddrop": graddrop}
-_FACTORIES: dict[str, Callable[..., Aggregator]] = {"gradvac": gradvac, "nash_mtl": nash_mtl}
+_FACTORIES: dict[str, Callable[..., Aggregator]] = {
+    "gradvac": gradvac,
+    "nash_mtl": nash_mtl,
+    "inverse_norm": inverse_norm,
+}
 
 METHODS: tuple[str, ...] = (*_STATELESS, *_SEEDED, *_FACTORIES)
 
@@ -60,14 +65,17 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
         seed = hparams.pop("seed", 0)
         return seeded(_SEEDED[method], method, seed, **hparams)
     if method in _FACTORIES:
+        _check_hparams(_FACTORIES[method], method, hparams, skip=0)
         return _FACTORIES[method](**hparams)
     raise ValueError(f"aggregator: unknown method {method!r}; expected one of {METHODS}")
 
 
-def _check_hparams(aggregate: Callable[..., Aggregated], method: str, hparams: dict) -> None:
+def _check_hparams(
+    aggregate: Callable[..., Any], method: str, hparams: dict, skip: int = 1
+) -> None:
     """Unknown hyper-parameter names fail when the aggregator is built, not at its first use."""
     fn = getattr(aggregate, "weights_fn", aggregate)  # the Gramian weighting, if it is one
-    params = list(inspect.signature(fn).parameters.values())[1:]  # after grads / gram
+    params = list(inspect.signature(fn).parameters.values())[skip:]  # after grads / gram
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return  # it forwards keywords further: checked where they land
     allowed = {p.name for p in params}

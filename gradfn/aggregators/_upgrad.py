@@ -9,8 +9,6 @@ trace-normalised Gramian ``G / tr(G) + reg_eps·I`` by the fixed-iteration activ
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -26,8 +24,6 @@ from gradfn.aggregators._base import (
     restrict,
 )
 from gradfn.aggregators._qp import dual_cone_project
-
-PyTree = Any
 
 __all__ = ["upgrad", "upgrad_weights"]
 

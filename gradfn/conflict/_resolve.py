@@ -1,4 +1,4 @@
-"""GCond conflict resolution in K×K coefficient space (gcond spec §2.3–§2.5).
+"""GCond conflict resolution (arXiv:2509.07252) in K×K coefficient space.
 
 GCond repeatedly picks the most conflicting pair of task gradients (lowest cosine below the *weak*
 threshold) and projects them against each other. Every projection is linear in the task gradients,
@@ -12,12 +12,12 @@ and their sum is ``weighted_sum(g⁰, C.sum(0))``.
 
 Rules (``thresholds = (t_c, t_m, t_w)`` = (critical, main, weak), ``c`` the pair's cosine):
 
-* ``"smooth"`` (§2.4, default): effective angle ``α(c)`` — weak zone ``c >= t_m``:
+* ``"smooth"`` (default): effective angle ``α(c)`` — weak zone ``c >= t_m``:
   ``α = (π/2)(1 − clamp((c−t_m)/(t_w−t_m+eps), 0, 1))``; main zone ``t_c < c < t_m``:
   ``α = π/2 + (π/2)·((c−t_m)/(t_c−t_m+eps))^p``; critical ``c <= t_c``: ``α = π``. With
   ``s_w = sin α``, ``s_l = sin(min(α, π/2))`` and ``d = <g_i, g_j>``, simultaneously
   ``g_w ← g_w − s_w·d/(||g_l||²+eps)·g_l`` and ``g_l ← g_l − s_l·d/(||g_w||²+eps)·g_w``.
-* ``"zones"`` (§2.5, the reference's ``use_smooth_logic=False``): critical ``c < t_c``: the loser is
+* ``"zones"`` (the reference implementation's ``use_smooth_logic=False``): critical ``c < t_c``: the loser is
   zeroed; main ``t_c <= c < t_m``: ``g_l ← g_l − d/(||g_w||²+eps)·g_w``; weak ``t_m <= c < t_w``:
   symmetric projection with ``d̃ = c·||g_i||·||g_j||`` and no arbitration.
 
@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.arbitrator import DominanceRule, push_history, second_wins, stability
+from gradfn.conflict._arbitrator import DominanceRule, push_history, second_wins, stability
+from gradfn.typing import PyTree
 
 __all__ = [
     "ResolveResult",
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 Rule = Literal["smooth", "zones"]
-PyTree = Any
 
 
 class ResolveResult(NamedTuple):
@@ -116,9 +116,9 @@ def true_min_cosine(gram: Tensor, eps: float = 1e-8, norm_floor: float | None = 
 
 
 def _angle(c: Tensor, t: tuple[float, float, float], p: float, eps: float) -> Tensor:
-    """The smooth rule's effective conflict angle ``α(c)`` (spec §2.4 item 2).
+    """The smooth rule's effective conflict angle ``α(c)`` (module docstring).
 
-    Clamping ``c`` to ``[−1, 1]`` (as the spec does) changes nothing here: above 1 the weak-zone
+    Clamping ``c`` to ``[−1, 1]`` changes nothing here: above 1 the weak-zone
     ``u`` is clamped anyway, below −1 lies in the critical zone.
     """
     t_c, t_m, t_w = t
@@ -127,6 +127,121 @@ def _angle(c: Tensor, t: tuple[float, float, float], p: float, eps: float) -> Te
     a_weak = half_pi - half_pi * torch.clamp(shifted * (1.0 / (t_w - t_m + eps)), 0.0, 1.0)
     a_main = half_pi + half_pi * torch.clamp(shifted * (1.0 / (t_c - t_m + eps)), min=0.0) ** p
     return torch.where(c >= t_m, a_weak, torch.where(c > t_c, a_main, math.pi))
+
+
+class _Consts(NamedTuple):
+    """Loop-invariant tensors of one resolution (built once per call)."""
+
+    k: int
+    eye: Tensor
+    ar: Tensor
+    upper: Tensor
+    inf: Tensor
+    zero: Tensor
+    floor_sq: float
+    eps: float
+    t: tuple[float, float, float]
+
+    @staticmethod
+    def of(
+        k: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        floor: float,
+        eps: float,
+        t: tuple[float, float, float],
+    ) -> _Consts:
+        return _Consts(
+            k=k,
+            eye=torch.eye(k, dtype=dtype, device=device),
+            ar=torch.arange(k, device=device),
+            upper=torch.ones(k, k, dtype=torch.bool, device=device).triu(1),
+            inf=torch.full((k, k), math.inf, dtype=dtype, device=device),
+            zero=torch.zeros((), dtype=dtype, device=device),
+            floor_sq=floor * floor,
+            eps=eps,
+            t=t,
+        )
+
+
+class _Pair(NamedTuple):
+    """The pair an iteration treats: indices, one-hots, cosine ``c``, dot ``d``, squared norms."""
+
+    i: Tensor
+    j: Tensor
+    oh_i: Tensor
+    oh_j: Tensor
+    c: Tensor
+    d: Tensor
+    n_i: Tensor
+    n_j: Tensor
+    active: Tensor
+    sq: Tensor
+    norms: Tensor
+
+
+def _pick_pair(cur: Tensor, c_: _Consts) -> _Pair:
+    """The valid pair ``(i < j)`` of lowest cosine in the current Gramian (ties: the earliest
+    pair, row-major); ``active`` is False when no cosine is below the weak threshold."""
+    k, eps = c_.k, c_.eps
+    sq = torch.diagonal(cur)
+    norms = torch.sqrt(torch.clamp(sq, min=0.0))
+    valid = sq >= c_.floor_sq
+    mask = c_.upper & valid[:, None] & valid[None, :]
+    masked = torch.where(mask, cur / (torch.outer(norms, norms) + eps), c_.inf).reshape(-1)
+    flat = torch.argmin(masked)
+    active = masked.amin() < c_.t[2]
+    c = torch.where(active, masked.amin(), c_.zero)  # keep inactive arithmetic finite
+    i = flat // k
+    j = flat - i * k
+    dtype = cur.dtype
+    oh_i, oh_j = (c_.ar == i).to(dtype), (c_.ar == j).to(dtype)
+    d = oh_i @ cur @ oh_j
+    return _Pair(i, j, oh_i, oh_j, c, d, sq @ oh_i, sq @ oh_j, active, sq, norms)
+
+
+def _smooth_step(coeff: Tensor, pair: _Pair, j_wins: Tensor, power: float, c_: _Consts) -> Tensor:
+    """The smooth rule: ``g_w −= sin α · d/(‖g_l‖²+eps) · g_l`` and
+    ``g_l −= sin min(α, π/2) · d/(‖g_w‖²+eps) · g_w``, simultaneously."""
+    eps, zero = c_.eps, c_.zero
+    oh_w, oh_l = torch.where(j_wins, pair.oh_j, pair.oh_i), torch.where(j_wins, pair.oh_i, pair.oh_j)
+    n_w, n_l = torch.where(j_wins, pair.n_j, pair.n_i), torch.where(j_wins, pair.n_i, pair.n_j)
+    row_w, row_l = oh_w @ coeff, oh_l @ coeff
+    alpha = _angle(pair.c, c_.t, power, eps)
+    s_w = torch.sin(alpha)
+    s_l = torch.sin(torch.clamp(alpha, max=math.pi / 2))
+    a = torch.where(pair.active, s_w * pair.d / (n_l + eps), zero)  # g_w -= a g_l
+    b = torch.where(pair.active, s_l * pair.d / (n_w + eps), zero)  # g_l -= b g_w
+    return coeff - torch.outer(oh_w, a * row_l) - torch.outer(oh_l, b * row_w)
+
+
+def _zones_step(
+    coeff: Tensor, pair: _Pair, j_wins: Tensor, c_: _Consts
+) -> tuple[Tensor, Tensor]:
+    """The three zones: critical zeroes the loser, main projects the loser off the winner, weak
+    projects both symmetrically (no arbitration). Returns ``(coefficients, arbitrated)``."""
+    eps, zero = c_.eps, c_.zero
+    t_c, t_m, _ = c_.t
+    c, d, n_i, n_j = pair.c, pair.d, pair.n_i, pair.n_j
+    oh_w, oh_l = torch.where(j_wins, pair.oh_j, pair.oh_i), torch.where(j_wins, pair.oh_i, pair.oh_j)
+    n_w = torch.where(j_wins, n_j, n_i)
+    row_w, row_l = oh_w @ coeff, oh_l @ coeff
+    crit = pair.active & (c < t_c)
+    main = pair.active & (c >= t_c) & (c < t_m)
+    weak = pair.active & (c >= t_m)
+    row_i, row_j = pair.oh_i @ coeff, pair.oh_j @ coeff
+    d_tilde = c * torch.sqrt(torch.clamp(n_i * n_j, min=0.0))
+    b_main = torch.where(main, d / (n_w + eps), zero)  # g_l -= b_main g_w
+    a_ij = torch.where(weak, d_tilde / (n_j + eps), zero)  # g_i -= a_ij g_j
+    a_ji = torch.where(weak, d_tilde / (n_i + eps), zero)  # g_j -= a_ji g_i
+    kill = crit.to(coeff.dtype)  # critical: zero the loser's row
+    coeff = (
+        coeff
+        - torch.outer(oh_l, kill * row_l + b_main * row_w)
+        - torch.outer(pair.oh_i, a_ij * row_j)
+        - torch.outer(pair.oh_j, a_ji * row_i)
+    )
+    return coeff, crit | main
 
 
 def resolve_gramian(
@@ -146,12 +261,12 @@ def resolve_gramian(
     dominance: DominanceRule = "loses",
     arbitrate_weak: bool = False,
 ) -> ResolveResult:
-    """Resolve the conflicts of the gradients whose Gramian is ``gram`` (K×K), spec §2.3.
+    """Resolve the conflicts of the gradients whose Gramian is ``gram`` (K×K).
 
     Args:
         gram: ``G⁰_ij = <g⁰_i, g⁰_j>`` (float32 or float64; the work is done in this dtype).
         thresholds: ``(critical, main, weak)``, non-decreasing, in [-1, 1].
-        rule: ``"smooth"`` (§2.4) or ``"zones"`` (§2.5).
+        rule: ``"smooth"`` or ``"zones"`` (module docstring).
         max_iters: iterations ``T`` (``None`` → ``2K``, the reference's default; ``0`` → none).
         remap_power: ``p`` of the smooth rule's main-zone remap.
         eps: the reference's ``eps`` (cosine and projection denominators).
@@ -161,7 +276,7 @@ def resolve_gramian(
         norm_ema: the tasks' norm EMAs ``e_k`` (K,) for the arbitrator's strength (default ones).
         prev_cross: ``X_mk = <g⁰_m, p_k>`` (K×K) with the previous-step gradients ``p_k``, and
         prev_sq_norms: ``||p_k||²`` (K,); both ``None`` → stability 0 (as on the first step).
-        history: winner ring ``(W,)`` int64 (see :mod:`gradfn.arbitrator`); ``None`` → no rotation.
+        history: winner ring ``(W,)`` int64 (see :func:`gradfn.conflict.push_history`); ``None`` → no rotation.
         tie_breaking_weights: ``(w_stability, w_strength)``.
         dominance: ``"loses"`` (the reference: a dominant task is forced to lose) or ``"wins"``.
         arbitrate_weak: smooth rule only — also arbitrate (and record in the history) weak-zone pairs,
@@ -195,52 +310,30 @@ def resolve_gramian(
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
         raise ValueError(f"resolve_gramian: `max_iters` must be an int >= 0, got {max_iters!r}")
     floor = eps if norm_floor is None else float(norm_floor)
-    t_c, t_m, t_w = t
 
     dtype, device = gram.dtype, gram.device
-    eye = torch.eye(k, dtype=dtype, device=device)
-    ar = torch.arange(k, device=device)
-    upper = torch.ones(k, k, dtype=torch.bool, device=device).triu(1)
-    inf = torch.full((k, k), math.inf, dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    minus_one = torch.full((), -1, dtype=torch.int64, device=device)
     ema = torch.ones(k, dtype=dtype, device=device) if norm_ema is None else norm_ema.to(dtype)
     if history is None:
         history = torch.empty(0, dtype=torch.int64, device=device)
     if prev_cross is not None:
         prev_cross = prev_cross.to(dtype)
         prev_sq_norms = prev_sq_norms.to(dtype)  # type: ignore[union-attr]
-    half_pi = math.pi / 2
-    floor_sq = floor * floor
+    c_ = _Consts.of(k, dtype, device, floor, eps, (t[0], t[1], t[2]))
+    minus_one = torch.full((), -1, dtype=torch.int64, device=device)
 
-    coeff = eye
+    coeff = c_.eye
     cur = gram
     pairs, winners = [], []
     iterations = torch.zeros((), dtype=torch.int64, device=device)
-
     for _ in range(max_iters):
-        # search: the valid pair (i < j) of lowest cosine; ties -> earliest pair (row-major)
-        sq = torch.diagonal(cur)
-        norms = torch.sqrt(torch.clamp(sq, min=0.0))
-        valid = sq >= floor_sq
-        mask = upper & valid[:, None] & valid[None, :]
-        masked = torch.where(mask, cur / (torch.outer(norms, norms) + eps), inf).reshape(-1)
-        flat = torch.argmin(masked)
-        active = masked.amin() < t_w
-        c = torch.where(active, masked.amin(), zero)  # keep inactive arithmetic finite
-        i = flat // k
-        j = flat - i * k
-        oh_i, oh_j = (ar == i).to(dtype), (ar == j).to(dtype)
-        d = oh_i @ cur @ oh_j
-        n_i, n_j = sq @ oh_i, sq @ oh_j
-
+        pair = _pick_pair(cur, c_)
         stab = None
         if prev_cross is not None:
-            stab = stability(coeff, prev_cross, sq, prev_sq_norms, eps)
+            stab = stability(coeff, prev_cross, pair.sq, prev_sq_norms, eps)
         j_wins = second_wins(
-            oh_i,
-            oh_j,
-            norms,
+            pair.oh_i,
+            pair.oh_j,
+            pair.norms,
             ema,
             stab,
             history,
@@ -248,41 +341,16 @@ def resolve_gramian(
             dominance=dominance,
             eps=eps,
         )
-        winner = torch.where(j_wins, j, i)
-        oh_w, oh_l = torch.where(j_wins, oh_j, oh_i), torch.where(j_wins, oh_i, oh_j)
-        n_w, n_l = torch.where(j_wins, n_j, n_i), torch.where(j_wins, n_i, n_j)
-        row_w, row_l = oh_w @ coeff, oh_l @ coeff
-
+        winner = torch.where(j_wins, pair.j, pair.i)
         if rule == "smooth":
-            alpha = _angle(c, (t_c, t_m, t_w), remap_power, eps)
-            s_w = torch.sin(alpha)
-            s_l = torch.sin(torch.clamp(alpha, max=half_pi))
-            a = torch.where(active, s_w * d / (n_l + eps), zero)  # g_w -= a g_l
-            b = torch.where(active, s_l * d / (n_w + eps), zero)  # g_l -= b g_w
-            coeff = coeff - torch.outer(oh_w, a * row_l) - torch.outer(oh_l, b * row_w)
-            arbitrated = active if arbitrate_weak else active & (c < t_m)
+            coeff = _smooth_step(coeff, pair, j_wins, remap_power, c_)
+            arbitrated = pair.active if arbitrate_weak else pair.active & (pair.c < c_.t[1])
         else:
-            crit = active & (c < t_c)
-            main = active & (c >= t_c) & (c < t_m)
-            weak = active & (c >= t_m)
-            row_i, row_j = oh_i @ coeff, oh_j @ coeff
-            d_tilde = c * torch.sqrt(torch.clamp(n_i * n_j, min=0.0))
-            b_main = torch.where(main, d / (n_w + eps), zero)  # g_l -= b_main g_w
-            a_ij = torch.where(weak, d_tilde / (n_j + eps), zero)  # g_i -= a_ij g_j
-            a_ji = torch.where(weak, d_tilde / (n_i + eps), zero)  # g_j -= a_ji g_i
-            kill = crit.to(dtype)  # critical: zero the loser's row
-            coeff = (
-                coeff
-                - torch.outer(oh_l, kill * row_l + b_main * row_w)
-                - torch.outer(oh_i, a_ij * row_j)
-                - torch.outer(oh_j, a_ji * row_i)
-            )
-            arbitrated = crit | main
-
+            coeff, arbitrated = _zones_step(coeff, pair, j_wins, c_)
         cur = coeff @ gram @ coeff.T
         history = push_history(history, winner, arbitrated)
-        iterations = iterations + active.to(torch.int64)
-        pairs.append(torch.where(active, torch.stack([i, j]), minus_one))
+        iterations = iterations + pair.active.to(torch.int64)
+        pairs.append(torch.where(pair.active, torch.stack([pair.i, pair.j]), minus_one))
         winners.append(torch.where(arbitrated, winner, minus_one))
 
     return ResolveResult(
@@ -308,7 +376,7 @@ def resolve(
     prev: PyTree | None = None,
     **kwargs: Any,
 ) -> ResolveResult:
-    """Resolve the conflicts of task-stacked ``grads`` (leaves ``(K, ...)``), spec §2.3.
+    """Resolve the conflicts of task-stacked ``grads`` (leaves ``(K, ...)``).
 
     Computes the Gramian leaf by leaf (in ``gram_dtype``), runs :func:`resolve_gramian` (every keyword
     argument of which is accepted) and returns its result with ``grads`` = the resolved task-stacked

@@ -1,4 +1,4 @@
-"""torch.distributed helpers: averaging pytrees across ranks (DESIGN.md layer 6).
+"""torch.distributed helpers: averaging pytrees across ranks.
 
 gradfn makes every decision (EMA inputs, Gramian, colouring, conflict resolution, arbitrator
 history) from statistics averaged across ranks, so all ranks hold the same state at every step.
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-PyTree = Any
+from gradfn.typing import PyTree
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -31,6 +31,7 @@ __all__ = [
     "broadcast_tree",
     "is_distributed",
     "make_reducer",
+    "sync_outputs",
     "world_size",
 ]
 
@@ -133,3 +134,28 @@ def make_reducer(
         return all_reduce_mean(tree, group=group, dtype=dtype, bucket_bytes=bucket_bytes)
 
     return reduce
+
+
+def sync_outputs(
+    grads: PyTree,
+    skipped: Tensor,
+    *,
+    group: Any = None,
+    combine: str = "mean",
+) -> tuple[PyTree, Tensor]:
+    """Per-rank results made common: the outputs averaged (``"mean"``) or summed (``"sum"``)
+    across ranks in float32, and the skip flag OR-ed in the same all-reduce, so that a step
+    skipped on one rank is skipped on every rank (no rank waits on a collective another skips).
+
+    This is GCond's reference scheme (each rank resolves its own gradients, then the outputs are
+    combined); identity without a process group.
+    """
+    if combine not in ("mean", "sum"):
+        raise ValueError(f"`combine` must be 'mean' or 'sum', got {combine!r}")
+    flag = skipped.to(torch.float32).reshape(())
+    reduced = all_reduce_mean({"grads": grads, "flag": flag}, group=group)
+    out = reduced["grads"]
+    if combine == "sum":
+        n = world_size(group)
+        out = optree.tree_map(lambda g: g * n, out)
+    return out, reduced["flag"] > 0

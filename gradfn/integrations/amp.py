@@ -1,4 +1,4 @@
-"""Loss scaling for mixed precision (``torch.amp.GradScaler``), shared by the transforms.
+"""Loss scaling for mixed precision (``torch.amp.GradScaler``), shared by both algorithms.
 
 A transform that takes ``loss_scale`` (a 0-d tensor ``s``) differentiates ``s · L_k`` (so small
 half-precision gradients do not underflow in the backward) and divides the gradients by ``s`` in
@@ -16,9 +16,9 @@ import optree
 import torch
 from torch import Tensor
 
-__all__ = ["poison_like", "scale_losses", "unscale"]
+from gradfn.typing import PyTree
 
-PyTree = Any
+__all__ = ["poison_like", "scale_losses", "unscale"]
 
 
 def scale_losses(loss_fn: Callable[..., Any], scale: Tensor | None) -> Callable[..., Any]:

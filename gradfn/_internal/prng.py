@@ -1,8 +1,10 @@
 """Counter-based random numbers from a seed: pure, device-agnostic and traceable.
 
-A 32-bit integer hash (two multiply-xorshift rounds) of ``(seed, index)`` gives the bits; no
-generator object, no global RNG, so the same seed gives the same draw eagerly, compiled, on any
-device. All arithmetic is int64 with factors below 2³¹, so no intermediate product overflows.
+One 32-bit integer hash (two multiply-xorshift rounds) of ``(key, index)`` gives every random bit
+gradfn draws: PCGrad and GradVac visiting orders, GradDrop's uniforms and the sketches' hashed
+projections. No generator object and no global RNG, so the same seed gives the same draw eagerly,
+compiled and on any device. All arithmetic is int64 with factors below 2³¹, so no intermediate
+product overflows.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fold_in", "hash32", "permutations", "uniform"]
+__all__ = ["as_key", "fold_in", "hash32", "permutations", "random_bits", "uniform"]
 
 _MASK = 0xFFFFFFFF
 _MULT = 0x45D9F3B
@@ -24,7 +26,8 @@ def hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def as_key(seed: int | Tensor, device: torch.device | None = None) -> Tensor:
+def as_key(seed: int | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """A 0-d int64 key tensor from an int or a tensor seed."""
     if isinstance(seed, Tensor):
         return seed.to(dtype=torch.int64, device=device).reshape(())
     return torch.tensor(int(seed), dtype=torch.int64, device=device)
@@ -34,12 +37,12 @@ def fold_in(seed: int | Tensor, data: int | Tensor) -> Tensor:
     """A new key from ``seed`` and ``data`` (e.g. a step counter)."""
     key = as_key(seed)
     d = data.to(torch.int64) if isinstance(data, Tensor) else torch.tensor(int(data))
-    return hash32(hash32(key) ^ hash32(d + 0x632BE5AB))
+    return hash32(hash32(key) ^ hash32(d.to(key.device) + 0x632BE5AB))
 
 
-def _bits(key: Tensor, n: int, device: torch.device) -> Tensor:
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    return hash32(idx ^ hash32(key.to(device) + 0x2545F491))
+def random_bits(key: Tensor, index: Tensor) -> Tensor:
+    """32 random bits for every entry of the int64 tensor ``index``, a function of ``key``."""
+    return hash32(index ^ hash32(key.to(index.device) + 0x2545F491))
 
 
 def uniform(
@@ -54,7 +57,8 @@ def uniform(
     n = 1
     for s in shape:
         n *= s
-    bits = _bits(as_key(key, device), n, device) >> 8  # 24 bits: exact in float32
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    bits = random_bits(as_key(key, device), idx) >> 8  # 24 bits: exact in float32
     return (bits.to(dtype) * (1.0 / (1 << 24))).reshape(shape)
 
 
@@ -63,5 +67,6 @@ def permutations(
 ) -> Tensor:
     """``rows`` independent random permutations of ``range(size)``, shape ``(rows, size)``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    bits = _bits(as_key(key, device), rows * size, device).reshape(rows, size)
+    idx = torch.arange(rows * size, dtype=torch.int64, device=device)
+    bits = random_bits(as_key(key, device), idx).reshape(rows, size)
     return torch.argsort(bits, dim=1, stable=True)

@@ -1,11 +1,12 @@
-"""Greedy graph colouring and colour groups (SON-GOKU, DESIGN.md layer 3).
+"""Greedy graph colouring and colour groups (SON-GOKU, arXiv:2509.16959).
 
 * :func:`color` — Welsh–Powell largest-first colouring (paper §3, reference
   ``welsh_powell_coloring``): vertices by degree descending, ties by ascending task index, first
   fit (lowest colour no neighbour has). At most ``Δ + 1`` colours.
 * :func:`groups_from_colors` — the colour classes as a fixed-shape ``(K, K)`` boolean mask
   (row ``c`` = members of colour ``c``) plus the number of valid rows.
-* :func:`duplicate_min_coverage` — the reference's minimum-coverage duplication (spec §1.5).
+* :func:`duplicate_min_coverage` — minimum-coverage duplication of the paper's §4.4, as the
+  reference implementation does it.
 
 All three are tensor-only with loops of a fixed length (``K`` positions), so they run without host
 syncs and trace under ``torch.compile``.
@@ -86,7 +87,7 @@ def groups_from_colors(colors: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def duplicate_min_coverage(groups: Tensor, adjacency: Tensor, min_updates: int) -> Tensor:
-    """Minimum-coverage duplication (spec §1.5; paper §4.4). Returns the new ``(K, K)`` mask.
+    """Minimum-coverage duplication (paper §4.4). Returns the new ``(K, K)`` mask.
 
     Every task should appear in at least ``min_updates`` groups of the cycle. Tasks are visited in
     order of first appearance (group 0 members ascending, then group 1, ...); a task lacking

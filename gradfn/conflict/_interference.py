@@ -1,4 +1,4 @@
-"""Interference and conflict graphs (SON-GOKU, DESIGN.md layer 3).
+"""Interference and conflict graphs (SON-GOKU, arXiv:2509.16959).
 
 Everything is stated in the paper's sign convention: the *interference* of tasks ``i`` and ``j`` is
 ``ρ_ij = −cos(e_i, e_j)`` (positive when their gradients oppose), and the paper's conflict graph
@@ -9,20 +9,24 @@ Functions are pure and tensor-only (no host syncs), so they trace under ``torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_choice, check_int
+
 __all__ = [
     "GRAPH_RULES",
+    "GraphRule",
     "conflict_adjacency",
     "edge_density",
     "interference",
     "knn_k_for_density",
 ]
 
-GraphRule = Literal["threshold", "quantile", "knn", "signed"]
+GraphRuleName = Literal["threshold", "quantile", "knn", "signed"]
 GRAPH_RULES: tuple[str, ...] = ("threshold", "quantile", "knn", "signed")
 
 
@@ -40,7 +44,7 @@ def interference(gram: Tensor, eps: float = 1e-12) -> Tensor:
     ``ρ_ij = −G_ij / ((‖e_i‖ + eps)(‖e_j‖ + eps))`` with ``‖e_i‖ = sqrt(G_ii)`` (paper §3,
     reference ``cosine_interference_matrix``), clamped to ``[−1, 1]``; the diagonal is 0, and the
     rows / columns of tasks with a zero (or non-finite) norm are 0 (such a task conflicts with
-    nobody, spec §1.8). Non-finite entries become 0. Returns a float32 (or wider) K×K tensor.
+    nobody). Non-finite entries become 0. Returns a float32 (or wider) K×K tensor.
     """
     k = _check_square("gram", gram)
     if eps < 0:
@@ -75,16 +79,15 @@ def knn_k_for_density(density: float, num_tasks: int) -> int:
 
 
 def _check_fraction(name: str, value: float) -> float:
-    value = float(value)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"`{name}` must lie in [0, 1], got {value}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}")
+    return float(value)
 
 
 def conflict_adjacency(
     rho: Tensor,
     tau: Tensor | float = 0.25,
-    rule: GraphRule = "threshold",
+    rule: GraphRuleName = "threshold",
     *,
     quantile: float = 0.3,
     knn_k: int = 3,
@@ -101,7 +104,7 @@ def conflict_adjacency(
     * ``"knn"``: every node marks its ``knn_k`` most interfering other nodes (ties by index),
       then the relation is symmetrised (OR with its transpose).
 
-    ``density = δ`` (density matching, instrumented reference): ``threshold`` uses the τ that
+    ``density = δ`` (density matching, the paper's "DM" ablation): ``threshold`` uses the τ that
     leaves a fraction ``δ`` of pairs above it (the ``(1−δ)``-quantile of ρ, i.e. ``quantile`` with
     ``p = δ``), ``quantile`` uses ``p = δ``, ``knn`` uses ``k = clamp(round(δ(K−1)/2), 1, K−1)``,
     ``signed`` is unchanged. ``tau_used`` (0-d float tensor) is the effective ρ-threshold of the
@@ -149,3 +152,30 @@ def edge_density(adjacency: Tensor) -> Tensor:
     k = _check_square("adjacency", adjacency)
     pairs = max(k * (k - 1) // 2, 1)
     return _upper(adjacency).to(torch.float32).sum() / pairs
+
+
+@dataclass(frozen=True)
+class GraphRule:
+    """How the conflict graph is built from ``ρ``: the arguments of :func:`conflict_adjacency`.
+
+    Validated when built: ``rule`` one of :data:`GRAPH_RULES`, ``quantile`` and ``density`` in
+    ``[0, 1]``, ``knn_k`` an integer ``≥ 0``.
+    """
+
+    rule: GraphRuleName = "threshold"
+    quantile: float = 0.3
+    knn_k: int = 3
+    density: float | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("graph_rule", self.rule, GRAPH_RULES)
+        object.__setattr__(self, "quantile", _check_fraction("graph_quantile", self.quantile))
+        check_int("graph_knn_k", self.knn_k, 0)
+        if self.density is not None:
+            object.__setattr__(self, "density", _check_fraction("graph_density", self.density))
+
+    def adjacency(self, rho: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(adjacency, tau_used)`` of :func:`conflict_adjacency` with this rule."""
+        return conflict_adjacency(
+            rho, tau, self.rule, quantile=self.quantile, knn_k=self.knn_k, density=self.density
+        )

@@ -1,9 +1,9 @@
-"""Seeded random projections of task-stacked gradients (SON-GOKU sketched EMA, spec §2.4).
+"""Seeded random projections of task-stacked gradients: SON-GOKU's sketched EMA.
 
 ``sketch(stacked, dim, seed)`` maps every task's shared gradient ``g_k ∈ R^n`` to
 ``s_k = P g_k ∈ R^dim`` with a random matrix ``P`` for which ``E[<Pa, Pb>] = <a, b>``. The EMA of
-SON-GOKU then lives in ``K × dim`` memory instead of ``K × n``, and a refresh costs ``O(K² dim)``
-for the Gramian (paper §2.4). Two matrices:
+SON-GOKU (arXiv:2509.16959) then lives in ``K × dim`` memory instead of ``K × n``, and a
+recolouring costs ``O(K² dim)`` for the Gramian. Two matrices:
 
 * ``method="countsketch"`` (default; Charikar et al. 2002, Clarkson & Woodruff 2013): each column
   of ``P`` has a single non-zero ``±1`` in a hashed row, so ``s_k[h(i)] += σ(i) g_k[i]``: an
@@ -11,45 +11,33 @@ for the Gramian (paper §2.4). Two matrices:
 * ``method="rademacher"``: dense Johnson–Lindenstrauss entries ``±1/sqrt(dim)``: ``O(K·n·dim)``,
   lower variance per dimension, far slower for large ``n``.
 
-``P`` is never stored: its entries are a counter-based hash of ``(seed, leaf, coordinate)``,
-regenerated chunk by chunk, leaf by leaf. The same ``(seed, dim, method)`` always gives the same
-``P``, chunking does not change the result, and everything is tensor-only integer arithmetic, so
-it traces under ``torch.compile``.
+``P`` is never stored: its entries are a counter-based hash (:mod:`gradfn._internal.prng`) of
+``(seed, leaf, coordinate)``, regenerated chunk by chunk, leaf by leaf. The same
+``(seed, dim, method)`` always gives the same ``P``, chunking does not change the result, and
+everything is tensor-only integer arithmetic, so it traces under ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradfn._internal.prng import as_key, fold_in, hash32, random_bits
 from gradfn.tree import leaves, num_tasks
+from gradfn.typing import PyTree
 
 __all__ = ["SKETCH_METHODS", "count_sketch_hashes", "projection_block", "sketch"]
 
 SKETCH_METHODS = ("countsketch", "rademacher")
 
-PyTree = Any
-_MASK = 0x7FFFFFFF  # 31 bits: every product below stays < 2**62 in int64.
+_ROW_SALT = 0x5BD1E995
+_SIGN_SALT = 0x632BE5AB
 
 
-def _mix(x: Tensor) -> Tensor:
-    """A 31-bit integer hash (xorshift-multiply rounds); ``x`` int64 in ``[0, 2**31)``."""
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK
-    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK
-    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK
-    return x ^ (x >> 16)
-
-
-def _mix_int(x: int) -> int:
-    """:func:`_mix` on a Python integer (same values)."""
-    x &= _MASK
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK
-    x = ((x ^ (x >> 12)) * 0x297A2D39) & _MASK
-    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK
-    return x ^ (x >> 16)
+def _leaf_key(seed: int, leaf: int, salt: int, device: torch.device) -> Tensor:
+    return fold_in(fold_in(as_key(seed, device), leaf), salt)
 
 
 def projection_block(
@@ -60,13 +48,11 @@ def projection_block(
     Entries are ``±1/sqrt(dim)``, a deterministic function of ``(seed, leaf, row, column)``.
     """
     device = rows.device
-    base = _mix_int(_mix_int(int(seed)) ^ (int(leaf) * 0x9E3779B1))
-    h_rows = _mix((rows.to(torch.int64) ^ base) & _MASK)  # (c,)
+    h_rows = random_bits(_leaf_key(seed, leaf, 1, device), rows.to(torch.int64))  # (c,)
     cols = torch.arange(dim, dtype=torch.int64, device=device)
-    h_cols = _mix((cols * 0x5BD1E995 + 0x632BE5AB) & _MASK)  # (dim,)
-    # Rows and columns are hashed once each; an entry needs only two multiply-xorshift rounds.
-    h = ((h_rows[:, None] ^ h_cols[None, :]) * 0x2C1B3C6D) & _MASK
-    h = ((h ^ (h >> 13)) * 0x297A2D39) & _MASK
+    h_cols = hash32(cols * _ROW_SALT + _SIGN_SALT)  # (dim,)
+    # rows and columns are hashed once each; an entry needs one more hash of their combination
+    h = hash32(h_rows[:, None] ^ h_cols[None, :])
     scale = 1.0 / math.sqrt(dim)
     return torch.where((h & (1 << 17)) != 0, scale, -scale).to(dtype)
 
@@ -77,9 +63,8 @@ def count_sketch_hashes(seed: int, leaf: int, ids: Tensor, dim: int) -> tuple[Te
     Returns ``(bucket, sign)``: ``bucket`` int64 in ``[0, dim)``, ``sign`` float32 ``±1``, so that
     column ``i`` of ``P`` is ``sign[i] · e_{bucket[i]}``.
     """
-    base = _mix_int(_mix_int(int(seed) ^ 0x3C6EF372) ^ (int(leaf) * 0x9E3779B1))
-    h = _mix((ids.to(torch.int64) ^ base) & _MASK)
-    g = _mix((h * 0x5BD1E995 + 0x632BE5AB) & _MASK)  # second hash, independent bits for the sign
+    h = random_bits(_leaf_key(seed, leaf, 2, ids.device), ids.to(torch.int64))
+    g = hash32(h * _ROW_SALT + _SIGN_SALT)  # a second hash: independent bits for the sign
     bucket = h % dim
     sign = torch.where((g & (1 << 20)) != 0, 1.0, -1.0)
     return bucket, sign

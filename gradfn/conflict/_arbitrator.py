@@ -1,4 +1,4 @@
-"""GCond's arbitrator: who wins a conflicting pair (gcond spec §2.7), as pure tensor functions.
+"""GCond's arbitrator (arXiv:2509.07252): who wins a conflicting pair, as pure tensor functions.
 
 For a selected pair ``(i, j)`` (``i < j``) the arbitrator names a winner and a loser:
 
@@ -11,7 +11,7 @@ For a selected pair ``(i, j)`` (``i < j``) the arbitrator names a winner and a l
    gradient) and ``strength_k = (||g_k||/(e_k+eps)) / (||g_i||/(e_i+eps) + ||g_j||/(e_j+eps) + eps)``
    (``e_k`` = the task's norm EMA); ``j`` wins iff ``score_j > score_i``, else ``i``.
 
-Everything is worked in the coefficient space of :mod:`gradfn.resolve`: the current gradients are
+Everything is worked in the coefficient space of :func:`gradfn.conflict.resolve_gramian`: the current gradients are
 ``g_k = Σ_m C_km g⁰_m``, so ``<g_k, p_k> = Σ_m C_km X_mk`` with the cross-Gramian
 ``X_mk = <g⁰_m, p_k>`` (the off-diagonal block of the ``2K×2K`` Gramian of ``[g⁰; p]``).
 
@@ -34,7 +34,6 @@ __all__ = [
     "push_history",
     "second_wins",
     "stability",
-    "update_norm_ema",
 ]
 
 DominanceRule = Literal["loses", "wins"]
@@ -60,11 +59,6 @@ def push_history(history: Tensor, winner: Tensor, record: Tensor) -> Tensor:
         return history
     shifted = torch.cat([history[1:], winner.reshape(1).to(history.dtype)])
     return torch.where(record, shifted, history)
-
-
-def update_norm_ema(norm_ema: Tensor, norms: Tensor, beta: float, eps: float) -> Tensor:
-    """``e ← max(β·e + (1−β)·r, eps)`` elementwise (spec §2.3 step 1; no bias correction)."""
-    return torch.clamp(beta * norm_ema + (1.0 - beta) * norms, min=eps)
 
 
 def stability(
@@ -136,7 +130,7 @@ def arbitrate(
     dominance: DominanceRule = "loses",
     eps: float = 1e-8,
 ) -> tuple[Tensor, Tensor]:
-    """Winner and loser (0-d int64) of the pair ``(i, j)``, spec §2.7.
+    """Winner and loser (0-d int64) of the pair ``(i, j)`` (module docstring).
 
     ``norms`` (K,) current gradient norms, ``norm_ema`` (K,) the norm EMAs ``e_k``, ``stab`` (K,)
     from :func:`stability` (or ``None``), ``history`` the winner ring. Ties go to ``i``.

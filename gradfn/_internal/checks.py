@@ -1,0 +1,91 @@
+"""Argument checks shared by every layer: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+__all__ = [
+    "check_beta",
+    "check_callable",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_nonnegative",
+    "check_optional_int",
+    "check_positive",
+    "check_seed",
+]
+
+T = TypeVar("T")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an integer (not a bool) ``≥ minimum``, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
+    """:func:`check_int`, with ``None`` allowed."""
+    return None if value is None else check_int(name, value, minimum)
+
+
+def check_float(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
+    """``float(value)`` if it is a number in ``[low, high)`` (``[low, high]`` with
+    ``open_high=False``), else ``ValueError`` naming ``name``."""
+    ok = _is_number(value) and low <= value and (value < high if open_high else value <= high)
+    if not ok:
+        bracket = ")" if open_high else "]"
+        raise ValueError(f"`{name}` must be a number in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def check_beta(name: str, value: Any) -> float:
+    """An EMA factor: a number in ``[0, 1)``."""
+    return check_float(name, value, 0.0, 1.0)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite number ``> 0``."""
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """A finite number ``≥ 0`` (NaN is rejected)."""
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"`{name}` must be a number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: T, choices: Collection[Any]) -> T:
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_callable(name: str, value: Any, *, optional: bool = False) -> Callable[..., Any] | None:
+    """``value`` if it is callable (or ``None`` with ``optional``), else ``TypeError``."""
+    if value is None and optional:
+        return None
+    if not callable(value):
+        what = "callable or None" if optional else "callable"
+        raise TypeError(f"`{name}` must be {what}, got {type(value).__name__}")
+    return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """An integer seed (``TypeError`` for a float, a bool, a string or None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    return int(value)

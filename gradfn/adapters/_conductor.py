@@ -1,0 +1,222 @@
+"""``GradientConductor``: GCond for ``nn.Module`` training, with the reference implementation's
+constructor, call conventions, ``step(data_provider) -> stats`` and checkpointing. The docs' GCond
+guide lists every difference from the reference, one line each.
+
+Call conventions (as the reference): ``data_provider()`` returns ``(x, y)``. If ``x`` is a dict
+with ``'args'`` / ``'kwargs'``: ``model(*x['args'], **x['kwargs'])``; a tuple / list:
+``model(*x)``; else ``model(x)``. If ``y`` is such a dict: ``loss_fn(out, *y['args'],
+**y['kwargs'])``; else ``loss_fn(out, y)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from gradfn.adapters import _checkpoints
+from gradfn.adapters._common import check_amp, loss_scale, reducer, unwrap, write_grads
+from gradfn.algorithms import ConductorConfig, ConductorState, conductor
+from gradfn.autodiff import functional_loss
+from gradfn.integrations.distributed import sync_outputs
+
+__all__ = ["GradientConductor"]
+
+_DDP_SYNC = ("avg", "broadcast", "none")
+_STATS = ("final_grad_norm", "step", "proj_iters", "min_cosine_sim", "min_cosine_after", "skipped")
+
+
+def _call_model(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, Mapping) and ("args" in x or "kwargs" in x):
+        return model(*x.get("args", ()), **x.get("kwargs", {}))
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def _call_loss(loss_fn: Callable[..., Tensor], out: Any, y: Any) -> Tensor:
+    if isinstance(y, Mapping) and ("args" in y or "kwargs" in y):
+        return loss_fn(out, *y.get("args", ()), **y.get("kwargs", {}))
+    return loss_fn(out, y)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module, whole_model: bool) -> Iterator[None]:
+    """BatchNorm layers (or, ``whole_model``, every module) in eval mode; modes restored after."""
+    bn = nn.modules.batchnorm._BatchNorm
+    targets = [m for m in module.modules() if whole_model or isinstance(m, bn)]
+    modes = [m.training for m in targets]
+    try:
+        for m in targets:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(targets, modes, strict=True):
+            m.training = mode
+
+
+class GradientConductor:
+    """GCond for ``nn.Module`` training: the reference's arguments and defaults (``model``,
+    ``loss_fns``, ``lambdas``, ``accumulation_steps``, then keyword-only ``projection_max_iters``,
+    ``norm_cap``, ``momentum_beta``, ``use_lion``, ``trust_ratio_coef``, ``trust_ratio_clip``,
+    ``dominance_window``, ``conflict_thresholds``, ``norm_ema_beta``, ``tie_breaking_weights``,
+    ``return_raw_grad``, ``remap_power``, ``use_smooth_logic``, ``stochastic_accumulation``,
+    ``ddp_sync``, ``freeze_bn``, ``eps``).
+
+    gradfn options (keyword-only): ``reference=True`` (the reference's defects, for comparisons),
+    any :class:`~gradfn.algorithms.ConductorConfig` field (``dominance``, ``accumulation_dtype``,
+    ``stability_source``, ``min_cosine``, ``arbitrate_weak``, ``norm_floor``, ``cap_single_loss``,
+    ``strategy``; ``None`` keeps the default), ``untouched_grad`` (``"none"``: parameters no loss
+    reaches get ``p.grad = None``; ``"zeros"``), ``autocast_dtype``, ``scaler`` (a
+    ``torch.amp.GradScaler``: ``p.grad`` = output × scale, then call ``scaler.step`` and
+    ``scaler.update``), ``process_group`` and ``compile`` (compile the resolve + momentum half).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fns: Mapping[str, Callable[..., Tensor]],
+        lambdas: Mapping[str, float],
+        accumulation_steps: int,
+        *,
+        ddp_sync: str = "avg",
+        freeze_bn: bool = True,
+        reference: bool = False,
+        untouched_grad: str | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        scaler: Any = None,
+        process_group: Any = None,
+        compile: bool | str = False,
+        **options: Any,
+    ) -> None:
+        self.module, ddp, self.process_group = unwrap(model, process_group)
+        if not isinstance(loss_fns, Mapping) or not loss_fns:
+            raise (ValueError if isinstance(loss_fns, Mapping) else TypeError)(
+                f"`loss_fns` must be a non-empty dict name -> callable, got {loss_fns!r:.60}"
+            )
+        for name, fn in loss_fns.items():
+            if not callable(fn):
+                raise TypeError(f"`loss_fns[{name!r}]` must be callable, got {type(fn).__name__}")
+        if not isinstance(lambdas, Mapping):
+            raise TypeError(f"`lambdas` must be a dict name -> float, got {type(lambdas)}")
+        if set(lambdas) != set(loss_fns):
+            raise ValueError(
+                f"`lambdas` keys {sorted(lambdas)} must equal the `loss_fns` keys {sorted(loss_fns)}"
+            )
+        if ddp_sync not in _DDP_SYNC:
+            raise ValueError(f"`ddp_sync` must be one of {_DDP_SYNC}, got {ddp_sync!r}")
+        untouched = untouched_grad or ("zeros" if reference else "none")
+        if untouched not in ("none", "zeros"):
+            raise ValueError(f"`untouched_grad` must be 'none' or 'zeros', got {untouched_grad!r}")
+        if ddp_sync == "broadcast":
+            warnings.warn(
+                "ddp_sync='broadcast' reproduces the reference: each rank resolves its own "
+                "gradients and the outputs are SUMMED across ranks (not averaged); "
+                "ddp_sync='avg' takes every decision from averaged statistics",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.scaler = check_amp(autocast_dtype, scaler)
+        self.model, self.ddp_sync, self.freeze_bn = model, ddp_sync, bool(freeze_bn)
+        self.reference, self.untouched_grad = bool(reference), untouched
+        self.autocast_dtype = torch.bfloat16 if autocast_dtype is None and reference else autocast_dtype
+        self.loss_names = list(loss_fns)
+        self.loss_fns = dict(loss_fns)
+        self.lambdas = {k: lambdas[k] for k in self.loss_names}
+        self.accumulation_steps = accumulation_steps
+        config = ConductorConfig.from_reference(
+            [self.lambdas[k] for k in self.loss_names], accumulation_steps, reference=reference,
+            **options,
+        )
+        # "avg": the A_k averaged before every decision; the reference's per-rank scheme (with
+        # reference=True, or "broadcast") combines the resolved outputs instead
+        per_rank = ddp_sync == "broadcast" or (ddp_sync == "avg" and reference)
+        combine = "sum" if ddp_sync == "broadcast" else "mean"
+        self._params, loss_fn = functional_loss(self.module, self._losses)
+        self._device = next(iter(self._params.values())).device
+        self._named = [(n, p) for n, p in self.module.named_parameters() if n in self._params]
+        self._leaf_names = [path[0] for path in optree.tree_paths(self._params)]
+        self._algo = conductor(
+            loss_fn,
+            config=config,
+            reduce=reducer(ddp, self.process_group) if ddp_sync == "avg" and not reference else None,
+            sync_outputs=partial(sync_outputs, group=self.process_group, combine=combine)
+            if per_rank
+            else None,
+            compile=compile,
+            donate_state=True,
+        )
+        self._state: ConductorState = self._algo.init(self._params)
+
+    def _losses(self, module: nn.Module, batch: Any) -> list[Tensor]:
+        """The ``K`` losses of one micro-batch ``(x, y)``: one forward shared by every loss."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError("data_provider() must return a pair (x, y)")
+        x, y = batch
+        use_autocast = self.autocast_dtype is not None and (
+            self._device.type == "cuda" or not self.reference
+        )
+        ctx = (
+            torch.autocast(self._device.type, dtype=self.autocast_dtype)
+            if use_autocast
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out = _call_model(module, x)
+            return [_call_loss(self.loss_fns[k], out, y) for k in self.loss_names]
+
+    def step(self, data_provider: Callable[[], tuple[Any, Any]]) -> dict[str, float | int | bool]:
+        """One optimizer step's worth of accumulation and resolution; writes ``p.grad``.
+
+        ``data_provider()`` returns the next ``(x, y)``; it is called ``accumulation_steps`` times.
+        Returns ``final_grad_norm``, ``step``, ``proj_iters``, ``min_cosine_sim``,
+        ``raw_norm/<k>``, ``norm_ema/<k>``, ``loss/<k>`` (the reference's stats) plus
+        ``min_cosine_after`` and ``skipped``.
+        """
+        if not callable(data_provider):
+            raise TypeError(
+                f"`data_provider` must be a callable returning (x, y), got {type(data_provider)}"
+            )
+        scale = loss_scale(self.scaler, self._device)
+        mode = _eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
+        with mode:
+            self._state, grads = self._algo.update(
+                self._state, self._params, data_provider, loss_scale=scale
+            )
+        st = self._state
+        values = torch.cat(
+            [torch.stack([getattr(st, f).float() for f in _STATS]), st.raw_norms, st.norm_ema, st.losses]
+        ).tolist()
+        stats: dict[str, float | int | bool] = dict(zip(_STATS, values, strict=False))
+        stats["step"], stats["skipped"] = int(stats["step"]), bool(stats["skipped"])
+        k = len(self.loss_names)
+        for i, name in enumerate(self.loss_names):
+            base = len(_STATS) + i
+            stats[f"raw_norm/{name}"] = values[base]
+            stats[f"norm_ema/{name}"] = values[base + k]
+            stats[f"loss/{name}"] = values[base + 2 * k]
+        skipped = bool(stats["skipped"])
+        touched = dict(zip(self._leaf_names, st.touched.tolist(), strict=True))
+        write = [touched[n] or self.untouched_grad == "zeros" for n, _ in self._named]
+        if skipped and scale is None:  # nothing to apply: optimizer.step() leaves the parameters
+            write = [False] * len(self._named)
+        write_grads(self._named, grads, write, scale=scale, poison=skipped)
+        return stats
+
+    @property
+    def state(self) -> ConductorState:
+        """The functional state (a NamedTuple of tensors)."""
+        return self._state
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the conductor's state (plain containers of tensors, loadable with
+        ``torch.load(weights_only=True)``)."""
+        return _checkpoints.conductor_state_dict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (also one saved by gradfn 0.1)."""
+        _checkpoints.conductor_load_state_dict(self, state_dict)

@@ -1,0 +1,84 @@
+"""SON-GOKU's task specs (the reference implementation's ``TaskSpec``) and the ``K``-loss function
+an adapter hands to the core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TaskSpec", "check_tasks", "task_losses"]
+
+
+@dataclass
+class TaskSpec:
+    """One task: ``loss_fn(model, batch) -> scalar Tensor``.
+
+    ``refresh_batch_provider()`` (optional) returns a fresh batch used at each refresh to update
+    this task's EMA; ``head_param_filter(parameter) -> bool`` (optional) marks its head.
+    """
+
+    name: str
+    loss_fn: Callable[[nn.Module, Any], Tensor]
+    refresh_batch_provider: Callable[[], Any] | None = None
+    head_param_filter: Callable[[nn.Parameter], bool] | None = None
+
+
+def check_tasks(tasks: Any) -> list[TaskSpec]:
+    """A non-empty list of :class:`TaskSpec` with unique names and callables (checked)."""
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"`tasks` must be a list of TaskSpec, got {type(tasks).__name__}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("`tasks` is empty: SON-GOKU needs at least one TaskSpec")
+    seen: set[str] = set()
+    for i, spec in enumerate(tasks):
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(f"`tasks[{i}]` must be a TaskSpec, got {type(spec).__name__}")
+        if not isinstance(spec.name, str) or not spec.name:
+            raise ValueError(f"`tasks[{i}].name` must be a non-empty string, got {spec.name!r}")
+        if spec.name in seen:
+            raise ValueError(f"`tasks`: duplicate task name {spec.name!r}")
+        seen.add(spec.name)
+        if not callable(spec.loss_fn):
+            raise TypeError(f"task {spec.name!r}: `loss_fn` must be callable")
+        for field in ("refresh_batch_provider", "head_param_filter"):
+            value = getattr(spec, field)
+            if value is not None and not callable(value):
+                raise TypeError(f"task {spec.name!r}: `{field}` must be callable or None")
+    return tasks
+
+
+def task_losses(
+    tasks: list[TaskSpec], autocast_dtype: torch.dtype | None, device_type: str
+) -> Callable[[nn.Module, Mapping[str, Any]], list[Tensor]]:
+    """``losses(module, batches) -> [L_1, ..., L_K]``: each task's loss on its own batch; tasks
+    without a batch are a constant 0 (their forward is not run).
+
+    A list, not a stack: each task's backward then visits only its own part of the graph.
+    """
+
+    def losses(module: nn.Module, batches: Mapping[str, Any]) -> list[Tensor]:
+        out: list[Tensor | None] = []
+        for spec in tasks:
+            if spec.name not in batches:
+                out.append(None)
+                continue
+            if autocast_dtype is None:
+                loss = spec.loss_fn(module, batches[spec.name])
+            else:
+                with torch.autocast(device_type, dtype=autocast_dtype):
+                    loss = spec.loss_fn(module, batches[spec.name])
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                got = type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)
+                raise TypeError(f"task {spec.name!r}: loss_fn must return a scalar Tensor, got {got}")
+            loss = loss.reshape(())
+            out.append(loss.float() if autocast_dtype is not None else loss)
+        ref = next(x for x in out if x is not None)
+        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        return [zero if x is None else x for x in out]
+
+    return losses

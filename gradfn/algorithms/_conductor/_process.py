@@ -1,0 +1,177 @@
+"""The second half of a GCond cycle: a composition of transforms around the fused K-space
+resolution, wrapped by one skip policy.
+
+``process = apply_if_finite(resolution ▷ (momentum | lion))``: the resolution aggregator
+(:mod:`._resolution`: norm EMA, cap, conflict resolution in coefficient space, one weighted sum),
+then bias-corrected momentum (or GCond's Lion branch, momentum then sign × trust ratio). The
+non-finite test is one ``K×K`` check of the Gramian (a NaN or an infinity anywhere in the ``A_k``
+shows on its diagonal) and of the losses. Pure and tensor-only: it compiles with
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn.algorithms._conductor._config import ConductorConfig
+from gradfn.algorithms._conductor._resolution import ResolutionState, resolution
+from gradfn.transforms import (
+    ApplyIfFiniteState,
+    GradientTransform,
+    MomentumState,
+    apply_if_finite,
+    lion,
+    momentum,
+)
+from gradfn.typing import PyTree, State
+
+__all__ = ["ConductorState", "ConductorStats", "init_state", "make_process", "pipeline"]
+
+
+class ConductorStats(NamedTuple):
+    """What the last cycle measured (recorded whether it was applied or skipped): ``losses``
+    (K,) λ-weighted mean losses, ``raw_losses`` (K,) unweighted, ``raw_norms`` (K,) ``‖A_k‖``
+    before the cap, ``final_grad_norm`` (0-d) of the returned gradient (0 when skipped)."""
+
+    losses: Tensor
+    raw_losses: Tensor
+    raw_norms: Tensor
+    final_grad_norm: Tensor
+
+
+class ConductorState(NamedTuple):
+    """State of GradientConductor.
+
+    * ``inner``: :class:`~gradfn.transforms.ApplyIfFiniteState` around ``(resolution state,
+      momentum state)``: what a skipped cycle leaves unchanged, plus ``skipped`` / ``num_skipped``.
+    * ``stats``: :class:`ConductorStats` of the last cycle.
+    * ``touched``: (P,) bool over the parameters' leaves: reached by some loss so far.
+
+    The fields of GradientConductor 0.1 are properties (``state.momentum``, ``state.norm_ema``,
+    ``state.losses``, ``state.skipped``, ``state.step``, ...).
+    """
+
+    inner: ApplyIfFiniteState
+    stats: ConductorStats
+    touched: Tensor
+
+    # --- views by name -------------------------------------------------------------------
+    @property
+    def resolution(self) -> ResolutionState:
+        return self.inner.inner[0]
+
+    @property
+    def momentum(self) -> MomentumState:
+        """The (bias-corrected) momentum's state (``count`` = the reference's ``step``)."""
+        post = self.inner.inner[1]
+        return post[0] if isinstance(post, tuple) and not isinstance(post, MomentumState) else post
+
+    @property
+    def step(self) -> Tensor:
+        """Number of momentum updates (the reference's ``step`` stat)."""
+        return self.momentum.count
+
+    @property
+    def skipped(self) -> Tensor:
+        return self.inner.skipped
+
+    @property
+    def num_skipped(self) -> Tensor:
+        return self.inner.num_skipped
+
+    prev = property(lambda self: self.resolution.prev)
+    prev_sq_norms = property(lambda self: self.resolution.prev_sq_norms)
+    norm_ema = property(lambda self: self.resolution.norm_ema)
+    history = property(lambda self: self.resolution.history)
+    proj_iters = property(lambda self: self.resolution.proj_iters)
+    min_cosine_sim = property(lambda self: self.resolution.min_cosine_sim)
+    min_cosine_after = property(lambda self: self.resolution.min_cosine_after)
+    winners = property(lambda self: self.resolution.winners)
+    losses = property(lambda self: self.stats.losses)
+    raw_losses = property(lambda self: self.stats.raw_losses)
+    raw_norms = property(lambda self: self.stats.raw_norms)
+    final_grad_norm = property(lambda self: self.stats.final_grad_norm)
+
+
+def _post(config: ConductorConfig) -> GradientTransform:
+    if config.use_lion:
+        return lion(
+            config.momentum_beta,
+            config.trust_ratio_coef,
+            config.trust_ratio_clip,
+            eps=config.eps,
+            dtype=config.accumulation_dtype,
+        )
+    return momentum(config.momentum_beta, dtype=config.accumulation_dtype)
+
+
+def pipeline(
+    config: ConductorConfig, *, select: Literal["where", "host"] = "where"
+) -> GradientTransform:
+    """``apply_if_finite(resolution ▷ post)`` over task-stacked ``A``; ``return_raw_grad``
+    returns the resolved sum while the momentum still advances."""
+    res, post = resolution(config), _post(config)
+
+    def init(params: PyTree) -> tuple[State, State]:
+        return res.init(params), post.init(params)
+
+    def update(
+        state: tuple[State, State], grads: PyTree, params: PyTree = None, **extra: Any
+    ) -> tuple[tuple[State, State], PyTree]:
+        res_state, total = res.update(state[0], grads, params, **extra)
+        post_state, out = post.update(state[1], total, params)
+        return (res_state, post_state), (total if config.return_raw_grad else out)
+
+    return apply_if_finite(GradientTransform(init, update), select=select)
+
+
+def init_state(config: ConductorConfig, params: PyTree) -> ConductorState:
+    """Zero momentum and previous gradients, norm EMAs at 1.0, an empty winner history."""
+    k = config.num_tasks
+    device = tree.leaves(params)[0].device
+    f32 = dict(dtype=torch.float32, device=device)
+    return ConductorState(
+        inner=pipeline(config).init(params),
+        stats=ConductorStats(
+            losses=torch.zeros(k, **f32),
+            raw_losses=torch.zeros(k, **f32),
+            raw_norms=torch.zeros(k, **f32),
+            final_grad_norm=torch.zeros((), **f32),
+        ),
+        touched=torch.zeros(len(tree.leaves(params)), dtype=torch.bool),  # host-side facts
+    )
+
+
+def make_process(
+    config: ConductorConfig, *, select: Literal["where", "host"] = "where"
+) -> Callable[..., tuple[ConductorState, PyTree]]:
+    """``process(state, grads, losses, raw_losses, params) -> (state, grads)`` for one cycle.
+
+    ``grads``: the accumulated task-stacked ``A_k``; ``losses`` / ``raw_losses``: statistics (K,).
+    Returns the new state and the gradient to hand to the optimizer (float32, or the accumulation
+    dtype's momentum output; ``return_raw_grad``: the float32 resolved sum). ``select="host"``:
+    a skipped cycle is decided with one host read instead of ``torch.where`` copies (eager).
+    """
+    guarded = pipeline(config, select=select)
+
+    def process(
+        state: ConductorState, grads: PyTree, losses: Tensor, raw_losses: Tensor, params: PyTree
+    ) -> tuple[ConductorState, PyTree]:
+        gram = tree.gramian(tree.tree_map(lambda g: g.float(), grads))
+        nonfinite = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
+        inner, out = guarded.update(state.inner, grads, params, gram=gram, nonfinite=nonfinite)
+        out_sq = [torch.linalg.vector_norm(x.float()) ** 2 for x in tree.leaves(out)]
+        stats = ConductorStats(
+            losses=losses.float(),
+            raw_losses=raw_losses.float(),
+            raw_norms=torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0)),
+            final_grad_norm=torch.sqrt(torch.stack(out_sq).sum()),
+        )
+        return ConductorState(inner, stats, state.touched), out
+
+    return process

@@ -1,0 +1,29 @@
+"""The per-task gradient engine (layer 2): task-stacked gradients ``J = ∂L/∂θ`` of ``K`` losses.
+
+* :func:`value_and_per_task_grads` / :func:`per_task_grads`: ``J`` from one shared forward (or
+  ``vmap(grad)`` over per-task batches), optionally for a subset of the tasks and with the
+  parameters each task reaches.
+* :func:`accumulate_per_task_grads`: ``J`` added into task-stacked buffers in place.
+* :func:`value_and_weighted_grad`: the gradient of ``Σ_k w_k L_k`` in one backward.
+* :func:`functional_loss`, :func:`split_module`: an ``nn.Module`` and ``loss_fn(module, batch)``
+  as a pure ``f(params, batch)``.
+"""
+
+from gradfn.autodiff._engine import (
+    accumulate_per_task_grads,
+    choose_strategy,
+    per_task_grads,
+    value_and_per_task_grads,
+    value_and_weighted_grad,
+)
+from gradfn.autodiff._module import functional_loss, split_module
+
+__all__ = [
+    "accumulate_per_task_grads",
+    "choose_strategy",
+    "functional_loss",
+    "per_task_grads",
+    "split_module",
+    "value_and_per_task_grads",
+    "value_and_weighted_grad",
+]

@@ -1,0 +1,95 @@
+"""First moments: bias-corrected momentum and the EMA of update norms (GCond, arXiv:2509.07252)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from gradfn import tree
+from gradfn._internal.checks import check_beta
+from gradfn.transforms._base import GradientTransform
+from gradfn.transforms._clipping import task_norms
+from gradfn.typing import PyTree
+
+__all__ = ["MomentumState", "NormEmaState", "ema_of_norms", "momentum", "norm_ema"]
+
+
+class NormEmaState(NamedTuple):
+    """``ema``: () or (K,) float32."""
+
+    ema: Tensor
+
+
+class MomentumState(NamedTuple):
+    """``count``: 0-d int64, updates so far (``t``); ``mu``: the first moment, in the storage dtype."""
+
+    count: Tensor
+    mu: PyTree
+
+
+def ema_of_norms(ema: Tensor, norms: Tensor, beta: float, eps: float) -> Tensor:
+    """``e ← max(β·e + (1−β)·‖u‖, eps)`` elementwise (no bias correction)."""
+    return torch.clamp(beta * ema + (1.0 - beta) * norms, min=eps)
+
+
+def norm_ema(
+    beta: float = 0.95,
+    *,
+    num_tasks: int | None = None,
+    initial: float = 1.0,
+    eps: float = 1e-8,
+) -> GradientTransform:
+    """Track :func:`ema_of_norms` of the updates (starting at ``initial``); the updates pass
+    through unchanged. ``num_tasks``: one EMA per slice of the leading task axis (state ``(K,)``),
+    else one global EMA (state ``()``)."""
+    beta = check_beta("beta", beta)
+
+    def init(params: PyTree) -> NormEmaState:
+        device = tree.leaves(params)[0].device
+        shape = () if num_tasks is None else (num_tasks,)
+        return NormEmaState(torch.full(shape, float(initial), device=device))
+
+    def update(
+        state: NormEmaState, updates: PyTree, params: PyTree = None, **extra: Any
+    ) -> tuple[NormEmaState, PyTree]:
+        norms = task_norms(updates, num_tasks is not None)
+        return NormEmaState(ema_of_norms(state.ema, norms, beta, eps)), updates
+
+    return GradientTransform(init, update)
+
+
+def momentum(
+    beta: float = 0.85, *, bias_correction: bool = True, dtype: torch.dtype = torch.float32
+) -> GradientTransform:
+    """First-moment EMA: ``t ← t+1``, ``M ← β·M + (1−β)·u``, output ``M/(1−β^t)`` (``M``
+    without ``bias_correction``). ``M`` is stored in ``dtype`` (``torch.bfloat16`` reproduces
+    GCond's reference storage); the output has that dtype too."""
+    beta = check_beta("beta", beta)
+
+    def init(params: PyTree) -> MomentumState:
+        leaf0 = tree.leaves(params)[0]
+        count = torch.zeros((), dtype=torch.int64, device=leaf0.device)
+        return MomentumState(count, tree.tree_zeros_like(params, dtype=dtype))
+
+    def _ema(m: Tensor, u: Tensor) -> Tensor:
+        # β·m + (1−β)·u in one pass (lerp from u towards m by β)
+        if m.dtype == u.dtype == dtype:
+            return torch.lerp(u, m, beta)
+        return torch.lerp(u.float(), m.float(), beta).to(dtype)
+
+    def update(
+        state: MomentumState, updates: PyTree, params: PyTree = None, **extra: Any
+    ) -> tuple[MomentumState, PyTree]:
+        count = state.count + 1
+        mu = optree.tree_map(_ema, state.mu, updates)
+        if bias_correction:
+            bc = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), count).float()
+            out = tree.tree_map(lambda m: (m.float() / bc).to(dtype), mu)
+        else:
+            out = mu
+        return MomentumState(count, mu), out
+
+    return GradientTransform(init, update)
