@@ -50,9 +50,7 @@ _MODULES: dict[str, dict[str, str]] = {
     "gradfn.coloring": _same(
         _CONFLICT, "color duplicate_min_coverage groups_from_colors welsh_powell_order"
     ),
-    "gradfn.sketch": _same(
-        _CONFLICT, "SKETCH_METHODS count_sketch_hashes projection_block sketch"
-    ),
+    "gradfn.sketch": _same(_CONFLICT, "SKETCH_METHODS count_sketch_hashes projection_block sketch"),
     "gradfn.resolve": _same(
         _CONFLICT,
         "ResolveResult Rule check_thresholds cross_gramian pair_cosines resolve resolve_gramian "
@@ -73,7 +71,10 @@ _MODULES: dict[str, dict[str, str]] = {
     "gradfn.songoku_scheduler": _same("gradfn.adapters", "SonGokuScheduler TaskSpec TauSchedule"),
     "gradfn.conductor": {
         **_same(_ALGOS, "ConductorConfig ConductorState conductor reference_options"),
-        **{n: f"gradfn._deprecated:{n}" for n in ["accumulate", "discard_cycle", "init_state", "make_config", "process"]},
+        **{
+            n: f"gradfn._deprecated:{n}"
+            for n in ["accumulate", "discard_cycle", "init_state", "make_config", "process"]
+        },
     },
     "gradfn.conductor_adapter": _same("gradfn.adapters", "GradientConductor"),
     "gradfn.amp": _same("gradfn.integrations.amp", "poison_like scale_losses unscale"),
@@ -93,8 +94,7 @@ def moved(old: str, target: str) -> Any:
     module, attr = target.split(":")
     if not module.startswith("gradfn._deprecated"):
         warnings.warn(
-            f"{old} is deprecated since gradfn 0.2 and will be removed in 0.3: use "
-            f"{module}.{attr}",
+            f"{old} is deprecated since gradfn 0.2 and will be removed in 0.3: use {module}.{attr}",
             DeprecationWarning,
             stacklevel=3,
         )

@@ -404,9 +404,43 @@ def _doc_default(cell: str):
 
 
 def _signature(fn) -> dict:
+    """The keyword arguments ``fn`` takes, with their defaults; ``**options`` expanded into the
+    config fields it forwards to (the one place each hyper-parameter is defined)."""
+    import dataclasses
     import inspect
 
-    return {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    from gradfn.algorithms import ConductorConfig, SonGokuConfig
+    from gradfn.algorithms._songoku._config import from_reference as songoku_from_reference
+    from gradfn.conflict import GraphRule
+
+    def fields(cls, skip=()):
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = inspect.Parameter.empty if default is dataclasses.MISSING else default
+        return out
+
+    sig = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    if sig.pop("options", None) is None:
+        return sig
+    graph = {f"graph_{k}" if k != "rule" else "graph_rule": v for k, v in fields(GraphRule).items()}
+    graph["graph_knn_k"] = graph.pop("graph_knn_k", 3)
+    if fn is songoku:
+        return {**sig, **fields(SonGokuConfig, skip=("graph",)), **graph}
+    if fn is SonGokuScheduler.__init__:
+        mapped = set(inspect.signature(songoku_from_reference).parameters) | {"eps", "per_task_rows"}
+        return {**sig, **fields(SonGokuConfig, skip=(*mapped, "graph")), **graph}
+    reference = {
+        k: v.default
+        for k, v in inspect.signature(ConductorConfig.from_reference).parameters.items()
+        if k not in ("cls", "lambdas", "accumulation_steps", "options", "reference")
+    }
+    if fn is GradientConductor.__init__:
+        mapped = ("lambdas", "accumulation_steps", "stochastic", "thresholds", "rule", "max_iters")
+        return {**sig, **reference, **fields(ConductorConfig, skip=mapped)}
+    return {**sig, **fields(ConductorConfig, skip=("lambdas",))}
 
 
 def _same(a, b) -> bool:
@@ -428,12 +462,8 @@ def test_hyper_parameter_tables_match_the_signatures(page, header, fns):
     import re
 
     sigs = [_signature(f) for f in fns]
-    # the adapter's None-defaulted options resolve to the functional defaults (documented)
-    if fns[0] is GradientConductor.__init__:
-        resolved = {k: sigs[1][k] for k in ("accumulation_dtype", "stability_source", "min_cosine")}
-        resolved |= {k: sigs[1][k] for k in ("arbitrate_weak", "cap_single_loss")}
-        resolved["untouched_grad"] = "none"
-        sigs[0] = {**sigs[0], **{k: v for k, v in resolved.items() if sigs[0][k] is None}}
+    if fns[0] is GradientConductor.__init__:  # None: the reference's or gradfn's (documented)
+        sigs[0]["untouched_grad"] = "none"
     problems = []
     for cells in _table(page, header):
         defaults = cells[2].split(" / ") if " / " in cells[2] else [cells[2]] * 2

@@ -139,7 +139,9 @@ def _conductor_from_v1(saved: Mapping[str, Any], template: ConductorState) -> Co
 
     def get(key: str, like: torch.Tensor) -> torch.Tensor:
         if key not in saved:
-            raise ValueError(f"load_state_dict: entry {key!r} missing from the gradfn 0.1 checkpoint")
+            raise ValueError(
+                f"load_state_dict: entry {key!r} missing from the gradfn 0.1 checkpoint"
+            )
         return torch.as_tensor(saved[key]).to(device=like.device, dtype=like.dtype).clone()
 
     res = template.resolution

@@ -123,13 +123,17 @@ class GradientConductor:
         self.scaler = check_amp(autocast_dtype, scaler)
         self.model, self.ddp_sync, self.freeze_bn = model, ddp_sync, bool(freeze_bn)
         self.reference, self.untouched_grad = bool(reference), untouched
-        self.autocast_dtype = torch.bfloat16 if autocast_dtype is None and reference else autocast_dtype
+        self.autocast_dtype = (
+            torch.bfloat16 if autocast_dtype is None and reference else autocast_dtype
+        )
         self.loss_names = list(loss_fns)
         self.loss_fns = dict(loss_fns)
         self.lambdas = {k: lambdas[k] for k in self.loss_names}
         self.accumulation_steps = accumulation_steps
         config = ConductorConfig.from_reference(
-            [self.lambdas[k] for k in self.loss_names], accumulation_steps, reference=reference,
+            [self.lambdas[k] for k in self.loss_names],
+            accumulation_steps,
+            reference=reference,
             **options,
         )
         # "avg": the A_k averaged before every decision; the reference's per-rank scheme (with
@@ -143,7 +147,9 @@ class GradientConductor:
         self._algo = conductor(
             loss_fn,
             config=config,
-            reduce=reducer(ddp, self.process_group) if ddp_sync == "avg" and not reference else None,
+            reduce=reducer(ddp, self.process_group)
+            if ddp_sync == "avg" and not reference
+            else None,
             sync_outputs=partial(sync_outputs, group=self.process_group, combine=combine)
             if per_rank
             else None,
@@ -182,14 +188,21 @@ class GradientConductor:
                 f"`data_provider` must be a callable returning (x, y), got {type(data_provider)}"
             )
         scale = loss_scale(self.scaler, self._device)
-        mode = _eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
+        mode = (
+            _eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
+        )
         with mode:
             self._state, grads = self._algo.update(
                 self._state, self._params, data_provider, loss_scale=scale
             )
         st = self._state
         values = torch.cat(
-            [torch.stack([getattr(st, f).float() for f in _STATS]), st.raw_norms, st.norm_ema, st.losses]
+            [
+                torch.stack([getattr(st, f).float() for f in _STATS]),
+                st.raw_norms,
+                st.norm_ema,
+                st.losses,
+            ]
         ).tolist()
         stats: dict[str, float | int | bool] = dict(zip(_STATS, values, strict=False))
         stats["step"], stats["skipped"] = int(stats["step"]), bool(stats["skipped"])

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from gradfn.aggregators import Aggregated, Aggregator
+from gradfn.algorithms import SonGokuState, group_lists
 from gradfn.transforms import EmptyState
 from gradfn.tree import weighted_sum
 from gradfn.typing import PyTree
@@ -65,24 +66,22 @@ def append_jsonl(path: str, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def dump_graph(
-    directory: str, step: int, tau: float, refreshes: int, adjacency: Tensor, groups: list[list[int]]
-) -> str:
+def dump_graph(directory: str, state: SonGokuState) -> str:
     """Write ``graph_refresh_<n>.json`` (colours, edges, ``τ``) as the reference does; return it."""
     os.makedirs(directory, exist_ok=True)
-    adj = adjacency.tolist()
+    adj = state.adjacency.tolist()
     k = len(adj)
     colors = [0] * k
-    for g, members in enumerate(groups):
+    for g, members in enumerate(group_lists(state)):
         for i in members:
             colors[i] = g
     record = {
-        "step": step,
-        "tau": tau,
+        "step": int(state.step),
+        "tau": float(state.tau),
         "colors": colors,
         "edges": [[i, j] for i in range(k) for j in range(i + 1, k) if adj[i][j]],
     }
-    path = os.path.join(directory, f"graph_refresh_{refreshes:04d}.json")
+    path = os.path.join(directory, f"graph_refresh_{int(state.refreshes):04d}.json")
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
     return path

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradfn._internal.checks import check_callable, check_choice, check_optional_int
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import (
     check_amp,
@@ -21,16 +22,20 @@ from gradfn.adapters._common import (
     write_grads,
 )
 from gradfn.adapters._reference_io import append_jsonl, dump_graph, flat_hook_aggregator
-from gradfn.adapters._tasks import TaskSpec, check_tasks, task_losses
-from gradfn.aggregators import aggregator
+from gradfn.adapters._tasks import (
+    TaskSpec,
+    check_batches,
+    check_tasks,
+    shared_and_heads,
+    task_losses,
+)
 from gradfn.algorithms import SonGoku, SonGokuState, songoku
 from gradfn.algorithms._songoku import active_mask, group_lists, make_config, task_grads
+from gradfn.algorithms._songoku._config import from_reference
 from gradfn.autodiff import functional_loss
 from gradfn.schedules import TauSchedule
 
 __all__ = ["SonGokuScheduler"]
-
-_BASE_METHODS = ("vanilla", "none", "pcgrad", "pcgrad_sum", "adatask", "inverse_norm")
 
 
 class SonGokuScheduler:
@@ -70,48 +75,42 @@ class SonGokuScheduler:
         **options: Any,
     ) -> None:
         self._module, ddp, process_group = unwrap(model, process_group)
-        if ddp_sync not in ("avg", "none"):
-            raise ValueError(f"`ddp_sync` must be 'avg' or 'none', got {ddp_sync!r}")
+        check_choice("ddp_sync", ddp_sync, ("avg", "none"))
         self.scaler = check_amp(autocast_dtype, scaler)
         self.tasks = check_tasks(tasks)
         if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
             raise TypeError("`optimizer` must be a torch optimizer (with step and zero_grad)")
-        for name, fn in (("shared_param_filter", shared_param_filter), ("gradient_transform", gradient_transform)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"`{name}` must be callable or None")
-        if tau_schedule is not None and not isinstance(tau_schedule, TauSchedule):
-            raise TypeError(f"`tau_schedule` must be a TauSchedule or None, got {type(tau_schedule).__name__}")
-        if base_method not in _BASE_METHODS:
-            raise ValueError(f"`base_method` must be one of {sorted(_BASE_METHODS)}, got {base_method!r}")
-        if log_interval is not None and (not isinstance(log_interval, int) or log_interval < 1):
-            raise ValueError(f"`log_interval` must be a positive integer or None, got {log_interval!r}")
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.shared_param_filter = shared_param_filter
-        self.tau_schedule = tau_schedule if tau_schedule is not None else TauSchedule()
-        self.dump_graph_dir, self.log_interval, self.log_path = dump_graph_dir, log_interval, log_path
+        check_callable("shared_param_filter", shared_param_filter, optional=True)
+        check_callable("gradient_transform", gradient_transform, optional=True)
+        check_optional_int("log_interval", log_interval, 1)
+        self.model, self.optimizer, self.device, self.ddp_sync = model, optimizer, device, ddp_sync
+        self.shared_param_filter, self.base_method = shared_param_filter, base_method
+        self.autocast_dtype, self.dump_graph_dir = autocast_dtype, dump_graph_dir
+        self.log_interval, self.log_path = log_interval, log_path
         self.names = [t.name for t in self.tasks]
         self._index = {n: i for i, n in enumerate(self.names)}
         self._named = trainable(self._module)
         self._reduce = reducer(ddp, process_group) if ddp_sync == "avg" else None
-        self.ddp_sync, self.autocast_dtype, self.base_method = ddp_sync, autocast_dtype, base_method
         self._params, self._f = functional_loss(
             self._module, task_losses(self.tasks, autocast_dtype, self._named[0][1].device.type)
         )
-        agg: dict[str, Any] = {}
-        if base_method in ("pcgrad", "pcgrad_sum"):
-            mean = "mean" if base_method == "pcgrad" else "sum"
-            agg = {"aggregator": aggregator("pcgrad", seed=options.get("seed", 0), reduction=mean)}
-        elif base_method in ("adatask", "inverse_norm"):
-            agg = {"aggregator": aggregator("inverse_norm"), "weight_heads": True}
-        elif gradient_transform is not None:
-            agg = {"aggregator": flat_hook_aggregator(gradient_transform, self.names)}
+        if gradient_transform is not None and base_method in ("vanilla", "none"):
+            options["aggregator"] = flat_hook_aggregator(gradient_transform, self.names)
         self._config = make_config(
-            dict(num_tasks=len(self.tasks), refresh_period=refresh_period, tau_schedule=self.tau_schedule,
-                 ema_beta=ema_beta, min_updates_per_cycle=min_updates_per_cycle, eps=eps_cosine,
-                 per_task_rows="active", **agg, **options)
+            from_reference(
+                len(self.tasks),
+                refresh_period=refresh_period,
+                tau_schedule=tau_schedule,
+                ema_beta=ema_beta,
+                min_updates_per_cycle=min_updates_per_cycle,
+                base_method=base_method,
+                eps_cosine=eps_cosine,
+                per_task_rows="active",
+                **options,
+            )
         )
+        self.tau_schedule, self.ema_mode = self._config.tau_schedule, self._config.ema_mode
         self.refresh_period, self.min_updates_per_cycle = refresh_period, min_updates_per_cycle
-        self.ema_mode = self._config.ema_mode
         self._algo: SonGoku | None = None
         self._state: SonGokuState | None = None
         self._usage: Tensor | None = None  # (K, P) bool: task k's loss reaches parameter p
@@ -132,38 +131,17 @@ class SonGokuScheduler:
                 f"step: the first step trains every task, so batches_by_task needs a batch for each; missing {missing}"
             )
         every = torch.ones(len(self.tasks), dtype=torch.bool, device=self._named[0][1].device)
-        first = task_grads(self._config, self._f, self._params, batches, every, loss_scale=scale, return_usage=True)
-        names = [n for n, _ in self._named]
-        usage = torch.stack([first.usage[n].cpu() for n in names], dim=1)
-        counts = usage.sum(dim=0)
-        if self.shared_param_filter is not None:
-            shared = [n for n, p in self._named if self.shared_param_filter(p)]
-        else:
-            shared = [n for j, n in enumerate(names) if counts[j] >= min(2, len(self.tasks))]
-        if not shared:
-            raise ValueError(
-                "no shared parameter: no parameter is used by two or more tasks (or "
-                "shared_param_filter selects none); pass a shared_param_filter"
-            )
-        heads = [
-            [n for n, p in self._named if spec.head_param_filter(p)]
-            if spec.head_param_filter is not None
-            else [n for j, n in enumerate(names) if usage[i, j] and counts[j] == 1 and n not in shared]
-            for i, spec in enumerate(self.tasks)
-        ]
+        first = task_grads(
+            self._config, self._f, self._params, batches, every, loss_scale=scale, return_usage=True
+        )
+        usage = torch.stack([first.usage[n].cpu() for n, _ in self._named], dim=1)
+        shared, heads = shared_and_heads(self._named, usage, self.tasks, self.shared_param_filter)
         self._build(usage, shared, heads)
         assert self._algo is not None
         self._state = self._algo.init(self._params)
         return first
 
     # --- training step ----------------------------------------------------------------------
-
-    def _check_batches(self, batches: Any) -> None:
-        if not isinstance(batches, Mapping):
-            raise TypeError(f"batches_by_task must be a dict {{task name: batch}}, got {type(batches).__name__}")
-        unknown = [n for n in batches if n not in self._index]
-        if unknown:
-            raise ValueError(f"batches_by_task: unknown task names {unknown}; tasks are {self.names}")
 
     def _mask(self, names: list[str]) -> Tensor:
         mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=self._named[0][1].device)
@@ -172,7 +150,7 @@ class SonGokuScheduler:
 
     def step(self, batches_by_task: Mapping[str, Any]) -> dict[str, float]:
         """One SON-GOKU step and one optimizer step; returns ``{task: loss}`` of the active tasks."""
-        self._check_batches(batches_by_task)
+        check_batches(batches_by_task, self.names)
         scale = loss_scale(self.scaler, self._named[0][1].device)
         first = self._setup(batches_by_task, scale) if self._algo is None else None
         algo, state = self._algo, self._state
@@ -185,26 +163,36 @@ class SonGokuScheduler:
         providers = [t for t in self.tasks if t.refresh_batch_provider is not None]
         probe = None
         if algo.refresh_due(state) and self.ema_mode == "refresh":
-            extra = [n for n in self.names if n in batches_by_task and self.tasks[self._index[n]].refresh_batch_provider is None]
+            extra = [t.name for t in self.tasks if t.name in batches_by_task and t not in providers]
             used.update({n: batches_by_task[n] for n in extra})
             probe = self._mask(extra)
         refreshes = int(state.refreshes)
         state, _ = algo.update(
-            state, self._params, used,
-            (lambda: {t.name: t.refresh_batch_provider() for t in providers}) if providers else None,  # type: ignore[misc]
+            state,
+            self._params,
+            used,
+            (lambda: {t.name: t.refresh_batch_provider() for t in providers})  # type: ignore[misc]
+            if providers
+            else None,
             refresh_tasks=self._mask([t.name for t in providers]) if providers else None,
-            probe=probe, apply=lambda st, g: self._apply(st, g, active, scale), loss_scale=scale, grads=first,
+            probe=probe,
+            apply=lambda st, g: self._apply(st, g, active, scale),
+            loss_scale=scale,
+            grads=first,
         )
         self._state = state
         if int(state.refreshes) != refreshes and self.dump_graph_dir is not None:
-            dump_graph(self.dump_graph_dir, int(state.step), float(state.tau), int(state.refreshes), state.adjacency, group_lists(state))
+            dump_graph(self.dump_graph_dir, state)
         losses = state.losses.tolist()
         out = {self.names[i]: losses[i] for i in active}
-        if self.log_interval is not None and self.log_path is not None and self.t % self.log_interval == 0:
-            append_jsonl(self.log_path, {"t": self.t, "losses": out, "classes": self.schedule_snapshot(), "tau": self.current_tau()})
+        if self.log_path is not None and self.log_interval and self.t % self.log_interval == 0:
+            record = {"t": self.t, "losses": out, "classes": self.schedule_snapshot()}
+            append_jsonl(self.log_path, {**record, "tau": self.current_tau()})
         return out
 
-    def _apply(self, state: SonGokuState, grads: dict[str, Tensor], active: list[int], scale: Tensor | None) -> None:
+    def _apply(
+        self, state: SonGokuState, grads: dict[str, Tensor], active: list[int], scale: Tensor | None
+    ) -> None:
         """Write ``p.grad`` for the parameters the active tasks reach and step the optimizer."""
         skipped = bool(state.skipped)
         if self.scaler is None and skipped:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TaskSpec", "check_tasks", "task_losses"]
+__all__ = ["TaskSpec", "check_batches", "check_tasks", "shared_and_heads", "task_losses"]
 
 
 @dataclass
@@ -52,6 +52,17 @@ def check_tasks(tasks: Any) -> list[TaskSpec]:
     return tasks
 
 
+def check_batches(batches: Any, names: list[str]) -> None:
+    """``batches`` must be a dict ``{task name: batch}`` naming only known tasks."""
+    if not isinstance(batches, Mapping):
+        raise TypeError(
+            f"batches_by_task must be a dict {{task name: batch}}, got {type(batches).__name__}"
+        )
+    unknown = [n for n in batches if n not in names]
+    if unknown:
+        raise ValueError(f"batches_by_task: unknown task names {unknown}; tasks are {names}")
+
+
 def task_losses(
     tasks: list[TaskSpec], autocast_dtype: torch.dtype | None, device_type: str
 ) -> Callable[[nn.Module, Mapping[str, Any]], list[Tensor]]:
@@ -74,7 +85,9 @@ def task_losses(
                     loss = spec.loss_fn(module, batches[spec.name])
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 got = type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)
-                raise TypeError(f"task {spec.name!r}: loss_fn must return a scalar Tensor, got {got}")
+                raise TypeError(
+                    f"task {spec.name!r}: loss_fn must return a scalar Tensor, got {got}"
+                )
             loss = loss.reshape(())
             out.append(loss.float() if autocast_dtype is not None else loss)
         ref = next(x for x in out if x is not None)
@@ -82,3 +95,33 @@ def task_losses(
         return [zero if x is None else x for x in out]
 
     return losses
+
+
+def shared_and_heads(
+    named: list[tuple[str, nn.Parameter]],
+    usage: Tensor,
+    tasks: list[TaskSpec],
+    shared_filter: Callable[[nn.Parameter], bool] | None,
+) -> tuple[list[str], list[list[str]]]:
+    """``(shared, heads)`` from ``usage`` (K × P bool: task ``k`` reaches parameter ``p``):
+    shared parameters are those ``shared_filter`` selects, or else those two or more tasks reach;
+    task ``k``'s head is what its ``head_param_filter`` selects, or else the parameters only it
+    reaches."""
+    names = [n for n, _ in named]
+    counts = usage.sum(dim=0)
+    if shared_filter is not None:
+        shared = [n for n, p in named if shared_filter(p)]
+    else:
+        shared = [n for j, n in enumerate(names) if counts[j] >= min(2, len(tasks))]
+    if not shared:
+        raise ValueError(
+            "no shared parameter: no parameter is used by two or more tasks (or "
+            "shared_param_filter selects none); pass a shared_param_filter"
+        )
+    heads = [
+        [n for n, p in named if spec.head_param_filter(p)]
+        if spec.head_param_filter is not None
+        else [n for j, n in enumerate(names) if usage[i, j] and counts[j] == 1 and n not in shared]
+        for i, spec in enumerate(tasks)
+    ]
+    return shared, heads

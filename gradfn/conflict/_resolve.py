@@ -204,7 +204,10 @@ def _smooth_step(coeff: Tensor, pair: _Pair, j_wins: Tensor, power: float, c_: _
     """The smooth rule: ``g_w −= sin α · d/(‖g_l‖²+eps) · g_l`` and
     ``g_l −= sin min(α, π/2) · d/(‖g_w‖²+eps) · g_w``, simultaneously."""
     eps, zero = c_.eps, c_.zero
-    oh_w, oh_l = torch.where(j_wins, pair.oh_j, pair.oh_i), torch.where(j_wins, pair.oh_i, pair.oh_j)
+    oh_w, oh_l = (
+        torch.where(j_wins, pair.oh_j, pair.oh_i),
+        torch.where(j_wins, pair.oh_i, pair.oh_j),
+    )
     n_w, n_l = torch.where(j_wins, pair.n_j, pair.n_i), torch.where(j_wins, pair.n_i, pair.n_j)
     row_w, row_l = oh_w @ coeff, oh_l @ coeff
     alpha = _angle(pair.c, c_.t, power, eps)
@@ -215,15 +218,16 @@ def _smooth_step(coeff: Tensor, pair: _Pair, j_wins: Tensor, power: float, c_: _
     return coeff - torch.outer(oh_w, a * row_l) - torch.outer(oh_l, b * row_w)
 
 
-def _zones_step(
-    coeff: Tensor, pair: _Pair, j_wins: Tensor, c_: _Consts
-) -> tuple[Tensor, Tensor]:
+def _zones_step(coeff: Tensor, pair: _Pair, j_wins: Tensor, c_: _Consts) -> tuple[Tensor, Tensor]:
     """The three zones: critical zeroes the loser, main projects the loser off the winner, weak
     projects both symmetrically (no arbitration). Returns ``(coefficients, arbitrated)``."""
     eps, zero = c_.eps, c_.zero
     t_c, t_m, _ = c_.t
     c, d, n_i, n_j = pair.c, pair.d, pair.n_i, pair.n_j
-    oh_w, oh_l = torch.where(j_wins, pair.oh_j, pair.oh_i), torch.where(j_wins, pair.oh_i, pair.oh_j)
+    oh_w, oh_l = (
+        torch.where(j_wins, pair.oh_j, pair.oh_i),
+        torch.where(j_wins, pair.oh_i, pair.oh_j),
+    )
     n_w = torch.where(j_wins, n_j, n_i)
     row_w, row_l = oh_w @ coeff, oh_l @ coeff
     crit = pair.active & (c < t_c)

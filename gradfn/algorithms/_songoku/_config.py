@@ -18,7 +18,7 @@ from gradfn.aggregators import Aggregator, as_aggregator
 from gradfn.conflict import GraphRule
 from gradfn.schedules import TauSchedule
 
-__all__ = ["SonGokuConfig"]
+__all__ = ["SonGokuConfig", "from_reference"]
 
 EMA_MODES = ("active", "refresh")
 REDUCTIONS = ("sum", "mean")
@@ -138,3 +138,44 @@ class SonGokuConfig:
         if callable(self.shared):
             return bool(self.shared(name))
         return name in self.shared
+
+
+_BASE_METHODS = ("vanilla", "none", "pcgrad", "pcgrad_sum", "adatask", "inverse_norm")
+
+
+def from_reference(
+    num_tasks: int,
+    *,
+    refresh_period: int = 32,
+    tau_schedule: TauSchedule | None = None,
+    ema_beta: float = 0.9,
+    min_updates_per_cycle: int = 1,
+    base_method: str = "vanilla",
+    eps_cosine: float = 1e-12,
+    **options: Any,
+) -> dict[str, Any]:
+    """The config options of the reference implementation's scheduler arguments: ``eps_cosine``
+    is ``eps``; ``base_method`` ``"pcgrad"`` is PCGrad averaged over the group (``"pcgrad_sum"``:
+    summed, as the reference), ``"adatask"`` / ``"inverse_norm"`` the inverse-norm weighting
+    (also on the heads); ``options`` are further :class:`SonGokuConfig` fields."""
+    from gradfn.aggregators import aggregator
+
+    if tau_schedule is not None and not isinstance(tau_schedule, TauSchedule):
+        raise TypeError(
+            f"`tau_schedule` must be a TauSchedule or None, got {type(tau_schedule).__name__}"
+        )
+    check_choice("base_method", base_method, _BASE_METHODS)
+    if base_method in ("pcgrad", "pcgrad_sum"):
+        mean = "mean" if base_method == "pcgrad" else "sum"
+        options["aggregator"] = aggregator("pcgrad", seed=options.get("seed", 0), reduction=mean)
+    elif base_method in ("adatask", "inverse_norm"):
+        options.update(aggregator=aggregator("inverse_norm"), weight_heads=True)
+    return dict(
+        num_tasks=num_tasks,
+        refresh_period=refresh_period,
+        tau_schedule=tau_schedule,
+        ema_beta=ema_beta,
+        min_updates_per_cycle=min_updates_per_cycle,
+        eps=eps_cosine,
+        **options,
+    )
