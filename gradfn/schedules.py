@@ -107,11 +107,12 @@ def tau_value(schedule: TauSchedule, t: int | float | Tensor) -> float | Tensor:
     if a <= 0:
         out = torch.where(tt < w, torch.full_like(tt, t0), const)
         return out.to(torch.float32)
-    p = ((tt - w) / max(1, a)).clamp(max=1.0)
+    frac: Tensor = ((tt - w) / max(1, a)).clamp(max=1.0)
+    ann: Tensor
     if s.kind == "linear":
-        ann = t0 + (t1 - t0) * p
+        ann = t0 + (t1 - t0) * frac
     elif s.kind == "cosine":
-        ann = t0 + (t1 - t0) * (1.0 - torch.cos(math.pi * p)) / 2.0
+        ann = t0 + (t1 - t0) * (1.0 - torch.cos(math.pi * frac)) / 2.0
     else:
-        ann = t0 * torch.pow(torch.full_like(tt, t1 / t0), p)
+        ann = t0 * torch.pow(torch.full_like(tt, t1 / t0), frac)
     return torch.where(tt < w, torch.full_like(tt, t0), ann).to(torch.float32)

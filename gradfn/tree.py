@@ -11,6 +11,7 @@ Every function is pure and tensor-only (no host syncs), so it traces under ``tor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import optree
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "tree_dot",
     "tree_map",
     "tree_norm",
+    "tree_paths",
     "tree_scale",
     "tree_sq_norm",
     "tree_sub",
@@ -42,7 +44,15 @@ __all__ = [
     "weighted_sum",
 ]
 
-tree_map = optree.tree_map
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """``optree.tree_map``: ``fn`` applied leaf by leaf to ``tree`` and ``rest`` (same structure)."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_paths(tree: PyTree) -> list[tuple[Any, ...]]:
+    """The path of every leaf, in optree's canonical order (dict keys sorted)."""
+    return optree.tree_paths(tree)
 
 
 def leaves(tree: PyTree) -> list[Tensor]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import optree
 import torch
 
+from gradfn import tree
 from gradfn.adapters._common import copy_tree, from_plain, plain_state
 from gradfn.aggregators import CounterState, InverseNormState
 from gradfn.algorithms import ConductorState, SonGokuState
@@ -55,11 +56,12 @@ def _songoku_from_v1(core: Mapping[str, Any], template: SonGokuState) -> SonGoku
         agg = InverseNormState(torch.as_tensor(core["norm_ema"]))
     fields = {f: core["ptr" if f == "group_index" else f] for f in SonGokuState._fields[:-1]}
     state = SonGokuState(**copy_tree(fields), aggregator=copy_tree(agg))
-    return optree.tree_map(
+    converted: SonGokuState = tree.tree_map(
         lambda new, cur: torch.as_tensor(new).to(device=cur.device, dtype=cur.dtype),
         state,
         template,
     )
+    return converted
 
 
 def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, Any]) -> None:

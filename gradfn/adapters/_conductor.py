@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor, nn
 
+from gradfn import tree
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import check_amp, loss_scale, reducer, unwrap, write_grads
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
@@ -143,7 +143,7 @@ class GradientConductor:
         self._params, loss_fn = functional_loss(self.module, self._losses)
         self._device = next(iter(self._params.values())).device
         self._named = [(n, p) for n, p in self.module.named_parameters() if n in self._params]
-        self._leaf_names = [path[0] for path in optree.tree_paths(self._params)]
+        self._leaf_names = [path[0] for path in tree.tree_paths(self._params)]
         self._algo = conductor(
             loss_fn,
             config=config,

@@ -110,6 +110,7 @@ def as_stateful_gradient_transform(
 
 
 def _named_params(params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor]) -> dict[str, Tensor]:
+    named: dict[str, Tensor]
     if isinstance(params, nn.Module):
         named = {n: p for n, p in params.named_parameters() if p.requires_grad}
     elif isinstance(params, Mapping):

@@ -237,7 +237,7 @@ class CounterState(NamedTuple):
     """State of a randomised aggregator: ``seed`` (0-d int64) and ``count`` (0-d int64)."""
 
     seed: Tensor
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
 
 
 def seeded(

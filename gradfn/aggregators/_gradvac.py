@@ -33,7 +33,7 @@ class GradVacState(NamedTuple):
 
     phi: Tensor
     seed: Tensor
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
 
 
 def gradvac_init(

@@ -212,10 +212,8 @@ def _func_vjp_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks):
         losses = stack_losses(loss_list(out, num_tasks))
         return (losses, aux) if has_aux else losses
 
-    if has_aux:
-        losses, vjp_fn, aux = torch.func.vjp(losses_of, selected, has_aux=True)
-    else:
-        (losses, vjp_fn), aux = torch.func.vjp(losses_of, selected), None
+    out: Any = torch.func.vjp(losses_of, selected, has_aux=has_aux)
+    losses, vjp_fn, aux = out if has_aux else (*out, None)
     eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
     if tasks is not None:
         eye = eye[_task_list(tasks, losses.shape[0])]
@@ -447,7 +445,8 @@ def accumulate_impl(
         losses, aux, grads, usage = per_task_impl(
             loss_fn, params, batch, wrt, strategy, task_batched, has_aux, num_tasks, None, True
         )
-        for acc, g in zip(into_leaves, spec.flatten_up_to(grads), strict=True):
+        grad_leaves: list[Any] = spec.flatten_up_to(grads)
+        for acc, g in zip(into_leaves, grad_leaves, strict=True):
             if acc.shape[0] != g.shape[0]:
                 raise ValueError(
                     f"`into` has a task axis of {acc.shape[0]} but there are {g.shape[0]} tasks"
@@ -465,9 +464,9 @@ def accumulate_impl(
         for i, loss in enumerate(loss_values):
             if not loss.requires_grad:
                 continue
-            g = torch.autograd.grad(loss, leaves, retain_graph=i < last, allow_unused=True)
+            row = torch.autograd.grad(loss, leaves, retain_graph=i < last, allow_unused=True)
             with torch.no_grad():
-                for j, (acc, gi) in enumerate(zip(into_leaves, g, strict=True)):
+                for j, (acc, gi) in enumerate(zip(into_leaves, row, strict=True)):
                     if gi is not None:
                         reached[i][j] = True
                         _add_scaled(acc[i], gi, scale)

@@ -26,7 +26,7 @@ class NormEmaState(NamedTuple):
 class MomentumState(NamedTuple):
     """``count``: 0-d int64, updates so far (``t``); ``mu``: the first moment, in the storage dtype."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
     mu: PyTree
 
 

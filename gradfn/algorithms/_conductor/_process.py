@@ -84,18 +84,53 @@ class ConductorState(NamedTuple):
     def num_skipped(self) -> Tensor:
         return self.inner.num_skipped
 
-    prev = property(lambda self: self.resolution.prev)
-    prev_sq_norms = property(lambda self: self.resolution.prev_sq_norms)
-    norm_ema = property(lambda self: self.resolution.norm_ema)
-    history = property(lambda self: self.resolution.history)
-    proj_iters = property(lambda self: self.resolution.proj_iters)
-    min_cosine_sim = property(lambda self: self.resolution.min_cosine_sim)
-    min_cosine_after = property(lambda self: self.resolution.min_cosine_after)
-    winners = property(lambda self: self.resolution.winners)
-    losses = property(lambda self: self.stats.losses)
-    raw_losses = property(lambda self: self.stats.raw_losses)
-    raw_norms = property(lambda self: self.stats.raw_norms)
-    final_grad_norm = property(lambda self: self.stats.final_grad_norm)
+    @property
+    def prev(self) -> PyTree:
+        return self.resolution.prev
+
+    @property
+    def prev_sq_norms(self) -> Tensor:
+        return self.resolution.prev_sq_norms
+
+    @property
+    def norm_ema(self) -> Tensor:
+        return self.resolution.norm_ema
+
+    @property
+    def history(self) -> Tensor:
+        return self.resolution.history
+
+    @property
+    def proj_iters(self) -> Tensor:
+        return self.resolution.proj_iters
+
+    @property
+    def min_cosine_sim(self) -> Tensor:
+        return self.resolution.min_cosine_sim
+
+    @property
+    def min_cosine_after(self) -> Tensor:
+        return self.resolution.min_cosine_after
+
+    @property
+    def winners(self) -> Tensor:
+        return self.resolution.winners
+
+    @property
+    def losses(self) -> Tensor:
+        return self.stats.losses
+
+    @property
+    def raw_losses(self) -> Tensor:
+        return self.stats.raw_losses
+
+    @property
+    def raw_norms(self) -> Tensor:
+        return self.stats.raw_norms
+
+    @property
+    def final_grad_norm(self) -> Tensor:
+        return self.stats.final_grad_norm
 
 
 def _post(config: ConductorConfig) -> GradientTransform:
@@ -134,14 +169,13 @@ def init_state(config: ConductorConfig, params: PyTree) -> ConductorState:
     """Zero momentum and previous gradients, norm EMAs at 1.0, an empty winner history."""
     k = config.num_tasks
     device = tree.leaves(params)[0].device
-    f32 = dict(dtype=torch.float32, device=device)
     return ConductorState(
         inner=pipeline(config).init(params),
         stats=ConductorStats(
-            losses=torch.zeros(k, **f32),
-            raw_losses=torch.zeros(k, **f32),
-            raw_norms=torch.zeros(k, **f32),
-            final_grad_norm=torch.zeros((), **f32),
+            losses=torch.zeros(k, dtype=torch.float32, device=device),
+            raw_losses=torch.zeros(k, dtype=torch.float32, device=device),
+            raw_norms=torch.zeros(k, dtype=torch.float32, device=device),
+            final_grad_norm=torch.zeros((), dtype=torch.float32, device=device),
         ),
         touched=torch.zeros(len(tree.leaves(params)), dtype=torch.bool),  # host-side facts
     )

@@ -53,15 +53,15 @@ def resolution(config: ConductorConfig) -> GradientTransform:
         device = tree.leaves(params)[0].device
         prev = tree.tree_map(lambda p: torch.zeros((k, *p.shape), dtype=dt, device=device), params)
         t = 2 * k if config.max_iters is None else config.max_iters
-        f32 = dict(dtype=torch.float32, device=device)
+        f32 = torch.float32
         return ResolutionState(
-            norm_ema=torch.ones(k, **f32),
+            norm_ema=torch.ones(k, dtype=f32, device=device),
             prev=prev,
-            prev_sq_norms=torch.zeros(k, **f32),
+            prev_sq_norms=torch.zeros(k, dtype=f32, device=device),
             history=init_history(config.dominance_window, device),
             proj_iters=torch.zeros((), dtype=torch.int64, device=device),
-            min_cosine_sim=torch.ones((), **f32),
-            min_cosine_after=torch.ones((), **f32),
+            min_cosine_sim=torch.ones((), dtype=f32, device=device),
+            min_cosine_after=torch.ones((), dtype=f32, device=device),
             winners=torch.full((t,), -1, dtype=torch.int64, device=device),
         )
 

@@ -174,12 +174,12 @@ def songoku(
         raise TypeError("songoku: give a `config` or keyword options, not both")
     elif not isinstance(config, SonGokuConfig):
         raise TypeError(f"`config` must be a SonGokuConfig, got {type(config).__name__}")
-    bound = dict(reduce=reduce, donate=bool(donate_state))
+    donate = bool(donate_state)
     return SonGoku(
         init=partial(init_state, config),
-        update=partial(update, config, loss_fn, **bound),
-        step=partial(step, config, loss_fn, **bound),
-        refresh=partial(refresh, config, loss_fn, reduce=reduce, donate=bool(donate_state)),
+        update=partial(update, config, loss_fn, reduce=reduce, donate=donate),
+        step=partial(step, config, loss_fn, reduce=reduce, donate=donate),
+        refresh=partial(refresh, config, loss_fn, reduce=reduce, donate=donate),
         refresh_due=partial(refresh_due, config),
         config=config,
     )

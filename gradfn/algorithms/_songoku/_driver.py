@@ -106,7 +106,7 @@ def update(
     )
     if due and config.ema_mode == "refresh" and probe is None and not bool(covered.all()):
         probe = ~covered
-    state, grads = step(
+    state, out = step(
         config,
         loss_fn,
         state,
@@ -119,7 +119,7 @@ def update(
         grads=grads,
     )
     if apply is not None:
-        apply(state, grads)
+        apply(state, out)
     if due and not bool(state.skipped):
         fresh = refresh_batch() if callable(refresh_batch) else refresh_batch
         state = refresh(
@@ -133,4 +133,4 @@ def update(
             reduce=reduce,
             donate=donate,
         )
-    return state, grads
+    return state, out

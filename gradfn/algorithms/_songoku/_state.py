@@ -75,23 +75,23 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
     dev = next(iter(params.values())).device
     groups = torch.zeros(k, k, dtype=torch.bool, device=dev)
     groups[0] = True
-    i64 = dict(dtype=torch.int64, device=dev)
+    i64 = torch.int64
     ema = ema_like(config, params, shared_names(config, params))
     agg = EmptyState() if config.aggregator is None else config.aggregator.init(k, device=dev)
     return SonGokuState(
-        step=torch.zeros((), **i64),
-        group_index=torch.zeros((), **i64),
+        step=torch.zeros((), dtype=i64, device=dev),
+        group_index=torch.zeros((), dtype=i64, device=dev),
         groups=groups,
-        num_groups=torch.ones((), **i64),
+        num_groups=torch.ones((), dtype=i64, device=dev),
         ema=ema,
-        ema_count=torch.zeros(k, **i64),
+        ema_count=torch.zeros(k, dtype=i64, device=dev),
         rho=torch.zeros(k, k, dtype=torch.float32, device=dev),
         adjacency=torch.zeros(k, k, dtype=torch.bool, device=dev),
         tau=torch.full((), float("nan"), dtype=torch.float32, device=dev),
         losses=torch.zeros(k, dtype=torch.float32, device=dev),
         active=torch.zeros(k, dtype=torch.bool, device=dev),
         skipped=torch.zeros((), dtype=torch.bool, device=dev),
-        refreshes=torch.zeros((), **i64),
+        refreshes=torch.zeros((), dtype=i64, device=dev),
         aggregator=agg,
     )
 

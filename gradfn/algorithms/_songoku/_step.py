@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 
@@ -81,7 +80,7 @@ def _scatter_rows(tree: dict[str, Tensor], idx: Tensor, k: int) -> dict[str, Ten
     def one(x: Tensor) -> Tensor:
         return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, idx, x)
 
-    return optree.tree_map(one, tree)
+    return {n: one(x) for n, x in tree.items()}
 
 
 def _aggregate(
@@ -107,9 +106,9 @@ def _aggregate(
         shared_g = weighted_sum(shared_r, w.index_select(0, idx))
         return agg_state, shared_g, (w if config.weight_heads else w_sum)
     act_r = active.index_select(0, idx)
-    masked = optree.tree_map(
-        lambda g: g * act_r.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype), shared_r
-    )
+    masked = {
+        n: g * act_r.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype) for n, g in shared_r.items()
+    }
     agg_state, out = agg.update(agg_state, _scatter_rows(masked, idx, k), active=active)
     w_heads = out.weights * red.to(out.weights.dtype) if config.weight_heads else w_sum
     return agg_state, tree_scale(out.grad, red), w_heads
