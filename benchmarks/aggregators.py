@@ -11,9 +11,9 @@ UPGrad/DualProj (quadprog), CAGrad (cvxpy + Clarabel) and Nash-MTL (cvxpy + ECOS
 
 Usage::
 
-    python benchmarks/aggregators.py                 # K ∈ {2, 8, 32}, n ∈ {1e4, 1e6}
-    python benchmarks/aggregators.py --quick         # a smoke run
-    python benchmarks/aggregators.py --out benchmarks/results/aggregators.md
+    python -m benchmarks.aggregators                 # K ∈ {2, 8, 32}, n ∈ {1e4, 1e6}
+    python -m benchmarks.aggregators --quick         # a smoke run
+    python -m benchmarks.aggregators --out benchmarks/results/aggregators.md
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()})",
         "",
-        "`python benchmarks/aggregators.py"
+        "`python -m benchmarks.aggregators"
         + (" --quick" if args.quick else "")
         + (" --compile" if args.compile else "")
         + "`; float32 Jacobian K × n, median of interleaved rounds; TorchJD runs eagerly. Ratio = "

@@ -8,9 +8,9 @@ first compiled call (tracing + code generation). What is compiled:
   transform, skip test); the recolouring ``tx.refresh`` every ``R`` steps stays eager and is not
   timed here.
 * GCond ``update`` with ``conductor(..., compile=backend)``: the resolve + momentum half
-  (:func:`gradfn.conductor.process`) compiled, the accumulation over micro-batches eager.
+  (``conductor(...).process``) compiled, the accumulation over micro-batches eager.
 
-Run: ``python benchmarks/compile.py`` (``--quick``: fewer configurations and repeats); writes the
+Run: ``python -m benchmarks.compile`` (``--quick``: fewer configurations and repeats); writes the
 markdown table to ``benchmarks/results/compile.md`` (``--out`` to change).
 """
 
@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +30,6 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import optree
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradfn import conductor, songoku
 
@@ -162,7 +159,7 @@ def main() -> None:
     lines = [
         "# Eager vs torch.compile step time",
         "",
-        f"`python benchmarks/compile.py{' --quick' if args.quick else ''}` — backend "
+        f"`python -m benchmarks.compile{' --quick' if args.quick else ''}` — backend "
         f"`{args.backend}`, torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads; median of {repeats} interleaved calls after a warm-up; "
         "`fullgraph=True`; compiled results checked against eager. Speed-up = eager / compiled "

@@ -11,14 +11,14 @@ Three measurements (interleaved rounds, median; ratios from the same run):
 2. **Stochastic mode**: ``GradientConductor(stochastic_accumulation=True)`` vs plain gradient
    accumulation of the summed loss (``N`` forward + backward passes of ``Σ_k λ_k L_k`` into
    ``p.grad``): the conductor's full step costs at most this much more.
-3. **resolve** at ``K = 16`` tasks, ``n = 10⁶`` parameters: :func:`gradfn.resolve` (Gramian +
+3. **resolve** at ``K = 16`` tasks, ``n = 10⁶`` parameters: :func:`gradfn.conflict.resolve` (Gramian +
    coefficient-space iterations + one recombination) vs the pairwise vector implementation, same
    thresholds, same ``2K`` iterations.
 
 Usage::
 
-    python benchmarks/conductor.py            # full run (prints a markdown table)
-    python benchmarks/conductor.py --quick    # smaller sizes, fewer rounds
+    python -m benchmarks.conductor            # full run (prints a markdown table)
+    python -m benchmarks.conductor --quick    # smaller sizes, fewer rounds
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gradfn import GradientConductor, resolve
+from gradfn import GradientConductor
+from gradfn.conflict import resolve
 
 THRESHOLDS = (-0.8, -0.5, 0.0)
 

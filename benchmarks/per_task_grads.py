@@ -10,8 +10,8 @@ Every configuration is timed side by side in one run, in interleaved rounds (med
 
 Usage::
 
-    python benchmarks/per_task_grads.py            # full table
-    python benchmarks/per_task_grads.py --quick    # a smoke run
+    python -m benchmarks.per_task_grads            # full table
+    python -m benchmarks.per_task_grads --quick    # a smoke run
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gradfn import choose_strategy, functional_loss, value_and_per_task_grads
+from gradfn import functional_loss, value_and_per_task_grads
+from gradfn.autodiff import choose_strategy
 
 
 class MLPHeads(nn.Module):

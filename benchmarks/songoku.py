@@ -11,22 +11,18 @@
    extra memory of a refresh (CPU allocator, via the profiler), dense EMA vs a ``d_sk``-sketch,
    plus the persistent EMA size.
 
-Run: ``python benchmarks/songoku.py`` (``--quick`` for a short run).
+Run: ``python -m benchmarks.songoku`` (``--quick`` for a short run).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradfn import SonGokuScheduler, TaskSpec, TauSchedule, songoku
 
@@ -361,7 +357,7 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
                 peak_bytes(lambda tx=tx, state=state, params=params: tx.refresh(state, params)),
                 ema_bytes,
             )
-        from gradfn.sketch import sketch
+        from gradfn.conflict import sketch
 
         grads = {
             n: torch.randn((k, *p.shape), generator=g)

@@ -7,7 +7,7 @@ What compiles (the whole function traced into one graph, no graph break):
   eagerly every ``R`` steps: the loop below keeps its own Python counter ``t`` and calls it when
   ``t % R == 0`` (``tx.update`` is the eager driver that does the same).
 * GradientConductor: ``conductor(..., compile=backend)`` compiles the resolve + momentum half of a
-  cycle (:func:`gradfn.conductor.process`: Gramian, norm EMA, cap, conflict resolution,
+  cycle (``conductor(...).process``: Gramian, norm EMA, cap, conflict resolution,
   momentum). The accumulation over micro-batches stays eager.
 
 Both are timed eagerly and compiled on the same inputs (median of repeated calls, after a

@@ -7,17 +7,20 @@ get the gradient, chosen with ``--method``:
 * an aggregator (default ``upgrad``; any name of ``gradfn.aggregators.METHODS``): per-task
   gradients from ONE shared forward (``value_and_per_task_grads``), the shared trunk's rows
   aggregated, each head's rows summed (a head only receives its own task's gradient);
-* ``songoku``: the SON-GOKU transform's ``init`` / ``update``; its state (groups, EMAs, ρ) is a
-  NamedTuple of tensors carried by the loop.
+* ``songoku``: the SON-GOKU algorithm's ``init`` / ``update``; its state (groups, EMAs, ρ, and
+  the in-group aggregator's state with ``--aggregator``) is a NamedTuple of tensors carried by the
+  loop.
 
 Tasks 0 and 2 want opposite outputs from the same head, so no method fits both; SON-GOKU puts
 them in different colour groups (printed at the end with the interference matrix).
 
-The update is an Optax-style chain from :mod:`gradfn.transforms` (global norm cap, then
-bias-corrected momentum), applied as plain SGD. Run:
+The update is a chain of gradient transforms from :mod:`gradfn.transforms` (global norm cap,
+then bias-corrected momentum; ``update(state, updates, params) -> (state, updates)``), applied as
+plain SGD. Run:
 
     python examples/functional_loop.py                      # UPGrad
     python examples/functional_loop.py --method songoku
+    python examples/functional_loop.py --method songoku --aggregator gradvac   # stateful, in-group
     python examples/functional_loop.py --method mgda --quick
 """
 
@@ -28,6 +31,7 @@ import argparse
 import torch
 
 from gradfn import aggregators, songoku, tree, value_and_per_task_grads
+from gradfn.algorithms import group_lists
 from gradfn.transforms import chain, momentum, norm_cap
 
 K, D, H = 4, 12, 32  # tasks, input features, hidden units
@@ -72,6 +76,9 @@ def is_shared(name: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="upgrad", help="songoku or an aggregator name")
+    parser.add_argument(
+        "--aggregator", default=None, help="with --method songoku: the in-group aggregator"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke run)")
@@ -88,7 +95,14 @@ def main() -> None:
     opt_state = opt.init(params)
 
     if args.method == "songoku":
-        tx = songoku(loss_fn, num_tasks=K, shared=is_shared, refresh_period=8, tau_schedule=0.25)
+        tx = songoku(
+            loss_fn,
+            num_tasks=K,
+            shared=is_shared,
+            refresh_period=8,
+            tau_schedule=0.25,
+            aggregator=args.aggregator,  # None: the group's sum (paper Eq. 6)
+        )
         state = tx.init(params)
     else:
         agg = aggregators.aggregator(args.method)
@@ -113,9 +127,7 @@ def main() -> None:
             print(f"step {step:4d}  losses [{shown}]")
 
     if args.method == "songoku":
-        m = int(state.num_groups)
-        groups = [torch.nonzero(state.groups[g]).flatten().tolist() for g in range(m)]
-        print("colour groups (task indices):", groups)
+        print("colour groups (task indices):", group_lists(state))
         print("interference rho = -cos at the last refresh:\n", state.rho)
     else:
         print(f"{args.method} weights of the last step:", out.weights)

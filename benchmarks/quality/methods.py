@@ -8,7 +8,7 @@ same optimizer and the same number of optimizer steps on the same mini-batches.
 * **Aggregators** (PCGrad, MGDA, CAGrad, UPGrad, Nash-MTL; :mod:`gradfn.aggregators`): per-task
   gradients from one forward; the shared (trunk) gradients are aggregated, each head gets its
   own task's gradient.
-* **GCond** (:func:`gradfn.conductor.conductor`): the mini-batch is cut into ``N`` micro-batches,
+* **GCond** (:func:`gradfn.conductor`): the mini-batch is cut into ``N`` micro-batches,
   one accumulation cycle per optimizer step (classic: every loss on every micro-batch; stochastic:
   each loss on its own ``N/K`` micro-batches). GCond resolves over all parameters (its API has no
   shared/head split) and applies its own momentum (β = 0.85) before the optimizer; the extra row
@@ -126,7 +126,7 @@ def _aggregated(problem, method: str, seed: int, cfg: MethodConfig) -> Callable:
 
 
 def _gcond(problem, stochastic: bool, cfg: MethodConfig, **options: Any) -> Callable:
-    from gradfn.conductor import conductor
+    from gradfn import conductor
 
     k = problem.num_tasks
     n = k if stochastic else cfg.gcond_classic_microbatches
@@ -146,7 +146,7 @@ def _gcond(problem, stochastic: bool, cfg: MethodConfig, **options: Any) -> Call
 
 
 def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
-    from gradfn.songoku import songoku
+    from gradfn import songoku
 
     k = problem.num_tasks
     r = cfg.refresh_period
@@ -157,7 +157,9 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
         refresh_period=r,
         tau_schedule=cfg.tau,
         ema_beta=0.0 if method == "single_step" else cfg.ema_beta,
-        gradient_transform="pcgrad" if method == "songoku_pcgrad" else None,
+        aggregator=aggregators.aggregator("pcgrad", seed=seed, reduction="mean")
+        if method == "songoku_pcgrad"
+        else None,
         seed=seed,
     )
     trace: dict[str, list] = {"active": [], "refresh": []}
