@@ -1,4 +1,4 @@
-"""τ(t) schedules for the SON-GOKU conflict threshold (spec §1.4; DESIGN.md layer 3).
+"""τ(t) schedules for the SON-GOKU conflict threshold (arXiv:2509.16959; layer 3 of gradfn).
 
 With ``τ0 = tau_initial``, ``τ* = tau_target``, ``W = warmup_steps``, ``A = anneal_duration`` and
 ``p = min(1, (t − W) / max(1, A))``:
@@ -82,7 +82,7 @@ def _check_schedule(schedule: TauSchedule) -> None:
 
 
 def tau_value(schedule: TauSchedule, t: int | float | Tensor) -> float | Tensor:
-    """``τ(t)`` of ``schedule`` (formulas in the module docstring, spec §1.4)."""
+    """``τ(t)`` of ``schedule`` (formulas in the module docstring)."""
     _check_schedule(schedule)
     s = schedule
     t0, t1, w, a = s.tau_initial, s.tau_target, s.warmup_steps, s.anneal_duration

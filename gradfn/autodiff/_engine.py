@@ -311,13 +311,12 @@ def value_and_per_task_grads(
         With ``has_aux`` the first element is ``(losses, aux)``; with ``return_usage`` a third
         element, the usage.
     """
-    selected = _select(params, wrt)[0]
     losses, aux, grads, usage = per_task_impl(
         loss_fn, params, batch, wrt, strategy, task_batched, has_aux, num_tasks, tasks, return_usage
     )
     value = (losses, aux) if has_aux else losses
     if return_usage:
-        return value, grads, _usage_tree(optree.tree_structure(selected), usage)
+        return value, grads, _usage_tree(optree.tree_structure(_select(params, wrt)[0]), usage)
     return value, grads
 
 

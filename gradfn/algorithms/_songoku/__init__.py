@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from gradfn._internal.checks import check_callable
-from gradfn.aggregators import Aggregated, Aggregator, aggregator, as_aggregator
+from gradfn.aggregators import Aggregated, Aggregator, aggregator
 from gradfn.algorithms._base import Algorithm
 from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._driver import refresh, refresh_due, update
@@ -127,8 +127,6 @@ def make_config(options: dict[str, Any]) -> SonGokuConfig:
         raise TypeError(
             f"songoku: unknown option(s) {unknown}; options are {sorted(fields | set(_GRAPH_OPTIONS))}"
         )
-    if "aggregator" in options and isinstance(options["aggregator"], str):
-        options["aggregator"] = as_aggregator(options["aggregator"])
     return SonGokuConfig(**options)
 
 
