@@ -1,8 +1,10 @@
 """Command line: ``python -m benchmarks.quality [--quick] [--out DIR] ...``.
 
-Writes into ``--out``: ``results.md`` (tables), ``results.json`` (every run: final metrics,
-curves, times, SON-GOKU traces) and the PNG figures (unless ``--no-figures`` or matplotlib is
-missing). With ``--merge`` the new runs are added to the ``results.json`` already in ``--out``
+Writes into ``--out``: ``results.md`` (tables, figures linked by relative path) and
+``results.json`` (every run: final metrics, curves, times, SON-GOKU traces); the PNG figures go to
+``--figures`` (unless ``--no-figures`` or matplotlib is missing). With the default ``--out`` the
+figures go to ``docs/assets/quality``, where the documentation serves them: they are committed
+once. With another ``--out`` they go next to ``results.md``. With ``--merge`` the new runs are added to the ``results.json`` already in ``--out``
 (a run of the same problem, method and seed replaces the old one) and everything is rewritten
 from the merged set, so a few methods can be added without re-running the others.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "diabetes": (16, 1e-3, 8, {}),
 }
 DEFAULT_OUT = Path("benchmarks/results/quality")
+DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-toy", dest="toy", action="store_false", help="skip the 2-task toy")
     p.add_argument("--toy-steps", type=int, default=None, help="toy steps (quick 10, full 400)")
     p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        default=None,
+        help=f"figure folder (default: {DEFAULT_FIGURES} with the default --out, else --out)",
+    )
     p.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"
     )
@@ -87,8 +97,10 @@ def _subset(arg: str | None, allowed: list[str] | tuple[str, ...], what: str) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"records", "toy", "files"}``."""
     args = _parser().parse_args(argv)
+    if args.figures is None:
+        args.figures = DEFAULT_FIGURES if args.out == DEFAULT_OUT else args.out
     if args.replot:
-        return _replot(args.out, not args.no_figures)
+        return _replot(args.out, not args.no_figures, args.figures)
     if args.merge and not (args.out / "results.json").is_file():
         raise SystemExit(f"--merge: no results.json in {args.out}")
     table = QUICK if args.quick else FULL
@@ -166,7 +178,7 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
     (out / "results.json").write_text(
         json.dumps({"settings": settings, "records": records, "toy": toy}, allow_nan=True)
     )
-    return _write(out, records, toy, settings, not args.no_figures)
+    return _write(out, records, toy, settings, not args.no_figures, args.figures)
 
 
 def _optimizer_note(methods: list[str]) -> str:
@@ -227,26 +239,29 @@ def _write(
     toy: list[dict[str, Any]],
     settings: dict[str, Any],
     with_figures: bool,
+    figure_dir: Path,
 ) -> dict[str, Any]:
     files: list[str] = []
     # the toy table follows the method order (a merge appends its runs at the end)
     toy = sorted(toy, key=lambda t: METHODS.index(t["method"]) if t["method"] in METHODS else 99)
     if with_figures:
         if figures.available():
-            files = figures.write_all(records, toy, out)
+            files = figures.write_all(records, toy, figure_dir)
         else:
             print("matplotlib is not installed: no figures")
     methods = settings.get("methods") or sorted(
         {r["method"] for r in records} | {t["method"] for t in toy}, key=METHODS.index
     )
-    (out / "results.md").write_text(report.markdown_report(records, toy, methods, settings, files))
+    rel = Path(os.path.relpath(figure_dir, out))  # results.md links the figures where they are
+    links = [(rel / f).as_posix() for f in files]
+    (out / "results.md").write_text(report.markdown_report(records, toy, methods, settings, links))
     print(f"wrote {out / 'results.md'} ({len(records)} runs, {len(files)} figures)")
     return {"records": records, "toy": toy, "files": files, "settings": settings}
 
 
-def _replot(out: Path, with_figures: bool) -> dict[str, Any]:
+def _replot(out: Path, with_figures: bool, figure_dir: Path) -> dict[str, Any]:
     data = json.loads((out / "results.json").read_text())
-    return _write(out, data["records"], data["toy"], data["settings"], with_figures)
+    return _write(out, data["records"], data["toy"], data["settings"], with_figures, figure_dir)
 
 
 def _toy_one(args: tuple[str, int]) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def markdown_report(
     settings: dict[str, Any],
     figures: list[str],
 ) -> str:
-    """The full results page (tables; figures linked by file name)."""
+    """The full results page (tables; ``figures``: the figures' paths relative to the page)."""
     out = ["# Quality benchmark results", ""]
     out.append(
         "Mean ± sample std over seeds; every method trains the same model with the same optimizer "
@@ -274,6 +274,6 @@ def markdown_report(
         out += ["## 2-task toy (CAGrad / Nash-MTL)", "", toy_table(toy), ""]
     if figures:
         out += ["## Figures", ""]
-        out += [f"![{f}]({f})" for f in figures]
+        out += [f"![{f.rsplit('/', 1)[-1]}]({f})" for f in figures]
         out.append("")
     return "\n".join(out)
