@@ -9,14 +9,10 @@
   as a pure ``f(params, batch)``.
 """
 
-from gradfn.autodiff._engine import (
-    accumulate_per_task_grads,
-    choose_strategy,
-    per_task_grads,
-    value_and_per_task_grads,
-    value_and_weighted_grad,
-)
+from gradfn.autodiff._accumulate import accumulate_per_task_grads
+from gradfn.autodiff._engine import choose_strategy, per_task_grads, value_and_per_task_grads
 from gradfn.autodiff._module import functional_loss, split_module
+from gradfn.autodiff._weighted import value_and_weighted_grad
 
 __all__ = [
     "accumulate_per_task_grads",

@@ -23,7 +23,9 @@ from torch import Tensor
 
 from gradfn import tree
 from gradfn.algorithms._conductor._config import ConductorConfig
-from gradfn.autodiff._engine import accumulate_impl, per_task_impl, weighted_impl
+from gradfn.autodiff._accumulate import accumulate_impl
+from gradfn.autodiff._engine import per_task_impl
+from gradfn.autodiff._weighted import weighted_impl
 from gradfn.typing import LossFn, PyTree
 
 __all__ = ["Cycle", "accumulate", "next_batch_fn"]
