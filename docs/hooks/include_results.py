@@ -25,7 +25,11 @@ _DIRECTIVE = re.compile(r"^<!--\s*include-(results|markdown):\s*(\S+)\s*-->\s*$"
 _HEADING = re.compile(r"^(#{1,5})\s+(.*)$")
 _LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?(\))")
 # root documents that the site shows as pages
-_ROOT_PAGES = {"README.md": "index.md", "CONTRIBUTING.md": "contributing.md", "CHANGELOG.md": "changelog.md"}
+_ROOT_PAGES = {
+    "README.md": "index.md",
+    "CONTRIBUTING.md": "contributing.md",
+    "CHANGELOG.md": "changelog.md",
+}
 
 
 def _levels(text: str) -> list[int]:

@@ -1,6 +1,6 @@
 """MkDocs hook: render the Sphinx roles used in gradfn's docstrings (``:func:`x```, ``:class:`~x```).
 
-mkdocstrings renders a docstring's ``:func:`gradfn.graph.interference``` as the literal text
+mkdocstrings renders a docstring's ``:func:`gradfn.conflict.interference``` as the literal text
 ``:func:`` followed by inline code. This hook drops the role prefix and turns fully qualified
 names into optional cross-references (resolved by mkdocs-autorefs when the object is documented,
 plain code otherwise). ``~`` keeps only the last component of the name, as in Sphinx.
