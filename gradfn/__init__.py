@@ -16,6 +16,7 @@ layers, each importing only those beneath it:
 6. :mod:`gradfn.integrations`: ``torch.distributed`` and mixed precision.
 """
 
+import sys as _sys
 from typing import Any
 
 from gradfn import (
@@ -29,6 +30,7 @@ from gradfn import (
     transforms,
     tree,
 )
+from gradfn._deprecated import MODULE_NAMES as _MODULE_NAMES
 from gradfn._deprecated import TOP_LEVEL as _TOP_LEVEL
 from gradfn._deprecated import install as _install_deprecated
 from gradfn._deprecated import moved as _moved
@@ -92,7 +94,10 @@ _install_deprecated()
 
 
 def __getattr__(name: str) -> Any:
-    """gradfn 0.1 top-level names that moved into a package (deprecated, removed in 0.3)."""
+    """gradfn 0.1 top-level names and modules that moved into a package (deprecated, removed
+    in 0.3)."""
     if name in _TOP_LEVEL:
         return _moved(f"gradfn.{name}", _TOP_LEVEL[name])
+    if name in _MODULE_NAMES:  # ``import gradfn.graph`` then ``gradfn.graph.interference``
+        return _sys.modules[f"gradfn.{name}"]
     raise AttributeError(f"module 'gradfn' has no attribute {name!r}")

@@ -15,7 +15,7 @@ import types
 import warnings
 from typing import Any
 
-__all__ = ["TOP_LEVEL", "install", "moved"]
+__all__ = ["MODULE_NAMES", "TOP_LEVEL", "install", "moved"]
 
 _CONFLICT = "gradfn.conflict"
 _ALGOS = "gradfn.algorithms"
@@ -87,6 +87,14 @@ _MODULES: dict[str, dict[str, str]] = {
 }
 
 BUILTIN_TRANSFORMS: tuple[str, ...] = ("pcgrad", "pcgrad_sum", "inverse_norm", "adatask")
+
+# the 0.1 modules that gradfn.<name> gives back (songoku, conductor, resolve and sketch are the
+# functions there, as in 0.1)
+MODULE_NAMES = frozenset(
+    name.split(".", 1)[1]
+    for name in _MODULES
+    if name.split(".", 1)[1] not in ("songoku", "conductor", "resolve", "sketch")
+)
 
 
 def moved(old: str, target: str) -> Any:

@@ -5,6 +5,7 @@ difference from the reference, one line each."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -94,7 +95,15 @@ class SonGokuScheduler:
         self._params, self._f = functional_loss(
             self._module, task_losses(self.tasks, autocast_dtype, self._named[0][1].device.type)
         )
-        if gradient_transform is not None and base_method in ("vanilla", "none"):
+        if "shared" in options:
+            raise TypeError("`shared` is not an option here: pass shared_param_filter")
+        if gradient_transform is not None and base_method not in ("vanilla", "none"):
+            warnings.warn(
+                f"base_method={base_method!r} overrides gradient_transform (as in the reference)",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif gradient_transform is not None:
             options["aggregator"] = flat_hook_aggregator(gradient_transform, self.names)
         self._config = make_config(
             from_reference(

@@ -61,6 +61,11 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
     for t in transforms:
         if not (isinstance(t, tuple) and callable(getattr(t, "init", None))):
             raise TypeError(f"chain: expected GradientTransforms, got {type(t).__name__}")
+        if hasattr(t, "weighting"):
+            raise TypeError(
+                "chain: an aggregator returns an Aggregated (the gradient and its weights), not "
+                "updates; call it, then chain the transforms on its `.grad`"
+            )
 
     def init(params: PyTree) -> tuple[State, ...]:
         return tuple(t.init(params) for t in transforms)

@@ -147,8 +147,9 @@ def conductor(
             the momentum (eager; compiled code keeps the copies).
 
     Raises:
-        ValueError, TypeError: at construction, for a bad argument (naming it), including
-        ``N % K != 0`` in stochastic mode.
+        ValueError: at construction, for a bad value (naming the argument), including
+            ``N % K != 0`` in stochastic mode.
+        TypeError: at construction, for an argument of the wrong type or an unknown option.
     """
     check_callable("loss_fn", loss_fn)
     check_callable("reduce", reduce, optional=True)

@@ -68,14 +68,27 @@ class ConductorConfig:
         thresholds: [conflict_thresholds] ``(critical, main, weak)`` cosines, non-decreasing.
         rule: ``"smooth"`` [use_smooth_logic=True] or ``"zones"``.
         max_iters: [projection_max_iters] resolution iterations; None → ``2K``; 0 → none.
-        remap_power, norm_cap, norm_ema_beta, momentum_beta, use_lion, trust_ratio_coef,
-        trust_ratio_clip, dominance_window, tie_breaking_weights, return_raw_grad, eps: as the
-            reference.
+        remap_power: ``p`` of the smooth rule's main-zone remap.
+        norm_cap: per-loss L2 cap of the accumulated gradients (None: off).
+        norm_ema_beta: EMA factor of the per-loss gradient norms (the arbitrator's strength).
+        momentum_beta: ``β`` of GCond's bias-corrected momentum.
+        use_lion: the Lion branch: sign of the momentum times a clipped trust ratio.
+        trust_ratio_coef: the Lion branch's step scale.
+        trust_ratio_clip: the Lion branch's bound on ``‖p‖/‖u‖``.
+        dominance_window: ``W``: a task that won the last ``W`` arbitrations is dominant.
         dominance: ``"loses"`` (the reference's code) or ``"wins"`` (its README).
-        accumulation_dtype, stability_source, min_cosine, arbitrate_weak, norm_floor,
-        cap_single_loss: the fixes of the reference's defects; :func:`reference_options` restores
-            them.
+        tie_breaking_weights: ``(stability, strength)`` weights of the arbitrator's score.
+        return_raw_grad: return the resolved sum instead of the momentum output.
+        eps: the numerical floor of the cosines and projections.
+        accumulation_dtype: float32 (reference: bfloat16) for the accumulators and momentum.
+        stability_source: ``"raw"`` previous gradients (reference: ``"processed"``).
+        min_cosine: ``"true"`` minimum (reference: ``"reference"``).
+        arbitrate_weak: record weak-zone pairs in the history (reference: True).
+        norm_floor: skip gradients below this norm (None: ``eps``; reference: ``sqrt(eps)``).
+        cap_single_loss: apply the cap with one loss too (reference: False).
         strategy: per-task gradient strategy of the classic mode (:mod:`gradfn.autodiff`).
+
+    :func:`reference_options` gives the values that reproduce the reference implementation.
     """
 
     lambdas: tuple[float, ...]
