@@ -1,4 +1,5 @@
-"""τ(t) schedules (gradfn.schedules) against the spec §1.4 formulas written out by hand."""
+"""τ(t) schedules (gradfn.schedules) against the SON-GOKU paper's formulas (arXiv:2509.16959),
+written out by hand."""
 
 import math
 
