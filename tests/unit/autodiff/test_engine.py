@@ -9,37 +9,37 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from gradfn import (
+from gradfn.autodiff import (
+    accumulate_per_task_grads,
     functional_loss,
     per_task_grads,
     split_module,
     value_and_per_task_grads,
     value_and_weighted_grad,
 )
+from tests._utils.models import TrunkHeads
 
 STRATEGIES = ["vmap", "loop", "auto"]
 
 
-class TrunkHeads(nn.Module):
+def trunk_heads(k: int = 3, seed: int = 0) -> TrunkHeads:
     """Shared trunk (with BatchNorm and a frozen layer), K heads (one in float64), unused params."""
-
-    def __init__(self, k: int = 3, d_in: int = 5, hidden: int = 8) -> None:
-        super().__init__()
-        self.frozen = nn.Linear(d_in, d_in)
-        self.frozen.requires_grad_(False)
-        self.trunk = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(k)])
-        self.heads[-1].double()
-        self.unused = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.trunk(self.frozen(x))
-        return [head(h.to(head.weight.dtype)).squeeze(-1) for head in self.heads]
+    return TrunkHeads(
+        5,
+        8,
+        k,
+        batchnorm=True,
+        frozen_input=True,
+        unused=True,
+        double_last_head=True,
+        seed=seed,
+    )
 
 
 def task_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     x, y = batch
-    return {f"task{i}": ((out - y[i].to(out.dtype)) ** 2).mean() for i, out in enumerate(model(x))}
+    outs = [out.squeeze(-1) for out in model.head_outputs(x)]
+    return {f"task{i}": ((out - y[i].to(out.dtype)) ** 2).mean() for i, out in enumerate(outs)}
 
 
 def naive_grads(model: nn.Module, batch, names: list[str]) -> dict[str, torch.Tensor]:
@@ -68,8 +68,7 @@ def make_batch(k: int, d_in: int = 5, b: int = 16, seed: int = 0):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_module_grads_match_naive_oracle(strategy):
-    torch.manual_seed(0)
-    model = TrunkHeads(k=3)
+    model = trunk_heads(k=3, seed=0)
     batch = make_batch(3)
     params, f = functional_loss(model, task_losses, freeze_running_stats=True)
     assert "frozen.weight" not in params and "unused.weight" in params
@@ -91,8 +90,7 @@ def test_module_grads_match_naive_oracle(strategy):
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
 def test_running_stats_updated_once_or_frozen(strategy):
-    torch.manual_seed(1)
-    model = TrunkHeads(k=2)
+    model = trunk_heads(k=2, seed=1)
     batch = make_batch(2)
     reference = copy.deepcopy(model)
     reference(batch[0])  # one train-mode forward updates the statistics once
@@ -103,7 +101,7 @@ def test_running_stats_updated_once_or_frozen(strategy):
     torch.testing.assert_close(bn.running_var, bn_ref.running_var)
     assert bn.num_batches_tracked.item() == 1
 
-    frozen_model = TrunkHeads(k=2)
+    frozen_model = trunk_heads(k=2, seed=8)
     before = {n: b.clone() for n, b in frozen_model.named_buffers()}
     params, f = functional_loss(frozen_model, task_losses, freeze_running_stats=True)
     per_task_grads(f, params, batch, strategy=strategy)
@@ -113,8 +111,7 @@ def test_running_stats_updated_once_or_frozen(strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_wrt_restricts_to_shared_params(strategy):
-    torch.manual_seed(2)
-    model = TrunkHeads(k=3)
+    model = trunk_heads(k=3, seed=2)
     batch = make_batch(3)
     params, f = functional_loss(model, task_losses, freeze_running_stats=True)
     grads = per_task_grads(
@@ -185,8 +182,7 @@ def test_task_batched_form_is_vmap_of_grad(strategy):
 
 
 def test_weighted_grad_is_one_backward_of_the_weighted_sum():
-    torch.manual_seed(4)
-    model = TrunkHeads(k=3)
+    model = trunk_heads(k=3, seed=4)
     batch = make_batch(3)
     params, f = functional_loss(model, task_losses, freeze_running_stats=True)
     w = torch.tensor([1.0, 0.0, 2.5])
@@ -288,7 +284,7 @@ def test_bad_strategy_and_loss_types():
 
 
 def test_split_module_separates_frozen_and_buffers():
-    model = TrunkHeads(k=2)
+    model = trunk_heads(k=2)
     params, buffers = split_module(model)
     assert "frozen.weight" in buffers and "trunk.1.running_mean" in buffers
     assert all(not p.requires_grad for p in params.values())
@@ -297,10 +293,7 @@ def test_split_module_separates_frozen_and_buffers():
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
 def test_accumulate_adds_scaled_rows_in_place(strategy):
-    from gradfn import accumulate_per_task_grads
-
-    torch.manual_seed(7)
-    model = TrunkHeads(k=3)
+    model = trunk_heads(k=3, seed=7)
     params, f = functional_loss(model, task_losses, freeze_running_stats=True)
     batches = [make_batch(3, seed=s) for s in (1, 2)]
     into = {n: torch.ones((3, *p.shape), dtype=torch.float64) for n, p in params.items()}
@@ -319,8 +312,6 @@ def test_accumulate_adds_scaled_rows_in_place(strategy):
 
 
 def test_accumulate_rejects_mismatched_buffers():
-    from gradfn import accumulate_per_task_grads
-
     params = {"w": torch.ones(2)}
     with pytest.raises(ValueError, match="into"):
         accumulate_per_task_grads(
