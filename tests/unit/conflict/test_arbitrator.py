@@ -1,4 +1,4 @@
-"""gradfn.arbitrator: dominance rotation, hybrid score, history ring (gcond spec §2.7)."""
+"""GCond's arbitrator (gradfn.conflict): dominance rotation, hybrid score, history ring."""
 
 from __future__ import annotations
 

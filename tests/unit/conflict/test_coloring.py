@@ -1,4 +1,4 @@
-"""Welsh–Powell colouring, colour groups and min-coverage duplication (gradfn.coloring)."""
+"""Welsh–Powell colouring, colour groups and min-coverage duplication (gradfn.conflict)."""
 
 import networkx as nx
 import pytest
@@ -7,28 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradfn.conflict import color, duplicate_min_coverage, groups_from_colors
+from tests._utils.oracles import welsh_powell_classes
 
 
 def random_graph(k, p, seed):
     g = torch.Generator().manual_seed(seed)
     upper = torch.triu(torch.rand(k, k, generator=g) < p, diagonal=1)
     return upper | upper.T
-
-
-def naive_welsh_powell(adj):
-    """The reference's dictionary algorithm, written out: classes in creation order."""
-    k = adj.shape[0]
-    nbrs = {i: {j for j in range(k) if j != i and bool(adj[i, j])} for i in range(k)}
-    order = sorted(range(k), key=lambda v: (-len(nbrs[v]), v))
-    classes: list[list[int]] = []
-    for v in order:
-        for cls in classes:
-            if not nbrs[v] & set(cls):
-                cls.append(v)
-                break
-        else:
-            classes.append([v])
-    return [sorted(c) for c in classes]
 
 
 graphs = st.tuples(st.integers(1, 12), st.floats(0, 1), st.integers(0, 2**31 - 1))
@@ -60,12 +45,12 @@ def test_color_is_proper_and_matches_the_reference_classes(args):
     assert int(colors.max()) + 1 <= max_degree + 1
     groups, m = groups_from_colors(colors)
     classes = [torch.nonzero(groups[c]).flatten().tolist() for c in range(int(m))]
-    assert classes == naive_welsh_powell(adj)
+    assert classes == welsh_powell_classes(adj.tolist())
     assert not bool(groups[int(m) :].any())
     assert torch.equal(groups[: int(m)].sum(0), torch.ones(k, dtype=torch.int64))
 
 
-def test_spec_worked_example():
+def test_reference_worked_example():
     cos = torch.tensor(
         [[1, -0.8, 0.3, -0.1], [-0.8, 1, -0.2, 0.05], [0.3, -0.2, 1, 0.7], [-0.1, 0.05, 0.7, 1]]
     )

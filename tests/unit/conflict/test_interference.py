@@ -1,4 +1,4 @@
-"""Interference ρ = −cos and conflict-graph rules (gradfn.graph) against written-out oracles."""
+"""Interference ρ = −cos and conflict-graph rules (gradfn.conflict) against written-out oracles."""
 
 import math
 
@@ -7,9 +7,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradfn.conflict import conflict_adjacency, edge_density, interference, knn_k_for_density
+from gradfn.conflict import (
+    GraphRule,
+    conflict_adjacency,
+    edge_density,
+    interference,
+    knn_k_for_density,
+)
 
-# The reference's test matrix of cosines (spec §1.5).
+# The SON-GOKU reference implementation's test matrix of cosines.
 COS = torch.tensor(
     [[1.0, -0.8, 0.3, -0.1], [-0.8, 1.0, -0.2, 0.05], [0.3, -0.2, 1.0, 0.7], [-0.1, 0.05, 0.7, 1.0]]
 )
@@ -61,7 +67,7 @@ def test_interference_clamps_rounding_overshoot():
     assert float(interference(gram, eps=0.0).max()) <= 1.0
 
 
-def test_threshold_rule_is_the_paper_rule_on_the_spec_example():
+def test_threshold_rule_is_the_paper_rule_on_the_reference_example():
     adj, tau = conflict_adjacency(RHO, 0.25, "threshold")
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[0, 1] = expected[1, 0] = True  # only cos(0,1) = −0.8 < −0.25
@@ -172,3 +178,55 @@ def test_compiles_fullgraph():
     e = torch.randn(5, 3)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(e @ e.T), f(e @ e.T))
+
+
+# ---------------------------------------------------------------------------------------------
+# GraphRule: the arguments of conflict_adjacency as one validated value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"rule": "cosine"}, "rule"),
+        ({"rule": None}, "rule"),
+        ({"quantile": 1.5}, "quantile"),
+        ({"quantile": -0.1}, "quantile"),
+        ({"quantile": float("nan")}, "quantile"),
+        ({"quantile": True}, "quantile"),
+        ({"knn_k": -1}, "knn_k"),
+        ({"knn_k": 2.5}, "knn_k"),
+        ({"knn_k": True}, "knn_k"),
+        ({"density": 1.01}, "density"),
+        ({"density": -0.5}, "density"),
+        ({"density": "0.3"}, "density"),
+    ],
+)
+def test_graph_rule_validates_its_fields(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        GraphRule(**kwargs)
+
+
+def test_graph_rule_defaults_and_frozen():
+    rule = GraphRule()
+    assert (rule.rule, rule.quantile, rule.knn_k, rule.density) == ("threshold", 0.3, 3, None)
+    with pytest.raises(AttributeError):
+        rule.quantile = 0.5  # type: ignore[misc]
+    assert GraphRule(quantile=1, density=0).quantile == 1.0  # ints accepted, stored as floats
+
+
+@pytest.mark.parametrize("rule", ["threshold", "quantile", "knn", "signed"])
+@pytest.mark.parametrize("density", [None, 0.0, 0.4, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_graph_rule_adjacency_equals_conflict_adjacency(rule, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    rho = interference(e @ e.T)
+    for tau in (0.25, -0.3, torch.tensor(0.1, dtype=torch.float64)):
+        for quantile, knn_k in ((0.3, 3), (0.75, 1), (0.0, 0)):
+            graph = GraphRule(rule, quantile=quantile, knn_k=knn_k, density=density)
+            adj, used = graph.adjacency(rho, tau)
+            want_adj, want_used = conflict_adjacency(
+                rho, tau, rule, quantile=quantile, knn_k=knn_k, density=density
+            )
+            assert torch.equal(adj, want_adj)
+            assert torch.equal(used, want_used) or (bool(used.isnan()) and bool(want_used.isnan()))

@@ -1,9 +1,9 @@
-"""gradfn.resolve against a straightforward vector implementation of gcond spec §2.3–§2.5, §2.7."""
+"""GCond's conflict resolution (gradfn.conflict.resolve) against a straightforward vector
+implementation of its formulas (arXiv:2509.07252): the smooth and three-zone rules, the arbitrator."""
 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import pytest
 import torch
@@ -19,126 +19,9 @@ from gradfn.conflict import (
     true_min_cosine,
 )
 from gradfn.conflict._resolve import _angle
-
-DEFAULT_T = (-0.8, -0.5, 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# the oracle: pairwise vector code written from the spec's formulas
-
-
-def oracle(
-    gs,
-    thresholds=DEFAULT_T,
-    *,
-    rule="smooth",
-    max_iters=None,
-    p=2.0,
-    eps=1e-8,
-    floor_sq=None,
-    ema=None,
-    prev=None,
-    history=None,
-    window=0,
-    weights=(0.8, 0.2),
-    dominance="loses",
-    arbitrate_weak=True,
-):
-    """Returns (resolved vectors, iterations, winners list, history list)."""
-    t_c, t_m, t_w = thresholds
-    k = len(gs)
-    g = [x.clone() for x in gs]
-    floor_sq = eps if floor_sq is None else floor_sq
-    ema = [1.0] * k if ema is None else list(ema)
-    hist = deque(history or [], maxlen=window) if window > 0 else None
-    winners = []
-    iters = 0
-
-    def arbiter(i, j):
-        def dominant(a):
-            return hist is not None and len(hist) == window and all(h == a for h in hist)
-
-        if dominant(i) and not dominant(j):
-            return (j, i) if dominance == "loses" else (i, j)
-        if dominant(j) and not dominant(i):
-            return (i, j) if dominance == "loses" else (j, i)
-
-        def stab(a):
-            if prev is None:
-                return 0.0
-            return float(g[a] @ prev[a] / (g[a].norm() * prev[a].norm() + eps))
-
-        rel_i = float(g[i].norm()) / (ema[i] + eps)
-        rel_j = float(g[j].norm()) / (ema[j] + eps)
-        si = weights[0] * max(stab(i), 0.0) + weights[1] * rel_i / (rel_i + rel_j + eps)
-        sj = weights[0] * max(stab(j), 0.0) + weights[1] * rel_j / (rel_i + rel_j + eps)
-        return (j, i) if sj > si else (i, j)
-
-    def record(w):
-        winners.append(w)
-        if hist is not None:
-            hist.append(w)
-
-    for _ in range(max_iters if max_iters is not None else 2 * k):
-        best, pair = t_w, None
-        for i in range(k):
-            for j in range(i + 1, k):
-                ni, nj = float(g[i] @ g[i]), float(g[j] @ g[j])
-                if ni < floor_sq or nj < floor_sq:
-                    continue
-                d = float(g[i] @ g[j])
-                c = d / (math.sqrt(ni * nj) + eps)
-                if c < best:
-                    best, pair = c, (i, j, d, ni, nj)
-        if pair is None:
-            break
-        iters += 1
-        i, j, d, ni, nj = pair
-        c = best
-        if rule == "smooth":
-            w, lo = arbiter(i, j)
-            if arbitrate_weak or c < t_m:
-                record(w)
-            cc = min(max(c, -1.0), 1.0)
-            if cc >= t_m:
-                u = min(max((cc - t_m) / (t_w - t_m + eps), 0.0), 1.0)
-                alpha = math.pi / 2 * (1 - u)
-            elif cc > t_c:
-                u = (cc - t_m) / (t_c - t_m + eps)
-                alpha = math.pi / 2 + math.pi / 2 * u**p
-            else:
-                alpha = math.pi
-            s_w, s_l = math.sin(alpha), math.sin(min(alpha, math.pi / 2))
-            n = {i: ni, j: nj}
-            gw, gl = g[w].clone(), g[lo].clone()
-            g[w] = gw - s_w * d / (n[lo] + eps) * gl
-            g[lo] = gl - s_l * d / (n[w] + eps) * gw
-        else:
-            if c < t_c:
-                w, lo = arbiter(i, j)
-                record(w)
-                g[lo] = torch.zeros_like(g[lo])
-            elif c < t_m:
-                w, lo = arbiter(i, j)
-                record(w)
-                g[lo] = g[lo] - float(g[lo] @ g[w]) / (float(g[w] @ g[w]) + eps) * g[w]
-            else:
-                dt = c * math.sqrt(ni * nj)
-                gi, gj = g[i].clone(), g[j].clone()
-                g[i] = gi - dt / (nj + eps) * gj
-                g[j] = gj - dt / (ni + eps) * gi
-    return g, iters, winners, list(hist) if hist is not None else []
-
-
-def oracle_min_cos(gs, eps=1e-8, floor_sq=None):
-    floor_sq = eps if floor_sq is None else floor_sq
-    best = 1.0
-    for i in range(len(gs)):
-        for j in range(i + 1, len(gs)):
-            ni, nj = float(gs[i] @ gs[i]), float(gs[j] @ gs[j])
-            if ni >= floor_sq and nj >= floor_sq:
-                best = min(best, float(gs[i] @ gs[j]) / (math.sqrt(ni * nj) + eps))
-    return best
+from tests._utils.oracles import DEFAULT_THRESHOLDS as DEFAULT_T
+from tests._utils.oracles import gcond_min_cosine as oracle_min_cos
+from tests._utils.oracles import gcond_resolve as oracle
 
 
 def as_tree(vectors):
@@ -301,7 +184,7 @@ def test_zero_and_single_task():
         (-0.95, 0.0, 1.0),
     ],
 )
-def test_smooth_strengths_match_spec_table(c, s_w, s_l):
+def test_smooth_strengths_match_the_paper_table(c, s_w, s_l):
     alpha = _angle(torch.tensor(c, dtype=torch.float64), DEFAULT_T, 2.0, 1e-8)
     assert math.sin(float(alpha)) == pytest.approx(s_w, abs=0.01)
     assert math.sin(min(float(alpha), math.pi / 2)) == pytest.approx(s_l, abs=0.01)
@@ -316,7 +199,7 @@ def _pair_with_cosine(c, n1, n2):
 @pytest.mark.parametrize("c", [-0.05, -0.1, -0.3, -0.45, -0.55, -0.7, -0.79, -0.85, -0.99])
 @pytest.mark.parametrize("norms", [(1.0, 1.0), (2.0, 0.5), (30.0, 0.1)])
 def test_post_resolution_dot_formula(c, norms):
-    """§2.4 item 5: d' = d (1 − s_w − s_l + s_w s_l c²) after one smooth iteration."""
+    """After one smooth iteration: d' = d (1 − s_w − s_l + s_w s_l c²)."""
     a, b = _pair_with_cosine(c, *norms)
     # eps = 0: the formula is exact without the denominators' eps
     res = resolve(as_tree([a, b]), max_iters=1, gram_dtype=torch.float64, eps=0.0)

@@ -1,4 +1,4 @@
-"""Seeded random projection of task-stacked gradients (gradfn.sketch)."""
+"""Seeded random projection of task-stacked gradients (gradfn.conflict.sketch)."""
 
 import pytest
 import torch
