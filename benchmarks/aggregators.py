@@ -121,12 +121,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(A.METHODS))
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
         "--compile",
         action="store_true",
         help="add a column with gradfn compiled (torch.compile, fullgraph, inductor)",
     )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     ks = (2, 8) if args.quick else (2, 8, 32)

@@ -294,7 +294,7 @@ def bench_resolve(k: int, n: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile'd rows (slow to build)"
     )
