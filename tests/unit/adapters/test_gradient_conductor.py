@@ -1,4 +1,4 @@
-"""gradfn.GradientConductor (the nn.Module adapter) against a plain-PyTorch GCond loop."""
+"""GradientConductor (the nn.Module adapter) against a plain-PyTorch GCond loop."""
 
 from __future__ import annotations
 
@@ -12,19 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from gradfn import GradientConductor
+from gradfn.adapters import GradientConductor
+from tests._utils import oracles
+from tests._utils.asserts import tree_equal
+from tests._utils.models import TrunkHeads
+from tests.unit.adapters._problems import GC_LAMBDAS, GC_LOSSES, gc_provider
 
 
-class Net(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 2)
-        self.spare = nn.Linear(3, 3)  # touched by no loss
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.trunk(x)))
+def Net(seed=0):
+    """``Linear(4, 8) → tanh → Linear(8, 2)``, and an ``unused`` layer touched by no loss."""
+    return TrunkHeads(4, 8, 1, out=2, unused=True, seed=seed)
 
 
 LOSSES = {
@@ -48,8 +45,9 @@ def provider(batches):
 
 
 class PlainGCond:
-    """GCond written plainly from the spec (smooth rule), over flattened gradient vectors, with the
-    reference's separate forward + backward per loss and per micro-batch."""
+    """GCond written plainly (smooth rule, the resolution of tests._utils.oracles), over flattened
+    gradient vectors, with the reference's separate forward + backward per loss and per
+    micro-batch."""
 
     def __init__(
         self,
@@ -78,7 +76,6 @@ class PlainGCond:
         self.hist = deque(maxlen=window)
         self.m = torch.zeros(size)
         self.t = 0
-        self.t_c, self.t_m, self.t_w = -0.8, -0.5, 0.0
 
     def _grad(self, name, batch, divisor):
         x, y = batch
@@ -119,40 +116,17 @@ class PlainGCond:
             self.ema[k] = max(self.ema_beta * self.ema[k] + (1 - self.ema_beta) * r, eps)
             if self.cap is not None and r > self.cap:
                 acc[k] = acc[k] * self.cap / (r + eps)
-        g = [acc[k] for k in self.names]
-        iters = 0
-        for _ in range(2 * len(g)):
-            best, pair = self.t_w, None
-            for i in range(len(g)):
-                for j in range(i + 1, len(g)):
-                    ni, nj = float(g[i] @ g[i]), float(g[j] @ g[j])
-                    if ni < self.floor_sq or nj < self.floor_sq:
-                        continue
-                    c = float(g[i] @ g[j]) / (math.sqrt(ni * nj) + eps)
-                    if c < best:
-                        best, pair = c, (i, j, float(g[i] @ g[j]), ni, nj)
-            if pair is None:
-                break
-            iters += 1
-            i, j, d, ni, nj = pair
-            c = best
-            w, lo = self._arbiter(g, i, j)
-            if self.window > 0 and (self.arbitrate_weak or c < self.t_m):
-                self.hist.append(w)
-            if c >= self.t_m:
-                u = min(max((c - self.t_m) / (self.t_w - self.t_m + eps), 0.0), 1.0)
-                alpha = math.pi / 2 * (1 - u)
-            elif c > self.t_c:
-                alpha = (
-                    math.pi / 2 + math.pi / 2 * ((c - self.t_m) / (self.t_c - self.t_m + eps)) ** 2
-                )
-            else:
-                alpha = math.pi
-            s_w, s_l = math.sin(alpha), math.sin(min(alpha, math.pi / 2))
-            n = {i: ni, j: nj}
-            gw, gl = g[w].clone(), g[lo].clone()
-            g[w] = gw - s_w * d / (n[lo] + eps) * gl
-            g[lo] = gl - s_l * d / (n[w] + eps) * gw
+        g, iters, _, hist = oracles.gcond_resolve(
+            [acc[k] for k in self.names],
+            eps=eps,
+            floor_sq=self.floor_sq,
+            ema=[self.ema[k] for k in self.names],
+            prev=[self.prev[k] for k in self.names],
+            history=list(self.hist),
+            window=self.window,
+            arbitrate_weak=self.arbitrate_weak,
+        )
+        self.hist = deque(hist, maxlen=self.window)
         total = sum(g)
         self.t += 1
         self.m = self.beta * self.m + (1 - self.beta) * total
@@ -164,25 +138,6 @@ class PlainGCond:
         source = raw if self.stability == "raw" else dict(zip(self.names, g, strict=True))
         self.prev = {k: source[k].clone() for k in self.names}
         return iters
-
-    def _arbiter(self, g, i, j):
-        def dominant(a):
-            return len(self.hist) == self.window and all(h == a for h in self.hist)
-
-        if self.window > 0:
-            if dominant(i) and not dominant(j):
-                return j, i
-            if dominant(j) and not dominant(i):
-                return i, j
-        eps = self.eps
-
-        def score(a, other):
-            prev = self.prev[self.names[a]]
-            stab = float(g[a] @ prev) / (float(g[a].norm()) * float(prev.norm()) + eps)
-            rel = {b: float(g[b].norm()) / (self.ema[self.names[b]] + eps) for b in (a, other)}
-            return 0.8 * max(stab, 0.0) + 0.2 * rel[a] / (rel[a] + rel[other] + eps)
-
-        return (j, i) if score(j, i) > score(i, j) else (i, j)
 
 
 def _grads(model):
@@ -232,7 +187,7 @@ def test_adapter_matches_plain_pytorch_loop(stochastic, options, plain_options):
         opt_a.step()
         opt_b.step()
     assert resolved > 0  # the losses do conflict
-    assert _grads(ours)["spare.weight"] is None
+    assert _grads(ours)["unused.weight"] is None
 
 
 def test_stats_keys_and_values():
@@ -308,19 +263,16 @@ def test_checkpoint_resume_gives_identical_trajectory():
         GradientConductor(Net(), {"fit": LOSSES["fit"]}, {"fit": 1.0}, 2).load_state_dict(sd)
 
 
-class BNDrop(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.drop = nn.Dropout(0.5)
-        self.out = nn.Linear(6, 2)
-        self.seen_drop_training = []
-
-    def forward(self, x):
-        self.seen_drop_training.append((self.drop.training, self.bn.training))
-        return self.out(self.drop(self.bn(self.lin(x))))
+def BNDrop():
+    """BatchNorm and Dropout in the trunk; ``seen_drop_training`` records, at each forward, the
+    modes ``(dropout.training, batchnorm.training)``."""
+    model = TrunkHeads(4, 6, 1, out=2, batchnorm=True, dropout=0.5, seed=0)
+    model.bn = model.trunk[1]
+    model.seen_drop_training = []
+    model.register_forward_pre_hook(
+        lambda m, args: m.seen_drop_training.append((m.drop.training, m.bn.training))
+    )
+    return model
 
 
 def test_freeze_bn_freezes_batchnorm_only():
@@ -359,7 +311,7 @@ def test_classic_mode_runs_one_forward_per_microbatch():
 def test_untouched_params_none_or_zeros_and_skip_sets_none():
     gc = GradientConductor(Net(), LOSSES, LAMBDAS, 3, untouched_grad="zeros")
     gc.step(provider(data(3)))
-    assert torch.equal(gc.module.spare.weight.grad, torch.zeros(3, 3))
+    assert torch.equal(gc.module.unused.weight.grad, torch.zeros(2, 2))
     model = Net()
     gc = GradientConductor(model, LOSSES, LAMBDAS, 3)
     gc.step(provider(data(3)))
@@ -379,7 +331,7 @@ def test_lion_and_return_raw_grad_through_adapter():
     model = Net()
     gc = GradientConductor(model, LOSSES, LAMBDAS, 3, use_lion=True, trust_ratio_coef=1e-3)
     gc.step(provider(data(3)))
-    g = model.trunk.weight.grad
+    g = model.trunk[0].weight.grad
     assert torch.allclose(
         g.abs().unique()[-1:], g.abs().max().reshape(1)
     )  # one magnitude per tensor
@@ -471,4 +423,70 @@ def test_ddp_sync_with_a_single_process_group(tmp_path):
     finally:
         dist.destroy_process_group()
     assert got["final_grad_norm"] == pytest.approx(want["final_grad_norm"], rel=1e-6)
-    assert torch.allclose(model.trunk.weight.grad, plain.module.trunk.weight.grad)
+    assert torch.allclose(model.trunk[0].weight.grad, plain.module.trunk[0].weight.grad)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_cycle_runs_one_forward_per_microbatch_from_the_first(stochastic, reference):
+    n = 6
+    model = Net()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(1))
+    fetched = []
+
+    def counting(batches):
+        it = iter(batches)
+        return lambda: fetched.append(1) or next(it)
+
+    gc = GradientConductor(
+        model, LOSSES, LAMBDAS, n, stochastic_accumulation=stochastic, reference=reference
+    )
+    for cycle in range(2):
+        forwards.clear()
+        fetched.clear()
+        gc.step(counting(data(n, seed=cycle)))
+        assert len(fetched) == n and len(forwards) == n, cycle  # no extra (probe) pass
+
+
+# ---------------------------------------------------------------------------------------------
+# a non-finite cycle never corrupts the adapter
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_gradient_conductor_non_finite_cycle_is_a_no_op(value):
+    def build():
+        model = TrunkHeads(5, 6, 1, out=2, seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(0.0, 0.99))
+        return model, opt, GradientConductor(model, GC_LOSSES, GC_LAMBDAS, 3, use_lion=False)
+
+    def bad_provider():
+        x = torch.randn(4, 5)
+        return x, torch.full((4,), value)
+
+    model_a, opt_a, gc_a = build()
+    for s in range(4):
+        opt_a.zero_grad()
+        gc_a.step(gc_provider(s))
+        opt_a.step()
+    model_b, opt_b, gc_b = build()
+    for s in range(4):
+        if s == 2:
+            before = gc_b.state_dict()["state"]
+            opt_b.zero_grad()
+            stats = gc_b.step(bad_provider)
+            opt_b.step()
+            assert stats["skipped"]
+            assert all(p.grad is None for p in model_b.parameters())
+            after = gc_b.state_dict()["state"]
+            # the algorithm state is unchanged; the statistics describe the skipped cycle
+            assert tree_equal(before["inner"]["inner"], after["inner"]["inner"])
+            assert not tree_equal(before["stats"], after["stats"])
+        opt_b.zero_grad()
+        gc_b.step(gc_provider(s))
+        opt_b.step()
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    sa, sb = gc_a.state_dict()["state"], gc_b.state_dict()["state"]
+    assert int(sb["inner"].pop("num_skipped")) == 1 and int(sa["inner"].pop("num_skipped")) == 0
+    assert tree_equal(sa, sb)

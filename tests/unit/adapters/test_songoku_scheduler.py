@@ -1,26 +1,23 @@
-"""SonGokuScheduler (the nn.Module adapter) against a plain PyTorch loop written out here."""
+"""SonGokuScheduler (the nn.Module adapter) against a plain PyTorch loop (tests._utils.oracles)."""
 
 import io
 import math
 
 import pytest
 import torch
-from torch import nn
 
-from gradfn import SonGokuScheduler, TaskSpec, TauSchedule
+from gradfn.adapters import SonGokuScheduler, TaskSpec, TauSchedule
+from tests._utils import oracles
+from tests._utils.asserts import clone_tree, tree_equal
+from tests._utils.models import TrunkHeads
+from tests.unit.adapters._problems import abc_batches, abc_specs
 
 K = 4
 
 
-class Net(nn.Module):
-    def __init__(self, k=K, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = nn.Linear(3, 6).double()
-        self.heads = nn.ModuleList(nn.Linear(6, 1).double() for _ in range(k))
-
-    def forward(self, x, k):
-        return self.heads[k](torch.tanh(self.trunk(x))).squeeze(-1)
+def Net(k=K, seed=0):
+    """A float64 trunk ``Linear(3, 6) → tanh`` and ``k`` scalar heads; ``model(x, k)``."""
+    return TrunkHeads(3, 6, k, dtype=torch.float64, seed=seed)
 
 
 def task_loss(k):
@@ -48,60 +45,6 @@ def specs(k=K, **kw):
     return [TaskSpec(f"t{i}", task_loss(i), **kw) for i in range(k)]
 
 
-def plain_loop(model, opt, data, r_period, tau, beta, eps=1e-12):
-    """The paper's loop (spec §1.9), one forward + backward per active task, naive everything."""
-    shared = list(model.trunk.parameters())
-    heads = [list(h.parameters()) for h in model.heads]
-    ema = [None] * K
-    classes = [list(range(K))]
-    ptr, t = 0, 0
-    history = []
-    for batch in data:
-        active = classes[ptr]
-        history.append(list(active))
-        shared_sum = [torch.zeros_like(p) for p in shared]
-        head_grads = {}
-        for i in active:
-            model.zero_grad(set_to_none=True)
-            task_loss(i)(model, batch[f"t{i}"]).backward()
-            g = [p.grad.clone() for p in shared]
-            shared_sum = [a + b for a, b in zip(shared_sum, g, strict=True)]
-            head_grads[i] = [p.grad.clone() for p in heads[i]]
-            flat = torch.cat([x.reshape(-1) for x in g])
-            ema[i] = (1 - beta) * flat if ema[i] is None else beta * ema[i] + (1 - beta) * flat
-        opt.zero_grad(set_to_none=True)
-        for p, g in zip(shared, shared_sum, strict=True):
-            p.grad = g
-        for i in active:
-            for p, g in zip(heads[i], head_grads[i], strict=True):
-                p.grad = g
-        opt.step()
-        t += 1
-        ptr = (ptr + 1) % len(classes)
-        if t % r_period == 0:
-            nbrs = {i: set() for i in range(K)}
-            for i in range(K):
-                for j in range(K):
-                    if i == j:
-                        continue
-                    ni = float(ema[i].norm()) + eps
-                    nj = float(ema[j].norm()) + eps
-                    if -float(ema[i] @ ema[j]) / (ni * nj) > tau:
-                        nbrs[i].add(j)
-            order = sorted(range(K), key=lambda v: (-len(nbrs[v]), v))
-            classes = []
-            for v in order:
-                for cls in classes:
-                    if not nbrs[v] & set(cls):
-                        cls.append(v)
-                        break
-                else:
-                    classes.append([v])
-            classes = [sorted(c) for c in classes]
-            ptr = 0
-    return history, classes
-
-
 def params_of(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -118,7 +61,17 @@ def test_matches_a_plain_pytorch_loop_after_three_refresh_periods(optim):
 
     ref = Net()
     ref_opt = opt_for(ref)
-    history, classes = plain_loop(ref, ref_opt, data, r_period, tau, beta=0.9)
+    history, classes = oracles.plain_songoku_loop(
+        ref,
+        [task_loss(i) for i in range(K)],
+        list(ref.trunk.parameters()),
+        [list(h.parameters()) for h in ref.heads],
+        ref_opt,
+        [[step[f"t{i}"] for i in range(K)] for step in data],
+        refresh_period=r_period,
+        tau=tau,
+        beta=0.9,
+    )
     assert max(len(h) for h in history) == K and min(len(h) for h in history) < K  # real groups
 
     model = Net()
@@ -239,21 +192,9 @@ def test_heads_are_found_without_filters_and_inactive_heads_get_no_gradient():
                 assert (p.grad is None) == (i not in active)
 
 
-class PartlyShared(nn.Module):
-    """A trunk for every task plus a layer only tasks 0 and 1 use."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(3, 4).double()
-        self.pair = nn.Linear(4, 4).double()
-        self.heads = nn.ModuleList(nn.Linear(4, 1).double() for _ in range(3))
-
-    def forward(self, x, k):
-        h = torch.tanh(self.trunk(x))
-        if k < 2:
-            h = torch.tanh(self.pair(h))
-        return self.heads[k](h).squeeze(-1)
+def PartlyShared():
+    """A trunk for every task plus a layer (``pair``) only tasks 0 and 1 use."""
+    return TrunkHeads(3, 4, 3, partial=2, dtype=torch.float64, seed=0)
 
 
 def test_shared_parameters_untouched_by_the_group_get_none():
@@ -270,7 +211,7 @@ def test_shared_parameters_untouched_by_the_group_get_none():
     sched.step(data[0])  # complete graph after the refresh: every task alone
     assert sched.schedule_snapshot() == [["t0"], ["t1"], ["t2"]]
     shared = sched.debug_state()["shared_params"]
-    assert shared == ["trunk.weight", "trunk.bias", "pair.weight", "pair.bias"]
+    assert shared == ["trunk.0.weight", "trunk.0.bias", "pair.weight", "pair.bias"]
     pair_before = model.pair.weight.detach().clone()
     for batch in data[1:4]:
         active = list(sched.step(batch))
@@ -315,11 +256,11 @@ def test_reference_style_gradient_transform_hook():
         gradient_transform=hook,
         refresh_period=50,
     )
-    trunk = model.trunk.weight.detach().clone()
+    trunk = model.trunk[0].weight.detach().clone()
     head = model.heads[0].weight.detach().clone()
     sched.step(make_data(1)[0])
     assert seen == [["t0", "t1", "t2", "t3"]]
-    assert torch.equal(model.trunk.weight.detach(), trunk)  # hook zeroed the shared update
+    assert torch.equal(model.trunk[0].weight.detach(), trunk)  # hook zeroed the shared update
     assert not torch.equal(model.heads[0].weight.detach(), head)
 
 
@@ -434,8 +375,7 @@ for step in range(100):
 
 
 def test_state_dict_is_a_copy_not_a_live_reference():
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model = TrunkHeads(3, 4, 1, out=2, seed=3)
 
     def loss_of(i):
         return lambda m, b: (m(b)[:, i] ** 2).mean()
@@ -445,7 +385,7 @@ def test_state_dict_is_a_copy_not_a_live_reference():
         model,
         [TaskSpec("a", loss_of(0)), TaskSpec("b", loss_of(1))],
         opt,
-        shared_param_filter=lambda p: p is model[0].weight or p is model[0].bias,
+        shared_param_filter=lambda p: p is model.trunk[0].weight or p is model.trunk[0].bias,
         refresh_period=2,
     )
     x = torch.randn(8, 3)
@@ -457,3 +397,83 @@ def test_state_dict_is_a_copy_not_a_live_reference():
     for n, v in saved["core"]["ema"].items():
         assert torch.equal(v, ema_before[n])
     assert not all(torch.equal(v, sched.state.ema[n]) for n, v in saved["core"]["ema"].items())
+
+
+def _poison(batch: dict, task: str, value: float) -> dict:
+    x, y = batch[task]
+    return {**batch, task: (x, torch.full_like(y, value))}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", ["active", "refresh"])
+def test_songoku_scheduler_non_finite_step_is_a_no_op(value, mode):
+    data = abc_batches(8)
+
+    def build():
+        model = TrunkHeads(6, 8, 3, seed=0)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        kw = dict(refresh_period=2, ema_mode=mode, base_method="pcgrad")
+        return model, SonGokuScheduler(model, abc_specs(), opt, **kw)
+
+    model_a, sched_a = build()
+    for b in data:
+        sched_a.step(b)
+    model_b, sched_b = build()
+    for i, b in enumerate(data):
+        if i in (1, 4):  # step 2 would trigger a refresh, step 5 is inside a window
+            before = clone_tree(sched_b.state._asdict())
+            params = [p.detach().clone() for p in model_b.parameters()]
+            sched_b.step(_poison(b, "abc"[i % 3], value))
+            after = sched_b.state._asdict()
+            assert bool(after.pop("skipped"))
+            before.pop("skipped")
+            after.pop("losses")  # the skipped step's losses are recorded (documented)
+            assert not bool(torch.isfinite(before.pop("losses") * 0 + sched_b.state.losses).all())
+            assert tree_equal({k: after[k] for k in before}, before)
+            assert all(torch.equal(p, q) for p, q in zip(params, model_b.parameters(), strict=True))
+        sched_b.step(b)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert tree_equal(sched_a.state._asdict(), sched_b.state._asdict())
+
+
+# ---------------------------------------------------------------------------------------------
+# no extra forward pass: shared parameters and heads come from the first step's own graph
+
+
+@pytest.mark.parametrize("ema_mode", ["active", "refresh"])
+@pytest.mark.parametrize("base_method", ["vanilla", "pcgrad"])
+def test_first_step_runs_each_task_loss_exactly_once(ema_mode, base_method):
+    calls = {f"t{i}": 0 for i in range(K)}
+
+    def counted(i):
+        def loss_fn(model, batch):
+            calls[f"t{i}"] += 1
+            return task_loss(i)(model, batch)
+
+        return loss_fn
+
+    model = Net()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[1]))
+    sched = SonGokuScheduler(
+        model,
+        [TaskSpec(f"t{i}", counted(i)) for i in range(K)],
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        refresh_period=2,
+        ema_mode=ema_mode,
+        base_method=base_method,
+        tau_schedule=TauSchedule("constant", tau_target=-1.0),
+    )
+    data = make_data(3)
+    losses = sched.step(data[0])
+    assert calls == {f"t{i}": 1 for i in range(K)}  # every task active, once each
+    assert sorted(forwards) == list(range(K))
+    assert set(losses) == set(calls)
+    assert sched.debug_state()["shared_params"] == ["trunk.0.weight", "trunk.0.bias"]
+    # the second step (it ends in a refresh: every task alone afterwards) runs each loss once more
+    sched.step(data[1])
+    assert calls == {f"t{i}": 2 for i in range(K)}
+    (alone,) = sched.step(data[2])  # then only the active task's loss runs
+    assert calls == {f"t{i}": 2 + (f"t{i}" == alone) for i in range(K)}
+    assert len(forwards) == 2 * K + 1
