@@ -10,8 +10,10 @@ Tanh`` and ``heads`` linear heads ``Linear(hidden, out)``, with optional extras:
 * ``double_last_head``: the last head in float64 (its input is cast);
 * ``dtype``: the dtype of every other layer.
 
-The weights are drawn from a local ``torch.Generator`` seeded with ``seed`` (PyTorch's default
-``U(-1/√fan_in, 1/√fan_in)``); building a model leaves the global random state untouched.
+The weights are drawn from a local ``torch.Generator`` seeded with ``seed``, with PyTorch's own
+``nn.Linear`` initialisation, layer after layer in registration order and in float32 before the
+cast to ``dtype``: the very numbers of ``torch.manual_seed(seed)`` followed by building the same
+layers, while the global random state is left untouched.
 
 ``model(x)`` is the concatenation of the heads' outputs ``(B, heads · out)``; ``model(x, k)``
 runs head ``k`` only (squeezed to ``(B,)`` when ``out == 1``); ``model.head_outputs(x)`` lists
@@ -63,14 +65,14 @@ class TrunkHeads(nn.Module):
             self.heads = nn.ModuleList(nn.Linear(hidden, out) for _ in range(heads))
             if unused:
                 self.unused = nn.Linear(2, 2)
-        self.to(dtype)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, nn.Linear):
+                if isinstance(module, nn.Linear):  # nn.Linear.reset_parameters, local generator
+                    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
                     bound = 1.0 / math.sqrt(module.in_features)
-                    module.weight.uniform_(-bound, bound, generator=gen)
-                    module.bias.uniform_(-bound, bound, generator=gen)
+                    nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+        self.to(dtype)
         if frozen_input:
             self.frozen.requires_grad_(False)
         if double_last_head:
