@@ -59,6 +59,12 @@ def task_loss(k: int):
     return loss_fn
 
 
+# Buffers handed to gloo collectives are released on its worker threads, possibly after the
+# collective returns; keeping them referenced here until the process group is destroyed means
+# Python, not a worker thread racing interpreter shutdown, frees them.
+_COLLECTIVE_BUFFERS: list[torch.Tensor] = []
+
+
 def ranks_agree(model: nn.Module) -> bool:
     """Are the parameters bit-identical on every rank?"""
     flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
@@ -66,6 +72,7 @@ def ranks_agree(model: nn.Module) -> bool:
         return True
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
+    _COLLECTIVE_BUFFERS.extend([flat, *gathered])
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
@@ -76,6 +83,7 @@ def states_agree(state) -> bool:
         return True
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
+    _COLLECTIVE_BUFFERS.extend([flat, *gathered])
     return all(torch.equal(gathered[0], other) for other in gathered)
 
 
@@ -143,6 +151,7 @@ def main() -> None:
         print(f"  conductor state identical on every rank: {agree3}")
         print(f"ranks agree: {agree and agree2 and agree3}")
     if launched:
+        dist.barrier()  # every rank is past its last collective
         dist.destroy_process_group()
 
 

@@ -59,6 +59,31 @@ def _eval_mode(module: nn.Module, whole_model: bool) -> Iterator[None]:
             m.training = mode
 
 
+def _micro_batch_losses(
+    loss_fns: Mapping[str, Callable[..., Tensor]],
+    names: list[str],
+    autocast_dtype: torch.dtype | None,
+    reference: bool,
+    module: nn.Module,
+    batch: Any,
+) -> list[Tensor]:
+    """The ``K`` losses of one micro-batch ``(x, y)``: one forward shared by every loss (under
+    ``torch.autocast`` when asked; the reference autocasts on CUDA only)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("data_provider() must return a pair (x, y)")
+    x, y = batch
+    device = next(module.parameters()).device
+    use_autocast = autocast_dtype is not None and (device.type == "cuda" or not reference)
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if use_autocast
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = _call_model(module, x)
+        return [_call_loss(loss_fns[k], out, y) for k in names]
+
+
 class GradientConductor:
     """GCond for ``nn.Module`` training: the reference's arguments and defaults (``model``,
     ``loss_fns``, ``lambdas``, ``accumulation_steps``, then keyword-only ``projection_max_iters``,
@@ -140,7 +165,16 @@ class GradientConductor:
         # reference=True, or "broadcast") combines the resolved outputs instead
         per_rank = ddp_sync == "broadcast" or (ddp_sync == "avg" and reference)
         combine = "sum" if ddp_sync == "broadcast" else "mean"
-        self._params, loss_fn = functional_loss(self.module, self._losses)
+        # a function of the settings, not a bound method: no reference cycle through `self`, so a
+        # conductor (and the process group its model holds) is freed as soon as it is dropped
+        losses = partial(
+            _micro_batch_losses,
+            self.loss_fns,
+            self.loss_names,
+            self.autocast_dtype,
+            self.reference,
+        )
+        self._params, loss_fn = functional_loss(self.module, losses)
         self._device = next(iter(self._params.values())).device
         self._named = [(n, p) for n, p in self.module.named_parameters() if n in self._params]
         self._leaf_names = [path[0] for path in tree.tree_paths(self._params)]
@@ -157,23 +191,6 @@ class GradientConductor:
             donate_state=True,
         )
         self._state: ConductorState = self._algo.init(self._params)
-
-    def _losses(self, module: nn.Module, batch: Any) -> list[Tensor]:
-        """The ``K`` losses of one micro-batch ``(x, y)``: one forward shared by every loss."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError("data_provider() must return a pair (x, y)")
-        x, y = batch
-        use_autocast = self.autocast_dtype is not None and (
-            self._device.type == "cuda" or not self.reference
-        )
-        ctx = (
-            torch.autocast(self._device.type, dtype=self.autocast_dtype)
-            if use_autocast
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            out = _call_model(module, x)
-            return [_call_loss(self.loss_fns[k], out, y) for k in self.loss_names]
 
     def step(self, data_provider: Callable[[], tuple[Any, Any]]) -> dict[str, float | int | bool]:
         """One optimizer step's worth of accumulation and resolution; writes ``p.grad``.
