@@ -3,25 +3,20 @@ and adapter, against plain PyTorch autocast / unscaled runs written out here."""
 
 from __future__ import annotations
 
-import optree
 import torch
-from torch import nn
 
-from gradfn import SonGokuScheduler, TaskSpec, songoku
+from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
+from gradfn.algorithms import songoku
+from gradfn.integrations.amp import poison_like, scale_losses, unscale
+from tests._utils.asserts import assert_trees_close
+from tests._utils.models import TrunkHeads
 
 K = 3
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(4, 8)
-        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.tanh(self.trunk(x))
-        return torch.cat([h(z) for h in self.heads], dim=1)
+def Net() -> TrunkHeads:
+    """``Linear(4, 8) → tanh`` and three scalar heads; ``model(x)`` is ``(B, 3)``."""
+    return TrunkHeads(4, 8, K, seed=0)
 
 
 def task_loss(k: int):
@@ -45,7 +40,7 @@ def make_batch(step: int, poison: bool = False) -> tuple[torch.Tensor, torch.Ten
 
 def functional_loss(params, batch):
     x, y = batch
-    z = torch.tanh(x @ params["trunk.weight"].T + params["trunk.bias"])
+    z = torch.tanh(x @ params["trunk.0.weight"].T + params["trunk.0.bias"])
     out = torch.stack(
         [z @ params[f"heads.{k}.weight"][0] + params[f"heads.{k}.bias"][0] for k in range(K)],
         dim=1,
@@ -68,17 +63,6 @@ def assert_unchanged(after, before, ignore=("skipped", "losses")):
     for name, value in after.items():
         if name not in ignore:
             assert_trees_close(value, before[name], 0.0)
-
-
-def assert_trees_close(a, b, tol):
-    la, sa = optree.tree_flatten(a, none_is_leaf=True)
-    lb, sb = optree.tree_flatten(b, none_is_leaf=True)
-    assert sa == sb
-    for x, y in zip(la, lb, strict=True):
-        if x.is_floating_point():
-            torch.testing.assert_close(x, y, rtol=tol, atol=tol, equal_nan=True)
-        else:
-            assert torch.equal(x, y)
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,8 +157,6 @@ def test_grad_scaler_matches_unscaled_training_and_skips_an_overflow():
 
 
 def test_scale_helpers_keep_structure_and_dtype():
-    from gradfn.amp import poison_like, scale_losses, unscale
-
     scale = torch.tensor(2.0**16)
     f = scale_losses(lambda p, b: {"a": p * b, "b": [p, b]}, scale)
     out = f(torch.tensor(3.0), torch.tensor(0.5))
@@ -201,8 +183,6 @@ def gcond_losses():
 
 
 def gcond(model, **kw):
-    from gradfn import GradientConductor
-
     return GradientConductor(model, gcond_losses(), {f"t{k}": 1.0 for k in range(K)}, 3, **kw)
 
 
@@ -269,6 +249,8 @@ def test_gcond_grad_scaler_unscales_once_and_skips_an_overflow():
         scaler.update()
         assert scale in (2.0**8, 2.0**7)
     assert int(gc.state.num_skipped) == 1 and int(ref.state.num_skipped) == 0
-    assert_trees_close((gc.state.inner.inner, gc.state.stats), (ref.state.inner.inner, ref.state.stats), 1e-6)
+    assert_trees_close(
+        (gc.state.inner.inner, gc.state.stats), (ref.state.inner.inner, ref.state.stats), 1e-6
+    )
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=n)

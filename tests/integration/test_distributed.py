@@ -1,4 +1,5 @@
-"""gradfn.distributed on two real processes (gloo over loopback), against a by-hand mean."""
+"""gradfn.integrations.distributed on two real processes (gloo over loopback), against a by-hand
+mean."""
 
 import os
 import socket

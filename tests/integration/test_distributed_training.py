@@ -14,14 +14,17 @@ import socket
 import tempfile
 import warnings
 
-import optree
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gradfn import GradientConductor, SonGokuScheduler, TaskSpec, conductor, songoku
+from gradfn import aggregators
+from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
+from gradfn.algorithms import conductor, songoku
 from gradfn.integrations.distributed import make_reducer
+from tests._utils.asserts import assert_trees_close, assert_trees_equal
+from tests._utils.models import TrunkHeads
 
 K = 3
 BATCH = 8  # global batch per step; each of the 2 ranks gets 4 rows
@@ -48,21 +51,14 @@ def _batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor
     return x[sl], y[sl]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(4, 6).double()
-        self.heads = nn.ModuleList(nn.Linear(6, 1).double() for _ in range(K))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.tanh(self.trunk(x))
-        return torch.cat([h(z) for h in self.heads], dim=1)
+def Net() -> TrunkHeads:
+    """A float64 ``Linear(4, 6) → tanh`` trunk and ``K`` scalar heads; ``model(x)`` is ``(B, K)``."""
+    return TrunkHeads(4, 6, K, dtype=torch.float64, seed=0)
 
 
 def _functional_loss(params, batch):
     x, y = batch
-    z = torch.tanh(x @ params["trunk.weight"].T + params["trunk.bias"])
+    z = torch.tanh(x @ params["trunk.0.weight"].T + params["trunk.0.bias"])
     out = torch.stack(
         [z @ params[f"heads.{k}.weight"][0] + params[f"heads.{k}.bias"][0] for k in range(K)],
         dim=1,
@@ -185,7 +181,9 @@ def _scenarios(rank: int, world: int, distributed: bool) -> dict[str, dict]:
     reduce = make_reducer() if distributed else None
     return {
         # per-task rows averaged (active mode, PCGrad inside the group)
-        "fn_active_pcgrad": _songoku_functional(rank, world, reduce, gradient_transform="pcgrad"),
+        "fn_active_pcgrad": _songoku_functional(
+            rank, world, reduce, aggregator=aggregators.aggregator("pcgrad", reduction="mean")
+        ),
         # one-backward steps + a probe step with a sketch (sketches and sum averaged)
         "fn_refresh_sketch": _songoku_functional(
             rank, world, reduce, ema_mode="refresh", sketch_dim=16
@@ -214,24 +212,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _assert_trees(a, b, *, exact: bool, f64_tol: float = 1e-9) -> None:
-    la, sa = optree.tree_flatten(a, none_is_leaf=True)
-    lb, sb = optree.tree_flatten(b, none_is_leaf=True)
-    assert sa == sb
-    for x, y in zip(la, lb, strict=True):
-        if exact:
-            assert torch.equal(x, y) or (
-                x.is_floating_point()
-                and torch.equal(x.isnan(), y.isnan())
-                and torch.equal(x.nan_to_num(), y.nan_to_num())
-            ), (x, y)
-        elif x.is_floating_point():
-            tol = f64_tol if x.dtype == torch.float64 else 1e-5
-            torch.testing.assert_close(x, y, rtol=tol, atol=tol, equal_nan=True)
-        else:
-            assert torch.equal(x, y), (x, y)
-
-
 def test_two_ranks_match_one_process_on_the_union():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
@@ -245,11 +225,11 @@ def test_two_ranks_match_one_process_on_the_union():
     oracle = _scenarios(0, 1, False)
     local = _scenarios(0, 2, False)  # rank 0 alone on its slice: the sync must matter
     for name, expected in oracle.items():
-        _assert_trees(ranks[0][name], ranks[1][name], exact=True)
+        assert_trees_equal(ranks[0][name], ranks[1][name])
         # GCond resolves in float32 (its output is float32 whatever the parameters' dtype)
         f64_tol = 1e-6 if name.startswith("gcond") else 1e-9
-        _assert_trees(ranks[0][name], expected, exact=False, f64_tol=f64_tol)
-        diff = ranks[0][name]["params"]["trunk.weight"] - local[name]["params"]["trunk.weight"]
+        assert_trees_close(ranks[0][name], expected, 1e-5, f64_tol=f64_tol)
+        diff = ranks[0][name]["params"]["trunk.0.weight"] - local[name]["params"]["trunk.0.weight"]
         assert diff.abs().max() > 1e-6, name
     # the conflicting pair was split: some step ran fewer than K tasks
     assert (oracle["fn_active_pcgrad"]["active"].sum(dim=1) < K).any()
@@ -278,7 +258,7 @@ def _check_per_rank(ranks: list[dict]) -> None:
         assert not bool(alone[0][name]["skipped"]) and bool(alone[1][name]["skipped"])
     # averaged decisions: different from the per-rank resolution's averaged output
     diff = (
-        ranks[0]["avg"]["grads"]["trunk.weight"]
-        - ranks[0]["reference_avg"]["grads"]["trunk.weight"]
+        ranks[0]["avg"]["grads"]["trunk.0.weight"]
+        - ranks[0]["reference_avg"]["grads"]["trunk.0.weight"]
     )
     assert diff.abs().max() > 1e-6

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._utils import ROOT
+
 EXAMPLES = ROOT / "examples"
 TIMEOUT_S = 300  # generous: a loaded 2-core machine; the quick runs take seconds
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
