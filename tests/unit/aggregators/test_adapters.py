@@ -6,28 +6,21 @@ import pytest
 import torch
 
 import gradfn.aggregators as A
+from tests._utils.models import TrunkHeads
 from tests.unit.aggregators._common import F64
 
 
-class _TwoHead(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Linear(4, 3)
-        self.h1 = torch.nn.Linear(3, 1)
-        self.h2 = torch.nn.Linear(3, 1)
-        self.unused = torch.nn.Linear(2, 2)
-
-    def forward(self, x):
-        z = torch.tanh(self.body(x))
-        return self.h1(z).sum(), (self.h2(z) ** 2).sum()
+def two_losses(model: TrunkHeads, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two losses on the heads of a two-head model (its ``unused`` layer reached by neither)."""
+    y1, y2 = model.head_outputs(x)
+    return y1.sum(), (y2**2).sum()
 
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_backward_writes_aggregated_grads(parallel):
-    torch.manual_seed(0)
-    model = _TwoHead().double()
-    x = torch.randn(5, 4, dtype=F64)
-    l1, l2 = model(x)
+    model = TrunkHeads(4, 3, 2, unused=True, dtype=F64, seed=0)
+    x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    l1, l2 = two_losses(model, x)
     names = [n for n, _ in model.named_parameters() if not n.startswith("unused")]
     params = [p for n, p in model.named_parameters() if not n.startswith("unused")]
     per = [
@@ -49,8 +42,8 @@ def test_backward_writes_aggregated_grads(parallel):
 
 
 def test_backward_rejects_non_finite_loss():
-    model = _TwoHead()
-    l1, l2 = model(torch.randn(2, 4))
+    model = TrunkHeads(4, 3, 2, unused=True, seed=0)
+    l1, l2 = two_losses(model, torch.randn(2, 4))
     with pytest.raises(ValueError, match="non-finite"):
         A.backward([l1, l2 * float("nan")], model, "mean")
     assert all(p.grad is None for p in model.parameters())
