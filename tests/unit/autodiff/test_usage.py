@@ -199,3 +199,19 @@ def test_weighted_grad_return_usage_matches_autograd_none_grads():
     total = (w0 * torch.stack(task_losses(model, batch))).sum()
     ref = torch.autograd.grad(total, [mp[n] for n in names], allow_unused=True)
     assert [bool(usage0[n]) for n in names] == [g is not None for g in ref]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_an_empty_task_subset_gives_zero_rows(strategy):
+    """``tasks=[]``: R = 0 rows (every strategy gives the same result), the K losses."""
+    model = make_model()
+    params, f = functional_loss(model, task_losses)
+    batch = make_batch(6)
+    losses, _ = value_and_per_task_grads(f, params, batch, strategy=strategy)
+    sub_losses, grads, usage = value_and_per_task_grads(
+        f, params, batch, strategy=strategy, tasks=[], return_usage=True
+    )
+    torch.testing.assert_close(sub_losses, losses, rtol=0, atol=0)
+    for n, p in params.items():
+        assert grads[n].shape == (0, *p.shape)
+        assert usage[n].shape == (0,)

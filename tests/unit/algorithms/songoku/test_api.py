@@ -180,3 +180,15 @@ def test_apply_runs_between_the_step_and_the_refresh():
     tx4 = songoku(_quadratic(centres), num_tasks=2, refresh_period=4)
     tx4.update(tx4.init(params), params, batch, refresh_batch, apply=lambda st, gr: log.append(1))
     assert log == [1]
+
+
+def test_refresh_with_an_empty_probe_only_recolours():
+    dirs, _ = planted(k_per_group=1, groups=3)
+    tx = songoku(linear_loss(dirs), num_tasks=3, shared=["w"], refresh_period=5)
+    params = make_params(3)
+    state, _ = tx.update(tx.init(params), params, batches(3, 1)[0])
+    nobody = torch.zeros(3, dtype=torch.bool)
+    new = tx.refresh(state, params, batches(3, 1, seed=4)[0], nobody)
+    assert tree_equal(new.ema, state.ema) and torch.equal(new.ema_count, state.ema_count)
+    assert int(new.refreshes) == int(state.refreshes) + 1
+    assert tree_equal(new, tx.refresh(state, params))  # the same as a refresh without a batch
