@@ -6,7 +6,8 @@ the row span: ``d = Ûᵀ Ĝ⁺ p`` with ``Ĝ = D⁻¹ G D⁻¹`` the Gramian of
 ``d = Σ_k (β_k/‖g_k‖) g_k`` with ``β = Ĝ⁺ p``. The update is ``(Σ_k ⟨g_k, d̂⟩) · d̂`` with
 ``d̂ = d/‖d‖``. ``p`` defaults to ones. ``rcond`` is the relative singular-value cut-off of
 ``pinv(Û)`` (TorchJD: ``max(K, n)·eps``; :func:`config` passes that, the Gramian-only
-:func:`config_weights` defaults to ``K·eps``); on ``Ĝ`` it is squared.
+:func:`config_weights` defaults to ``K·eps``, and so does the aggregator's ``weighting``, which
+sees the Gramian alone); on ``Ĝ`` it is squared.
 """
 
 from __future__ import annotations
@@ -77,3 +78,6 @@ def config(
     g = gramian_of(grads) if gram is None else gram
     w = config_weights(g, pref=pref, rcond=rcond, active=active)
     return Aggregated(tree.weighted_sum(grads, w), w)
+
+
+config.weights_fn = config_weights  # type: ignore[attr-defined]  # a weighting of the Gramian

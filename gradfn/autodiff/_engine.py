@@ -121,7 +121,7 @@ def _forward(
 def _stack_rows(rows: list[Tensor | None], like: Tensor) -> Tensor:
     """Stack one leaf's per-task gradients on a task axis; ``None`` (unused) rows are zeros."""
     present = [g for g in rows if g is not None]
-    if len(present) == len(rows):
+    if present and len(present) == len(rows):
         return torch.stack(present)
     out = torch.zeros((len(rows), *like.shape), dtype=like.dtype, device=like.device)
     for i, g in enumerate(rows):
@@ -294,7 +294,9 @@ def value_and_per_task_grads(
         has_aux: ``loss_fn`` returns ``(losses, aux)``; ``aux`` is returned beside the losses.
         num_tasks: when given, the number of tasks ``K`` is checked against it.
         tasks: differentiate only these task indices (``R`` of them, in this order); the
-            gradients then have ``R`` rows while the losses of all ``K`` tasks are returned.
+            gradients then have ``R`` rows while the losses of all ``K`` tasks are returned
+            (they come from the one shared forward). With ``task_batched`` only the ``R``
+            tasks' batches are evaluated, and their ``R`` losses are returned.
         return_usage: also return which parameters each differentiated task reaches: a pytree
             with the structure of the differentiated parameters and ``(R,)`` bool leaves (CPU),
             read from the autograd graph. ``None`` while compiling or with ``task_batched``.

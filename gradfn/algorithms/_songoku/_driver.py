@@ -39,9 +39,10 @@ def refresh(
     """Recolour: (optional EMA update on ``batch``), ``τ(t)``, ``ρ``, graph, colouring.
 
     ``batch`` holds fresh per-task data for ``loss_fn``; ``probe`` (K,) bool selects the tasks
-    whose EMA it updates (default: all). Tasks with a non-finite loss or gradient keep their EMA.
+    whose EMA it updates (default: all; none: the batch is not evaluated). Tasks with a non-finite
+    loss or gradient keep their EMA.
     """
-    if batch is not None:
+    if batch is not None and (probe is None or bool(probe.any())):
         k = config.num_tasks
         device = state.step.device
         mask = (
@@ -57,7 +58,7 @@ def refresh(
             losses, obs = reduce((losses, obs))
         finite = torch.isfinite(losses.to(torch.float32)).index_select(0, tg.idx)
         for leaf in [obs] if isinstance(obs, Tensor) else list(obs.values()):
-            finite = finite & torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
+            finite = finite & torch.isfinite(leaf.flatten(1)).all(dim=1)
         upd = mask.index_select(0, tg.idx) & finite
         state = state._replace(
             ema=blend_rows(state.ema, obs, tg.idx, upd, config.ema_beta, donate=donate),

@@ -41,7 +41,7 @@ def finite_rows(obs: PyTree) -> Tensor:
     """``(R,)`` bool: rows of the observation without a NaN or an infinity."""
     ok: Tensor | None = None
     for leaf in optree.tree_leaves(obs):
-        row = torch.isfinite(leaf.reshape(leaf.shape[0], -1).sum(dim=1))
+        row = torch.isfinite(leaf.flatten(1).sum(dim=1))
         ok = row if ok is None else ok & row
     assert ok is not None
     return ok
