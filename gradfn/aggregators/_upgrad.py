@@ -35,7 +35,9 @@ def _check_eps(norm_eps: float, reg_eps: float, iters: int, fn: str) -> None:
         raise ValueError(f"{fn}: `iters` must be positive, got {iters}")
 
 
-def regularized(gram: Tensor, active: Tensor | None, norm_eps: float, reg_eps: float):
+def regularized(
+    gram: Tensor, active: Tensor | None, norm_eps: float, reg_eps: float
+) -> tuple[Tensor, Tensor]:
     g, a = restrict(gram, active)
     return normalize_trace(g, norm_eps) + reg_eps * eye_like(g), a
 

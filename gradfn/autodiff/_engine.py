@@ -49,6 +49,7 @@ __all__ = ["choose_strategy", "per_task_grads", "per_task_impl", "value_and_per_
 STRATEGIES = ("auto", "vmap", "loop")
 Predicate = Callable[[str], bool]
 Tasks = Sequence[int] | Tensor | None
+_Out = tuple[Tensor, Any, PyTree, Tensor | None]  # losses, aux, task-stacked grads, usage (R, P)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +146,15 @@ def _usage_of(losses: list[Tensor], leaves: list[Tensor]) -> Tensor:
 # shared forward: loop / vmap / torch.func
 
 
-def _loop_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks):
+def _loop_grads(
+    loss_fn: LossFn,
+    selected: PyTree,
+    rest: dict[str, Tensor],
+    batch: Any,
+    has_aux: bool,
+    num_tasks: int | None,
+    tasks: Tasks,
+) -> _Out:
     with torch.enable_grad():
         leaves, spec, losses, aux = _forward(loss_fn, selected, rest, batch, has_aux, num_tasks)
         chosen = _task_list(tasks, len(losses))
@@ -170,7 +179,16 @@ def _loop_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks):
     return stacked_losses.detach(), aux, optree.tree_unflatten(spec, stacked), usage
 
 
-def _vmap_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks, want_usage):
+def _vmap_grads(
+    loss_fn: LossFn,
+    selected: PyTree,
+    rest: dict[str, Tensor],
+    batch: Any,
+    has_aux: bool,
+    num_tasks: int | None,
+    tasks: Tasks,
+    want_usage: bool,
+) -> _Out:
     if is_compiling():
         return _func_vjp_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks)
     # eager: the one-hot cotangents vmapped over autograd's backward graph (is_grads_batched);
@@ -200,8 +218,16 @@ def _vmap_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks, want_
     return stacked_losses.detach(), aux, optree.tree_unflatten(spec, stacked), usage
 
 
-def _func_vjp_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks):
-    def losses_of(sel):
+def _func_vjp_grads(
+    loss_fn: LossFn,
+    selected: PyTree,
+    rest: dict[str, Tensor],
+    batch: Any,
+    has_aux: bool,
+    num_tasks: int | None,
+    tasks: Tasks,
+) -> _Out:
+    def losses_of(sel: PyTree) -> Any:
         out, aux = split_aux(loss_fn(_merge(sel, rest), batch), has_aux)
         losses = stack_losses(loss_list(out, num_tasks))
         return (losses, aux) if has_aux else losses
@@ -219,7 +245,16 @@ def _func_vjp_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks):
 # per-task batches stacked on a leading axis
 
 
-def _task_batched_grads(loss_fn, selected, rest, batch, has_aux, strategy, num_tasks, tasks):
+def _task_batched_grads(
+    loss_fn: LossFn,
+    selected: PyTree,
+    rest: dict[str, Tensor],
+    batch: Any,
+    has_aux: bool,
+    strategy: str,
+    num_tasks: int | None,
+    tasks: Tasks,
+) -> _Out:
     k = task_axis(batch)
     if num_tasks is not None and k != num_tasks:
         raise ValueError(f"`batch` has a task axis of {k} but num_tasks={num_tasks}")
@@ -227,12 +262,12 @@ def _task_batched_grads(loss_fn, selected, rest, batch, has_aux, strategy, num_t
         index = torch.tensor(_task_list(tasks, k), dtype=torch.int64)
         batch = optree.tree_map(lambda x: x.index_select(0, index.to(x.device)), batch)
 
-    def one(sel, b):
+    def one(sel: PyTree, b: Any) -> tuple[Tensor, Any]:
         out, aux = split_aux(loss_fn(_merge(sel, rest), b), has_aux)
         loss = scalar_loss(out)
         return loss, ((loss, aux) if has_aux else loss)
 
-    def split(out):
+    def split(out: Any) -> tuple[Any, Any]:
         return out if has_aux else (out, None)
 
     if strategy == "vmap":
