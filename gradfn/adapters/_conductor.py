@@ -2,17 +2,14 @@
 constructor, call conventions, ``step(data_provider) -> stats`` and checkpointing. The docs' GCond
 guide lists every difference from the reference, one line each.
 
-Call conventions (as the reference): ``data_provider()`` returns ``(x, y)``. If ``x`` is a dict
-with ``'args'`` / ``'kwargs'``: ``model(*x['args'], **x['kwargs'])``; a tuple / list:
-``model(*x)``; else ``model(x)``. If ``y`` is such a dict: ``loss_fn(out, *y['args'],
-**y['kwargs'])``; else ``loss_fn(out, y)``.
+Call conventions: the reference's (:func:`gradfn.adapters._reference_io.micro_batch_losses`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -22,6 +19,7 @@ from torch import Tensor, nn
 from gradfn import tree
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import check_amp, loss_scale, reducer, unwrap, write_grads
+from gradfn.adapters._reference_io import eval_mode, micro_batch_losses
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
 from gradfn.autodiff import functional_loss
 from gradfn.integrations.distributed import sync_outputs
@@ -30,58 +28,6 @@ __all__ = ["GradientConductor"]
 
 _DDP_SYNC = ("avg", "broadcast", "none")
 _STATS = ("final_grad_norm", "step", "proj_iters", "min_cosine_sim", "min_cosine_after", "skipped")
-
-
-def _call_model(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, Mapping) and ("args" in x or "kwargs" in x):
-        return model(*x.get("args", ()), **x.get("kwargs", {}))
-    return model(*x) if isinstance(x, (tuple, list)) else model(x)
-
-
-def _call_loss(loss_fn: Callable[..., Tensor], out: Any, y: Any) -> Tensor:
-    if isinstance(y, Mapping) and ("args" in y or "kwargs" in y):
-        return loss_fn(out, *y.get("args", ()), **y.get("kwargs", {}))
-    return loss_fn(out, y)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module, whole_model: bool) -> Iterator[None]:
-    """BatchNorm layers (or, ``whole_model``, every module) in eval mode; modes restored after."""
-    bn = nn.modules.batchnorm._BatchNorm
-    targets = [m for m in module.modules() if whole_model or isinstance(m, bn)]
-    modes = [m.training for m in targets]
-    try:
-        for m in targets:
-            m.training = False
-        yield
-    finally:
-        for m, mode in zip(targets, modes, strict=True):
-            m.training = mode
-
-
-def _micro_batch_losses(
-    loss_fns: Mapping[str, Callable[..., Tensor]],
-    names: list[str],
-    autocast_dtype: torch.dtype | None,
-    reference: bool,
-    module: nn.Module,
-    batch: Any,
-) -> list[Tensor]:
-    """The ``K`` losses of one micro-batch ``(x, y)``: one forward shared by every loss (under
-    ``torch.autocast`` when asked; the reference autocasts on CUDA only)."""
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise ValueError("data_provider() must return a pair (x, y)")
-    x, y = batch
-    device = next(module.parameters()).device
-    use_autocast = autocast_dtype is not None and (device.type == "cuda" or not reference)
-    ctx = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if use_autocast
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        out = _call_model(module, x)
-        return [_call_loss(loss_fns[k], out, y) for k in names]
 
 
 class GradientConductor:
@@ -168,7 +114,7 @@ class GradientConductor:
         # a function of the settings, not a bound method: no reference cycle through `self`, so a
         # conductor (and the process group its model holds) is freed as soon as it is dropped
         losses = partial(
-            _micro_batch_losses,
+            micro_batch_losses,
             self.loss_fns,
             self.loss_names,
             self.autocast_dtype,
@@ -206,7 +152,7 @@ class GradientConductor:
             )
         scale = loss_scale(self.scaler, self._device)
         mode = (
-            _eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
+            eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
         )
         with mode:
             self._state, grads = self._algo.update(

@@ -1,15 +1,17 @@
-"""The SON-GOKU reference implementation's conventions that are not algorithm: its in-group hook on
-flattened per-task gradients, its JSONL log and its conflict-graph dumps."""
+"""The reference implementations' conventions that are not algorithm: SON-GOKU's in-group hook on
+flattened per-task gradients, its JSONL log and conflict-graph dumps; GradientConductor's model and
+loss call conventions and its BatchNorm freezing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradfn.aggregators import Aggregated, Aggregator
 from gradfn.algorithms import SonGokuState, group_lists
@@ -17,7 +19,13 @@ from gradfn.transforms import EmptyState
 from gradfn.tree import weighted_sum
 from gradfn.typing import PyTree
 
-__all__ = ["append_jsonl", "dump_graph", "flat_hook_aggregator"]
+__all__ = [
+    "append_jsonl",
+    "dump_graph",
+    "eval_mode",
+    "flat_hook_aggregator",
+    "micro_batch_losses",
+]
 
 FlatHook = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
 
@@ -85,3 +93,60 @@ def dump_graph(directory: str, state: SonGokuState) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
     return path
+
+
+def _call_model(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, Mapping) and ("args" in x or "kwargs" in x):
+        return model(*x.get("args", ()), **x.get("kwargs", {}))
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def _call_loss(loss_fn: Callable[..., Tensor], out: Any, y: Any) -> Tensor:
+    if isinstance(y, Mapping) and ("args" in y or "kwargs" in y):
+        return loss_fn(out, *y.get("args", ()), **y.get("kwargs", {}))
+    return loss_fn(out, y)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module, whole_model: bool) -> Iterator[None]:
+    """BatchNorm layers (or, ``whole_model``, every module) in eval mode; modes restored after."""
+    bn = nn.modules.batchnorm._BatchNorm
+    targets = [m for m in module.modules() if whole_model or isinstance(m, bn)]
+    modes = [m.training for m in targets]
+    try:
+        for m in targets:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(targets, modes, strict=True):
+            m.training = mode
+
+
+def micro_batch_losses(
+    loss_fns: Mapping[str, Callable[..., Tensor]],
+    names: list[str],
+    autocast_dtype: torch.dtype | None,
+    reference: bool,
+    module: nn.Module,
+    batch: Any,
+) -> list[Tensor]:
+    """GradientConductor's ``K`` losses of one micro-batch ``(x, y)``: one forward shared by every
+    loss (under ``torch.autocast`` when asked; the reference autocasts on CUDA only).
+
+    The reference's call conventions: if ``x`` is a dict with ``'args'`` / ``'kwargs'``:
+    ``model(*x['args'], **x['kwargs'])``; a tuple / list: ``model(*x)``; else ``model(x)``. If
+    ``y`` is such a dict: ``loss_fn(out, *y['args'], **y['kwargs'])``; else ``loss_fn(out, y)``.
+    """
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("data_provider() must return a pair (x, y)")
+    x, y = batch
+    device = next(module.parameters()).device
+    use_autocast = autocast_dtype is not None and (device.type == "cuda" or not reference)
+    ctx = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if use_autocast
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = _call_model(module, x)
+        return [_call_loss(loss_fns[k], out, y) for k in names]

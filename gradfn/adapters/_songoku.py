@@ -5,7 +5,6 @@ difference from the reference, one line each."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -95,16 +94,8 @@ class SonGokuScheduler:
         self._params, self._f = functional_loss(
             self._module, task_losses(self.tasks, autocast_dtype, self._named[0][1].device.type)
         )
-        if "shared" in options:
-            raise TypeError("`shared` is not an option here: pass shared_param_filter")
-        if gradient_transform is not None and base_method not in ("vanilla", "none"):
-            warnings.warn(
-                f"base_method={base_method!r} overrides gradient_transform (as in the reference)",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif gradient_transform is not None:
-            options["aggregator"] = flat_hook_aggregator(gradient_transform, self.names)
+        if gradient_transform is not None:  # base_method, if given, overrides it (reference)
+            options["hook"] = flat_hook_aggregator(gradient_transform, self.names)
         self._config = make_config(
             from_reference(
                 len(self.tasks),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,13 +153,27 @@ def from_reference(
     min_updates_per_cycle: int = 1,
     base_method: str = "vanilla",
     eps_cosine: float = 1e-12,
+    hook: Aggregator | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """The config options of the reference implementation's scheduler arguments: ``eps_cosine``
     is ``eps``; ``base_method`` ``"pcgrad"`` is PCGrad averaged over the group (``"pcgrad_sum"``:
     summed, as the reference), ``"adatask"`` / ``"inverse_norm"`` the inverse-norm weighting
-    (also on the heads); ``options`` are further :class:`SonGokuConfig` fields."""
+    (also on the heads) and overrides ``hook`` (the reference's ``gradient_transform`` as an
+    aggregator), as in the reference; ``options`` are further :class:`SonGokuConfig` fields
+    (``shared`` is not: the scheduler finds it, or takes a ``shared_param_filter``)."""
     from gradfn.aggregators import aggregator
+
+    if "shared" in options:
+        raise TypeError("`shared` is not an option of the scheduler: pass shared_param_filter")
+    if hook is not None and base_method not in ("vanilla", "none"):
+        warnings.warn(
+            f"base_method={base_method!r} overrides gradient_transform (as in the reference)",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif hook is not None:
+        options["aggregator"] = hook
 
     if tau_schedule is not None and not isinstance(tau_schedule, TauSchedule):
         raise TypeError(
