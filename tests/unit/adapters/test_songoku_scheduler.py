@@ -264,6 +264,31 @@ def test_reference_style_gradient_transform_hook():
     assert not torch.equal(model.heads[0].weight.detach(), head)
 
 
+def test_base_method_overrides_the_hook_with_a_warning_as_in_the_reference():
+    def hook(grads):
+        raise AssertionError("the hook must not run: base_method overrides it")
+
+    model = Net()
+    with pytest.warns(UserWarning, match="overrides gradient_transform"):
+        sched = SonGokuScheduler(
+            model,
+            specs(),
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            base_method="pcgrad_sum",
+            gradient_transform=hook,
+        )
+    sched.step(make_data(1)[0])  # PCGrad ran, the hook did not
+    assert sched.state.aggregator.count.item() == 1
+
+
+def test_shared_is_found_or_filtered_not_passed():
+    model = Net()
+    with pytest.raises(TypeError, match="shared_param_filter"):
+        SonGokuScheduler(
+            model, specs(), torch.optim.SGD(model.parameters(), lr=0.1), shared=["trunk.0.weight"]
+        )
+
+
 def test_non_finite_batch_skips_the_step():
     model = Net()
     sched = SonGokuScheduler(model, specs(), torch.optim.Adam(model.parameters(), lr=0.1))
