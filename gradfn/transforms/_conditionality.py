@@ -32,7 +32,7 @@ def apply_if_finite(
     """Skip an update whose input holds a NaN or an infinity: ``inner``'s state stays as it was
     and the returned updates are zeros (as Optax's ``apply_if_finite``).
 
-    The test is on the input updates (one fused max-norm, :func:`gradfn.tree.tree_any_nonfinite`)
+    The test is on the input updates (one fused norm, :func:`gradfn.tree.tree_any_nonfinite`)
     unless the caller passes ``nonfinite=`` (a 0-d bool) to ``update``, e.g. one computed on a
     ``K×K`` Gramian, where any non-finite entry of the gradients shows. ``select="where"`` keeps
     the old state with ``torch.where`` (tensor-only, compiles); ``select="host"`` reads the flag on
