@@ -141,7 +141,8 @@ def conductor(
             (:func:`gradfn.integrations.distributed.sync_outputs`); a cycle skipped on any rank is
             skipped on all.
         compile: compile ``process`` with ``torch.compile(fullgraph=True)``: ``True`` for
-            inductor, or a backend name (``"aot_eager"``).
+            inductor, or a backend name (``"aot_eager"``). With ``donate_state`` the resolution
+            and momentum are compiled and the skip decision stays eager (no state copies).
         donate_state: the caller never reuses a state it passed in: a skipped cycle is decided
             with one host read instead of ``torch.where`` copies of the previous gradients and
             the momentum (eager; compiled code keeps the copies).
@@ -177,10 +178,13 @@ def conductor(
         raise TypeError("conductor: give a `config` or lambdas and options, not both")
     elif not isinstance(config, ConductorConfig):
         raise TypeError(f"`config` must be a ConductorConfig, got {type(config).__name__}")
-    process_fn = make_process(config, select="host" if donate_state else "where")
-    if compile:
-        backend = compile if isinstance(compile, str) else "inductor"
-        process_fn = torch.compile(process_fn, fullgraph=True, backend=backend)
+    backend = None if not compile else (compile if isinstance(compile, str) else "inductor")
+    if backend is not None and donate_state:  # compiled resolution and momentum, eager skip
+        process_fn = make_process(config, select="host", compile_inner=backend)
+    else:
+        process_fn = make_process(config, select="host" if donate_state else "where")
+        if backend is not None:
+            process_fn = torch.compile(process_fn, fullgraph=True, backend=backend)
     accumulate_fn = partial(_accumulate, config, loss_fn, reduce=reduce)
     return Conductor(
         init=partial(init_state, config),

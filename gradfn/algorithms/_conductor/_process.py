@@ -146,10 +146,15 @@ def _post(config: ConductorConfig) -> GradientTransform:
 
 
 def pipeline(
-    config: ConductorConfig, *, select: Literal["where", "host"] = "where"
+    config: ConductorConfig,
+    *,
+    select: Literal["where", "host"] = "where",
+    compile_inner: str | None = None,
 ) -> GradientTransform:
     """``apply_if_finite(resolution ▷ post)`` over task-stacked ``A``; ``return_raw_grad``
-    returns the resolved sum while the momentum still advances."""
+    returns the resolved sum while the momentum still advances. ``compile_inner``: a
+    ``torch.compile`` backend for ``resolution ▷ post`` alone (with ``select="host"`` the skip is
+    then decided eagerly, without ``torch.where`` copies of the state)."""
     res, post = resolution(config), _post(config)
 
     def init(params: PyTree) -> tuple[State, State]:
@@ -162,6 +167,8 @@ def pipeline(
         post_state, out = post.update(state[1], total, params)
         return (res_state, post_state), (total if config.return_raw_grad else out)
 
+    if compile_inner is not None:
+        update = torch.compile(update, fullgraph=True, backend=compile_inner)
     return apply_if_finite(GradientTransform(init, update), select=select)
 
 
@@ -182,7 +189,10 @@ def init_state(config: ConductorConfig, params: PyTree) -> ConductorState:
 
 
 def make_process(
-    config: ConductorConfig, *, select: Literal["where", "host"] = "where"
+    config: ConductorConfig,
+    *,
+    select: Literal["where", "host"] = "where",
+    compile_inner: str | None = None,
 ) -> Callable[..., tuple[ConductorState, PyTree]]:
     """``process(state, grads, losses, raw_losses, params) -> (state, grads)`` for one cycle.
 
@@ -190,8 +200,9 @@ def make_process(
     Returns the new state and the gradient to hand to the optimizer (float32, or the accumulation
     dtype's momentum output; ``return_raw_grad``: the float32 resolved sum). ``select="host"``:
     a skipped cycle is decided with one host read instead of ``torch.where`` copies (eager).
+    ``compile_inner``: compile ``resolution ▷ post`` with this backend.
     """
-    guarded = pipeline(config, select=select)
+    guarded = pipeline(config, select=select, compile_inner=compile_inner)
 
     def process(
         state: ConductorState, grads: PyTree, losses: Tensor, raw_losses: Tensor, params: PyTree
