@@ -7,7 +7,11 @@ transforms, :func:`apply_if_finite` skips non-finite updates. An aggregator
 
 from gradfn.transforms._base import EmptyState, GradientTransform, chain, identity, stateless
 from gradfn.transforms._clipping import cap_factors, norm_cap, scale_rows, task_norms
-from gradfn.transforms._conditionality import ApplyIfFiniteState, apply_if_finite
+from gradfn.transforms._conditionality import (
+    ApplyIfFiniteState,
+    apply_if_finite,
+    skip_if_nonfinite,
+)
 from gradfn.transforms._moments import (
     MomentumState,
     NormEmaState,
@@ -34,6 +38,7 @@ __all__ = [
     "norm_ema",
     "scale_rows",
     "sign_trust_ratio",
+    "skip_if_nonfinite",
     "stateless",
     "task_norms",
 ]

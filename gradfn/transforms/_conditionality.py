@@ -14,7 +14,7 @@ from gradfn.transforms._base import GradientTransform
 from gradfn.tree import leaves, tree_any_nonfinite, tree_where
 from gradfn.typing import PyTree, State
 
-__all__ = ["ApplyIfFiniteState", "apply_if_finite"]
+__all__ = ["ApplyIfFiniteState", "apply_if_finite", "skip_if_nonfinite"]
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -24,6 +24,31 @@ class ApplyIfFiniteState(NamedTuple):
     inner: State
     skipped: Tensor
     num_skipped: Tensor
+
+
+def skip_if_nonfinite(
+    bad: Tensor,
+    state: ApplyIfFiniteState,
+    new_inner: State,
+    updates: PyTree,
+    *,
+    select: Literal["where", "host"] = "where",
+) -> tuple[ApplyIfFiniteState, PyTree]:
+    """The skip policy of :func:`apply_if_finite`: where the 0-d bool ``bad`` holds, keep
+    ``state.inner`` instead of ``new_inner`` and return zero updates; count the skip.
+
+    ``select="where"``: tensor-only (``torch.where``); ``select="host"``: one host read, the old
+    state object handed back without a copy (eager; falls back to ``"where"`` while compiling).
+    """
+    if select == "host" and not is_compiling():
+        if bool(bad):
+            new_inner = state.inner
+            updates = optree.tree_map(torch.zeros_like, updates)
+    else:
+        new_inner = tree_where(bad, state.inner, new_inner)
+        updates = optree.tree_map(lambda x: torch.where(bad, torch.zeros_like(x), x), updates)
+    skipped = bad.to(device=state.skipped.device)
+    return ApplyIfFiniteState(new_inner, skipped, state.num_skipped + skipped.long()), updates
 
 
 def apply_if_finite(
@@ -59,14 +84,6 @@ def apply_if_finite(
     ) -> tuple[ApplyIfFiniteState, PyTree]:
         bad = tree_any_nonfinite(updates) if nonfinite is None else nonfinite
         new_inner, out = inner.update(state.inner, updates, params, **extra)
-        if select == "host" and not is_compiling():
-            if bool(bad):
-                new_inner = state.inner
-                out = optree.tree_map(torch.zeros_like, out)
-        else:
-            new_inner = tree_where(bad, state.inner, new_inner)
-            out = optree.tree_map(lambda x: torch.where(bad, torch.zeros_like(x), x), out)
-        skipped = bad.to(device=state.skipped.device)
-        return ApplyIfFiniteState(new_inner, skipped, state.num_skipped + skipped.long()), out
+        return skip_if_nonfinite(bad, state, new_inner, out, select=select)
 
     return GradientTransform(init, update)

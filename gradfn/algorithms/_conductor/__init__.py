@@ -179,12 +179,7 @@ def conductor(
     elif not isinstance(config, ConductorConfig):
         raise TypeError(f"`config` must be a ConductorConfig, got {type(config).__name__}")
     backend = None if not compile else (compile if isinstance(compile, str) else "inductor")
-    if backend is not None and donate_state:  # compiled resolution and momentum, eager skip
-        process_fn = make_process(config, select="host", compile_inner=backend)
-    else:
-        process_fn = make_process(config, select="host" if donate_state else "where")
-        if backend is not None:
-            process_fn = torch.compile(process_fn, fullgraph=True, backend=backend)
+    process_fn = make_process(config, select="host" if donate_state else "where", backend=backend)
     accumulate_fn = partial(_accumulate, config, loss_fn, reduce=reduce)
     return Conductor(
         init=partial(init_state, config),

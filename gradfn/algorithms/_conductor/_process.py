@@ -27,6 +27,7 @@ from gradfn.transforms import (
     apply_if_finite,
     lion,
     momentum,
+    skip_if_nonfinite,
 )
 from gradfn.typing import PyTree, State
 
@@ -145,16 +146,10 @@ def _post(config: ConductorConfig) -> GradientTransform:
     return momentum(config.momentum_beta, dtype=config.accumulation_dtype)
 
 
-def pipeline(
-    config: ConductorConfig,
-    *,
-    select: Literal["where", "host"] = "where",
-    compile_inner: str | None = None,
-) -> GradientTransform:
-    """``apply_if_finite(resolution ▷ post)`` over task-stacked ``A``; ``return_raw_grad``
-    returns the resolved sum while the momentum still advances. ``compile_inner``: a
-    ``torch.compile`` backend for ``resolution ▷ post`` alone (with ``select="host"`` the skip is
-    then decided eagerly, without ``torch.where`` copies of the state)."""
+def pipeline(config: ConductorConfig) -> GradientTransform:
+    """``resolution ▷ post`` over task-stacked ``A`` (unguarded: :func:`make_process` wraps it
+    in the skip policy); ``return_raw_grad`` returns the resolved sum while the momentum still
+    advances."""
     res, post = resolution(config), _post(config)
 
     def init(params: PyTree) -> tuple[State, State]:
@@ -167,9 +162,7 @@ def pipeline(
         post_state, out = post.update(state[1], total, params)
         return (res_state, post_state), (total if config.return_raw_grad else out)
 
-    if compile_inner is not None:
-        update = torch.compile(update, fullgraph=True, backend=compile_inner)
-    return apply_if_finite(GradientTransform(init, update), select=select)
+    return GradientTransform(init, update)
 
 
 def init_state(config: ConductorConfig, params: PyTree) -> ConductorState:
@@ -177,7 +170,7 @@ def init_state(config: ConductorConfig, params: PyTree) -> ConductorState:
     k = config.num_tasks
     device = tree.leaves(params)[0].device
     return ConductorState(
-        inner=pipeline(config).init(params),
+        inner=apply_if_finite(pipeline(config)).init(params),
         stats=ConductorStats(
             losses=torch.zeros(k, dtype=torch.float32, device=device),
             raw_losses=torch.zeros(k, dtype=torch.float32, device=device),
@@ -192,31 +185,51 @@ def make_process(
     config: ConductorConfig,
     *,
     select: Literal["where", "host"] = "where",
-    compile_inner: str | None = None,
+    backend: str | None = None,
 ) -> Callable[..., tuple[ConductorState, PyTree]]:
-    """``process(state, grads, losses, raw_losses, params) -> (state, grads)`` for one cycle.
+    """``process(state, grads, losses, raw_losses, params) -> (state, grads)`` for one cycle:
+    ``apply_if_finite(resolution ▷ post)`` with the skip decided on the ``K×K`` Gramian.
 
     ``grads``: the accumulated task-stacked ``A_k``; ``losses`` / ``raw_losses``: statistics (K,).
     Returns the new state and the gradient to hand to the optimizer (float32, or the accumulation
     dtype's momentum output; ``return_raw_grad``: the float32 resolved sum). ``select="host"``:
     a skipped cycle is decided with one host read instead of ``torch.where`` copies (eager).
-    ``compile_inner``: compile ``resolution ▷ post`` with this backend.
+    ``backend``: compile it with ``torch.compile(fullgraph=True)``; with ``select="host"`` all
+    but the skip decision is compiled, which stays eager.
     """
-    guarded = pipeline(config, select=select, compile_inner=compile_inner)
+    inner = pipeline(config)
 
-    def process(
-        state: ConductorState, grads: PyTree, losses: Tensor, raw_losses: Tensor, params: PyTree
-    ) -> tuple[ConductorState, PyTree]:
+    def unguarded(
+        state: tuple[State, State],
+        grads: PyTree,
+        losses: Tensor,
+        raw_losses: Tensor,
+        params: PyTree,
+    ) -> tuple[tuple[State, State], PyTree, Tensor, ConductorStats]:
         gram = tree.gramian(tree.tree_map(lambda g: g.float(), grads))
-        nonfinite = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
-        inner, out = guarded.update(state.inner, grads, params, gram=gram, nonfinite=nonfinite)
+        # a NaN / Inf anywhere in the A_k shows on the Gramian's diagonal: one K×K test
+        bad = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
+        new, out = inner.update(state, grads, params, gram=gram)
         out_sq = [torch.linalg.vector_norm(x.float()) ** 2 for x in tree.leaves(out)]
         stats = ConductorStats(
             losses=losses.float(),
             raw_losses=raw_losses.float(),
             raw_norms=torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0)),
-            final_grad_norm=torch.sqrt(torch.stack(out_sq).sum()),
+            final_grad_norm=torch.where(bad, 0.0, torch.sqrt(torch.stack(out_sq).sum())),
         )
-        return ConductorState(inner, stats, state.touched), out
+        return new, out, bad, stats
 
+    core = unguarded
+    if backend is not None and select == "host":
+        core = torch.compile(unguarded, fullgraph=True, backend=backend)
+
+    def process(
+        state: ConductorState, grads: PyTree, losses: Tensor, raw_losses: Tensor, params: PyTree
+    ) -> tuple[ConductorState, PyTree]:
+        new, out, bad, stats = core(state.inner.inner, grads, losses, raw_losses, params)
+        guarded, out = skip_if_nonfinite(bad, state.inner, new, out, select=select)
+        return ConductorState(guarded, stats, state.touched), out
+
+    if backend is not None and select == "where":
+        return torch.compile(process, fullgraph=True, backend=backend)
     return process
