@@ -13,6 +13,7 @@ from gradfn._internal.compat import is_compiling
 from gradfn.autodiff._engine import (
     STRATEGIES,
     Predicate,
+    _Call,
     _forward,
     _select,
     _usage_tree,
@@ -120,7 +121,9 @@ def accumulate_impl(
                 _add_scaled(acc, g, scale)
         return losses, aux, usage
     with torch.enable_grad():
-        leaves, _, loss_values, aux = _forward(loss_fn, selected, rest, batch, has_aux, num_tasks)
+        leaves, _, loss_values, aux = _forward(
+            _Call(loss_fn, selected, rest, batch, has_aux, num_tasks)
+        )
         k = len(loss_values)
         if any(acc.shape[0] != k for acc in into_leaves):
             raise ValueError(f"`into` has a task axis that differs from the {k} task losses")

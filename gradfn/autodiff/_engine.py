@@ -31,7 +31,7 @@ unreached parameter gets ``None``), so no extra pass is spent on it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -50,6 +50,24 @@ STRATEGIES = ("auto", "vmap", "loop")
 Predicate = Callable[[str], bool]
 Tasks = Sequence[int] | Tensor | None
 _Out = tuple[Tensor, Any, PyTree, Tensor | None]  # losses, aux, task-stacked grads, usage (R, P)
+
+
+class _Call(NamedTuple):
+    """One evaluation of ``loss_fn``: the differentiated parameters, the constant ones, the batch,
+    and how to read its output."""
+
+    loss_fn: LossFn
+    selected: PyTree
+    rest: dict[str, Tensor]
+    batch: Any
+    has_aux: bool
+    num_tasks: int | None
+
+    def losses(self, selected: PyTree, batch: Any = None) -> tuple[Any, Any]:
+        """``(raw output, aux)`` of ``loss_fn`` at ``selected`` (and ``batch``, default: the
+        call's)."""
+        out = self.loss_fn(_merge(selected, self.rest), self.batch if batch is None else batch)
+        return split_aux(out, self.has_aux)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,22 +119,15 @@ def _task_list(tasks: Tasks, k: int) -> list[int]:
 # one forward with autograd
 
 
-def _forward(
-    loss_fn: LossFn,
-    selected: PyTree,
-    rest: dict[str, Tensor],
-    batch: Any,
-    has_aux: bool,
-    num_tasks: int | None,
-) -> tuple[list[Tensor], Any, list[Tensor], Any]:
+def _forward(call: _Call) -> tuple[list[Tensor], Any, list[Tensor], Any]:
     """Run ``loss_fn`` once on detached copies of the selected leaves that require grad.
 
     Returns ``(leaves, treedef, losses, aux)``; call it under ``torch.enable_grad()``.
     """
-    flat, spec = optree.tree_flatten(selected)
+    flat, spec = optree.tree_flatten(call.selected)
     leaves = [x.detach().requires_grad_(True) for x in flat]
-    out, aux = split_aux(loss_fn(_merge(optree.tree_unflatten(spec, leaves), rest), batch), has_aux)
-    return leaves, spec, loss_list(out, num_tasks), aux
+    out, aux = call.losses(optree.tree_unflatten(spec, leaves))
+    return leaves, spec, loss_list(out, call.num_tasks), aux
 
 
 def _stack_rows(rows: list[Tensor | None], like: Tensor) -> Tensor:
@@ -146,17 +157,9 @@ def _usage_of(losses: list[Tensor], leaves: list[Tensor]) -> Tensor:
 # shared forward: loop / vmap / torch.func
 
 
-def _loop_grads(
-    loss_fn: LossFn,
-    selected: PyTree,
-    rest: dict[str, Tensor],
-    batch: Any,
-    has_aux: bool,
-    num_tasks: int | None,
-    tasks: Tasks,
-) -> _Out:
+def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
     with torch.enable_grad():
-        leaves, spec, losses, aux = _forward(loss_fn, selected, rest, batch, has_aux, num_tasks)
+        leaves, spec, losses, aux = _forward(call)
         chosen = _task_list(tasks, len(losses))
         last = max((pos for pos, i in enumerate(chosen) if losses[i].requires_grad), default=-1)
         rows: list[Sequence[Tensor | None]] = []
@@ -179,22 +182,13 @@ def _loop_grads(
     return stacked_losses.detach(), aux, optree.tree_unflatten(spec, stacked), usage
 
 
-def _vmap_grads(
-    loss_fn: LossFn,
-    selected: PyTree,
-    rest: dict[str, Tensor],
-    batch: Any,
-    has_aux: bool,
-    num_tasks: int | None,
-    tasks: Tasks,
-    want_usage: bool,
-) -> _Out:
+def _vmap_grads(call: _Call, tasks: Tasks, want_usage: bool) -> _Out:
     if is_compiling():
-        return _func_vjp_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks)
+        return _func_vjp_grads(call, tasks)
     # eager: the one-hot cotangents vmapped over autograd's backward graph (is_grads_batched);
     # unlike torch.func.vjp this lets the forward mutate buffers in place (BatchNorm statistics)
     with torch.enable_grad():
-        leaves, spec, losses, aux = _forward(loss_fn, selected, rest, batch, has_aux, num_tasks)
+        leaves, spec, losses, aux = _forward(call)
         chosen = _task_list(tasks, len(losses))
         r = len(chosen)
         picked = [losses[i] for i in chosen]
@@ -218,22 +212,14 @@ def _vmap_grads(
     return stacked_losses.detach(), aux, optree.tree_unflatten(spec, stacked), usage
 
 
-def _func_vjp_grads(
-    loss_fn: LossFn,
-    selected: PyTree,
-    rest: dict[str, Tensor],
-    batch: Any,
-    has_aux: bool,
-    num_tasks: int | None,
-    tasks: Tasks,
-) -> _Out:
+def _func_vjp_grads(call: _Call, tasks: Tasks) -> _Out:
     def losses_of(sel: PyTree) -> Any:
-        out, aux = split_aux(loss_fn(_merge(sel, rest), batch), has_aux)
-        losses = stack_losses(loss_list(out, num_tasks))
-        return (losses, aux) if has_aux else losses
+        out, aux = call.losses(sel)
+        losses = stack_losses(loss_list(out, call.num_tasks))
+        return (losses, aux) if call.has_aux else losses
 
-    out: Any = torch.func.vjp(losses_of, selected, has_aux=has_aux)
-    losses, vjp_fn, aux = out if has_aux else (*out, None)
+    out: Any = torch.func.vjp(losses_of, call.selected, has_aux=call.has_aux)
+    losses, vjp_fn, aux = out if call.has_aux else (*out, None)
     eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
     if tasks is not None:
         eye = eye[_task_list(tasks, losses.shape[0])]
@@ -245,25 +231,17 @@ def _func_vjp_grads(
 # per-task batches stacked on a leading axis
 
 
-def _task_batched_grads(
-    loss_fn: LossFn,
-    selected: PyTree,
-    rest: dict[str, Tensor],
-    batch: Any,
-    has_aux: bool,
-    strategy: str,
-    num_tasks: int | None,
-    tasks: Tasks,
-) -> _Out:
+def _task_batched_grads(call: _Call, strategy: str, tasks: Tasks) -> _Out:
+    batch, has_aux, selected = call.batch, call.has_aux, call.selected
     k = task_axis(batch)
-    if num_tasks is not None and k != num_tasks:
-        raise ValueError(f"`batch` has a task axis of {k} but num_tasks={num_tasks}")
+    if call.num_tasks is not None and k != call.num_tasks:
+        raise ValueError(f"`batch` has a task axis of {k} but num_tasks={call.num_tasks}")
     if tasks is not None:
         index = torch.tensor(_task_list(tasks, k), dtype=torch.int64)
         batch = optree.tree_map(lambda x: x.index_select(0, index.to(x.device)), batch)
 
     def one(sel: PyTree, b: Any) -> tuple[Tensor, Any]:
-        out, aux = split_aux(loss_fn(_merge(sel, rest), b), has_aux)
+        out, aux = call.losses(sel, b)
         loss = scalar_loss(out)
         return loss, ((loss, aux) if has_aux else loss)
 
@@ -371,14 +349,13 @@ def per_task_impl(
     selected, rest = _select(params, wrt)
     if strategy == "auto":
         strategy = choose_strategy(selected)  # type: ignore[assignment]
+    call = _Call(loss_fn, selected, rest, batch, has_aux, num_tasks)
     if task_batched:
-        out = _task_batched_grads(
-            loss_fn, selected, rest, batch, has_aux, strategy, num_tasks, tasks
-        )
+        out = _task_batched_grads(call, strategy, tasks)
     elif strategy == "vmap":
-        out = _vmap_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks, want_usage)
+        out = _vmap_grads(call, tasks, want_usage)
     else:
-        out = _loop_grads(loss_fn, selected, rest, batch, has_aux, num_tasks, tasks)
+        out = _loop_grads(call, tasks)
     losses, aux, grads, usage = out
     return losses.detach(), aux, grads, usage
 

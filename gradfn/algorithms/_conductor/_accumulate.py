@@ -15,7 +15,7 @@ raw mean losses ``(K,)``, and which parameters any loss reached (read from the a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -65,92 +65,91 @@ def _any_row(usage: Tensor | None, num_leaves: int) -> Tensor:
     return usage.any(dim=0)
 
 
-def _classic(
-    config: ConductorConfig,
-    loss_fn: LossFn,
-    params: PyTree,
-    next_batch: Callable[[], Any],
-    acc: PyTree,
-    lam: Tensor,
-) -> tuple[Tensor, Tensor]:
-    k, n = config.num_tasks, config.accumulation_steps
-    raw = torch.zeros(k, dtype=torch.float32, device=lam.device)
-    reached = None
-    for a in tree.leaves(acc):
+class _Setup(NamedTuple):
+    """What every mode works with: the config, the loss, the parameters, the micro-batches, the
+    task-stacked buffers ``acc`` it fills and the loss weights ``lam`` (K,)."""
+
+    config: ConductorConfig
+    loss_fn: LossFn
+    params: PyTree
+    next_batch: Callable[[], Any]
+    acc: PyTree
+    lam: Tensor
+
+
+# Each mode fills ``acc`` and yields, per micro-batch, its contribution to the raw mean losses
+# (K,) and which parameters it reached ((R, P) bool, or None when unknown).
+Tally = Iterator[tuple[Tensor, Tensor | None]]
+
+
+def _classic(c: _Setup) -> Tally:
+    k, n = c.config.num_tasks, c.config.accumulation_steps
+    for a in tree.leaves(c.acc):
         a.zero_()
     for _ in range(n):
         losses, _, usage = accumulate_impl(
-            loss_fn, params, next_batch(), acc, 1.0, None, config.strategy, False, False, k
+            c.loss_fn,
+            c.params,
+            c.next_batch(),
+            c.acc,
+            1.0,
+            None,
+            c.config.strategy,
+            False,
+            False,
+            k,
         )
-        raw = raw + losses.float() / n
-        hit = _any_row(usage, len(tree.leaves(acc)))
-        reached = hit if reached is None else reached | hit
-    scale = (lam / n).to(config.accumulation_dtype)
-    for a in tree.leaves(acc):
+        yield losses.float() / n, usage
+    scale = (c.lam / n).to(c.config.accumulation_dtype)
+    for a in tree.leaves(c.acc):
         a.mul_(scale.reshape((k,) + (1,) * (a.dim() - 1)))
-    assert reached is not None
-    return raw, reached
 
 
-def _classic_bf16(
-    config: ConductorConfig,
-    loss_fn: LossFn,
-    params: PyTree,
-    next_batch: Callable[[], Any],
-    acc: PyTree,
-    lam: Tensor,
-) -> tuple[Tensor, Tensor]:
-    k, n, dt = config.num_tasks, config.accumulation_steps, config.accumulation_dtype
-    raw = torch.zeros(k, dtype=torch.float32, device=lam.device)
-    reached = None
-    scale = lam / n
+def _classic_bf16(c: _Setup) -> Tally:
+    k, n, dt = c.config.num_tasks, c.config.accumulation_steps, c.config.accumulation_dtype
+    scale = c.lam / n
     for i in range(n):
         losses, _, grads, usage = per_task_impl(
-            loss_fn, params, next_batch(), None, config.strategy, False, False, k, None, True
+            c.loss_fn,
+            c.params,
+            c.next_batch(),
+            None,
+            c.config.strategy,
+            False,
+            False,
+            k,
+            None,
+            True,
         )
-        for a, g in zip(tree.leaves(acc), tree.leaves(grads), strict=True):
+        for a, g in zip(tree.leaves(c.acc), tree.leaves(grads), strict=True):
             term = (g.float() * scale.reshape((k,) + (1,) * (g.dim() - 1))).to(dt)
             if i == 0:
                 a.copy_(term)
             else:
                 a.add_(term)
-        raw = raw + losses.detach().float() / n
-        hit = _any_row(usage, len(tree.leaves(acc)))
-        reached = hit if reached is None else reached | hit
-    assert reached is not None
-    return raw, reached
+        yield losses.detach().float() / n, usage
 
 
-def _stochastic(
-    config: ConductorConfig,
-    loss_fn: LossFn,
-    params: PyTree,
-    next_batch: Callable[[], Any],
-    acc: PyTree,
-    lam: Tensor,
-) -> tuple[Tensor, Tensor]:
-    k, n, dt = config.num_tasks, config.accumulation_steps, config.accumulation_dtype
-    raw = torch.zeros(k, dtype=torch.float32, device=lam.device)
-    reached = None
+def _stochastic(c: _Setup) -> Tally:
+    k, n, dt = c.config.num_tasks, c.config.accumulation_steps, c.config.accumulation_dtype
     s = n // k
-    eye = torch.eye(k, dtype=torch.float32, device=lam.device)
-    acc_leaves = tree.leaves(acc)
+    eye = torch.eye(k, dtype=torch.float32, device=c.lam.device)
+    acc_leaves = tree.leaves(c.acc)
     for task in range(k):
-        weight = eye[task] * (config.lambdas[task] / s)
+        weight = eye[task] * (c.config.lambdas[task] / s)
         for i in range(s):
             losses, _, grad, usage = weighted_impl(
-                loss_fn, params, next_batch(), weight, None, False, k
+                c.loss_fn, c.params, c.next_batch(), weight, None, False, k
             )
             for a, g in zip(acc_leaves, tree.leaves(grad), strict=True):
                 if i == 0:
                     a[task].copy_(g)
                 else:
                     a[task].add_(g.to(dt))
-            raw = raw + eye[task] * losses.detach().float()[task] / s
-            hit = _any_row(None if usage is None else usage[None], len(acc_leaves))
-            reached = hit if reached is None else reached | hit
-    assert reached is not None
-    return raw, reached
+            yield (
+                eye[task] * losses.detach().float()[task] / s,
+                None if usage is None else usage[None],
+            )
 
 
 def accumulate(
@@ -172,5 +171,10 @@ def accumulate(
         mode = _classic_bf16
     else:
         mode = _classic
-    raw, reached = mode(config, loss_fn, params, next_batch, acc, lam)
+    p = len(tree.leaves(acc))
+    raw = torch.zeros(k, dtype=torch.float32, device=device)
+    reached = torch.zeros(p, dtype=torch.bool)
+    for contribution, usage in mode(_Setup(config, loss_fn, params, next_batch, acc, lam)):
+        raw = raw + contribution
+        reached = reached | _any_row(usage, p)
     return Cycle(acc, raw * lam, raw, reached)

@@ -9,25 +9,9 @@ import torch
 from gradfn import aggregators
 from gradfn.algorithms import songoku
 from tests._utils.asserts import tree_equal
-
-
-def _fn_loss(params, batch):
-    x, ys = batch
-    h = torch.tanh(x @ params["trunk"].T)
-    return [((h @ params["heads"][k] - ys[:, k]) ** 2).mean() for k in range(3)]
-
-
-def _fn_params():
-    g = torch.Generator().manual_seed(3)
-    return {"trunk": torch.randn(8, 5, generator=g), "heads": torch.randn(3, 8, generator=g)}
-
-
-def _fn_batch(seed, bad=None, task=1):
-    g = torch.Generator().manual_seed(seed)
-    x, ys = torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
-    if bad is not None:
-        ys[:, task] = bad
-    return x, ys
+from tests._utils.problems import fn_batch as _fn_batch
+from tests._utils.problems import fn_loss as _fn_loss
+from tests._utils.problems import fn_params as _fn_params
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
