@@ -1,6 +1,7 @@
 """Two versions of gradfn side by side: every speed benchmark, alternating old and new.
 
-``--old`` is a checkout of the older version (e.g. ``git worktree add ../gradfn-0.1 v0.1.0``).
+``--old`` is a checkout of the older version (for 0.1.0: ``git worktree add ../gradfn-0.1
+406b9f1``).
 For each benchmark and each round, the old checkout's script runs, then this checkout's, each in
 its own process with ``--threads 1``; the tables compare the benchmarks' own ratios (each measured
 side by side within its run), the old as the median over rounds. Old versions run their scripts
