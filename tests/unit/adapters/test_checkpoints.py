@@ -147,12 +147,14 @@ def test_v01_checkpoints_are_small_and_the_generator_wants_gradfn_01():
         v01.main()  # this process imports gradfn 0.2
 
 
-def _restore_songoku(config: str, ckpt: dict):
-    model, opt, sched = v01.build_songoku(adapters, config)
+def _restore(kind: str, config: str, ckpt: dict):
+    """Build the 0.1 script's ``kind`` setup and load a 0.1 checkpoint into its three parts."""
+    build = v01.build_songoku if kind == "songoku" else v01.build_conductor
+    model, opt, adapter = build(adapters, config)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["adapter"])
-    return model, opt, sched
+    adapter.load_state_dict(ckpt["adapter"])
+    return model, opt, adapter
 
 
 @pytest.mark.parametrize("config", list(v01.SONGOKU_CONFIGS))
@@ -160,7 +162,7 @@ def test_v01_songoku_state_converts_field_by_field(config):
     ckpt = _load_v01("songoku", config)
     saved = ckpt["adapter"]
     core = saved["core"]
-    _, _, sched = _restore_songoku(config, ckpt)
+    _, _, sched = _restore("songoku", config, ckpt)
     state = sched.state
     assert sched.t == ckpt["steps"] == int(core["step"])
     assert torch.equal(state.group_index, core["ptr"])
@@ -206,7 +208,7 @@ def test_v01_songoku_state_converts_field_by_field(config):
 def test_v01_songoku_checkpoint_continues_like_a_02_run(config):
     ckpt = _load_v01("songoku", config)
     n, more = ckpt["steps"], v01.SONGOKU_MORE
-    model, opt, sched = _restore_songoku(config, ckpt)
+    model, opt, sched = _restore("songoku", config, ckpt)
     resumed = [sched.step(v01.songoku_batch(t)) for t in range(n, n + more)]
     assert sched.t == n + more and int(sched.state.refreshes) == 3  # after steps 3, 6, 9
 
@@ -214,7 +216,7 @@ def test_v01_songoku_checkpoint_continues_like_a_02_run(config):
         # 0.2 draws SON-GOKU's PCGrad orders from its one PRNG (documented): not the 0.1 run's
         # trajectory; the resumed run is still deterministic (a fresh load: torch's optimizer
         # load_state_dict keeps the loaded tensors and the first run moved them)
-        model2, _, sched2 = _restore_songoku(config, _load_v01("songoku", config))
+        model2, _, sched2 = _restore("songoku", config, _load_v01("songoku", config))
         again = [sched2.step(v01.songoku_batch(t)) for t in range(n, n + more)]
         assert again == resumed
         assert tree_equal(model2.state_dict(), model.state_dict())
@@ -234,20 +236,12 @@ def test_v01_songoku_checkpoint_continues_like_a_02_run(config):
     assert sched.schedule_snapshot() == ref.schedule_snapshot()
 
 
-def _restore_conductor(config: str, ckpt: dict):
-    model, opt, gc = v01.build_conductor(adapters, config)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    gc.load_state_dict(ckpt["adapter"])
-    return model, opt, gc
-
-
 @pytest.mark.parametrize("config", list(v01.CONDUCTOR_CONFIGS))
 def test_v01_conductor_state_converts_field_by_field(config):
     ckpt = _load_v01("conductor", config)
     saved = ckpt["adapter"]["state"]
     assert "version" not in ckpt["adapter"]  # gradfn 0.1 wrote none
-    _, _, gc = _restore_conductor(config, ckpt)
+    _, _, gc = _restore("conductor", config, ckpt)
     state = gc.state
     seen = set()
 
@@ -285,7 +279,7 @@ def test_v01_conductor_state_converts_field_by_field(config):
 def test_v01_conductor_checkpoint_continues_like_a_02_run(config):
     ckpt = _load_v01("conductor", config)
     n, more = ckpt["steps"], v01.CONDUCTOR_MORE
-    model, opt, gc = _restore_conductor(config, ckpt)
+    model, opt, gc = _restore("conductor", config, ckpt)
     resumed = [v01.conductor_cycle(model, opt, gc, c) for c in range(n, n + more)]
     ref_model, ref_opt, ref = v01.build_conductor(adapters, config)
     assert tree_equal(ref_model.state_dict(), ckpt["model_init"])
