@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import optree
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from gradfn.aggregators._backward import backward
 from gradfn.aggregators._base import Aggregated, Aggregator, check_grads
 from gradfn.aggregators._registry import aggregator as _build
 from gradfn.typing import PyTree
@@ -107,114 +107,3 @@ def as_stateful_gradient_transform(
         return state, per_task_rows(out, grads)
 
     return a.init, transform
-
-
-def _named_params(params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor]) -> dict[str, Tensor]:
-    named: dict[str, Tensor]
-    if isinstance(params, nn.Module):
-        named = {n: p for n, p in params.named_parameters() if p.requires_grad}
-    elif isinstance(params, Mapping):
-        named = {str(n): p for n, p in params.items() if p.requires_grad}
-    else:
-        named = {str(i): p for i, p in enumerate(params) if p.requires_grad}
-    if not named:
-        raise ValueError("backward: `params` holds no tensor that requires grad")
-    return named
-
-
-def _per_task_grads(
-    loss: Tensor, names: list[str], tensors: list[Tensor], parallel: bool
-) -> tuple[dict[str, Tensor], set[str]]:
-    k = loss.shape[0]
-    eye = torch.eye(k, dtype=loss.dtype, device=loss.device)
-    grads: Sequence[Tensor | None] | None = None
-    if parallel:
-        try:
-            grads = torch.autograd.grad(
-                loss,
-                tensors,
-                grad_outputs=eye,
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-            # (the graph is kept so that the loop fallback can still run)
-        except RuntimeError:  # an op without a batching rule: fall back to the loop
-            grads = None
-    if grads is None:
-        rows = [
-            torch.autograd.grad(loss[i], tensors, retain_graph=True, allow_unused=True)
-            for i in range(k)
-        ]
-        grads = [
-            None
-            if all(r[j] is None for r in rows)
-            else torch.stack([torch.zeros_like(tensors[j]) if r[j] is None else r[j] for r in rows])
-            for j in range(len(tensors))
-        ]
-    out, unused = {}, set()
-    for n, t, g in zip(names, tensors, grads, strict=True):
-        if g is None:
-            unused.add(n)
-            g = torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device)
-        out[n] = g
-    return out, unused
-
-
-def backward(
-    losses: Sequence[Tensor] | Tensor,
-    params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor],
-    agg: Aggregator | str | Callable[..., Aggregated],
-    *,
-    state: Any = None,
-    parallel: bool = True,
-    **hparams: Any,
-) -> tuple[Any, Aggregated]:
-    """Per-task gradients of ``losses`` w.r.t. ``params``, aggregated, accumulated into ``.grad``.
-
-    Args:
-        losses: ``K`` scalar losses from one forward (a sequence or a ``(K,)`` tensor).
-        params: an ``nn.Module`` (its trainable parameters), a name → tensor mapping or an
-            iterable of tensors.
-        agg: an :class:`Aggregator`, a method name (with ``**hparams``) or a pure aggregate fn.
-        state: the aggregator's state from the previous call (``None``: ``agg.init(K)``).
-        parallel: one batched backward over the ``K`` losses (vmap over autograd); falls back to
-            ``K`` backward passes when an op has no batching rule. ``False``: the loop.
-
-    Returns:
-        ``(state, Aggregated)``; ``Aggregated.grad`` is keyed like ``params`` (dotted names for a
-        module). Parameters no loss depends on keep their ``.grad``.
-
-    Raises:
-        ValueError: a non-finite loss or gradient (nothing is written to ``.grad``).
-    """
-    a = _resolve(agg, hparams)
-    if isinstance(losses, Tensor):
-        loss = losses.reshape(-1)
-    else:
-        if len(losses) == 0:
-            raise ValueError("backward: `losses` is empty")
-        loss = torch.stack([torch.as_tensor(x).reshape(()) for x in losses])
-    if loss.numel() == 0:
-        raise ValueError("backward: `losses` is empty")
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError(f"backward: non-finite loss in {loss.detach().tolist()}")
-    named = _named_params(params)
-    names, tensors = list(named), list(named.values())
-    grads, unused = _per_task_grads(loss, names, tensors, parallel)
-    bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
-    if bad:
-        raise ValueError(f"backward: non-finite per-task gradient for {bad}")
-    if state is None:
-        state = a.init(loss.shape[0], device=loss.device)
-    state, out = a.update(state, grads)
-    with torch.no_grad():
-        for n, p in named.items():
-            if n in unused:
-                continue
-            g = out.grad[n].to(p.dtype)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
-    return state, out
