@@ -360,11 +360,23 @@ def backward(
             head_sum = _through_features(loss, feats, rows, heads, strategy)
     grads = rows.tree()
     gram = rows.gram()
-    bad_heads = [g is not None and not bool(torch.isfinite(g).all()) for g in head_sum]
-    if not bool(torch.isfinite(gram).all()) or any(bad_heads):
+    # a non-finite row makes its diagonal Gramian entry non-finite: no pass over J is needed
+    present = [g for g in head_sum if g is not None]
+    finite = torch.isfinite(gram).all()
+    if present:
+        finite = (
+            finite & torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).all()
+        )
+    if not bool(finite):
         bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
-        bad += [n for n, b in zip(head_names, bad_heads, strict=True) if b]
-        raise ValueError(f"backward: non-finite per-task gradient for {bad or 'the Gramian'}")
+        bad += [
+            n
+            for n, g in zip(head_names, head_sum, strict=True)
+            if g is not None and not bool(torch.isfinite(g).all())
+        ]
+        if not bad:
+            raise ValueError("backward: non-finite Gramian (the per-task gradients overflow)")
+        raise ValueError(f"backward: non-finite per-task gradient for {bad}")
     if state is None:
         state = a.init(len(loss), device=values.device)
     state, out = a.update(state, grads, gram=gram)
