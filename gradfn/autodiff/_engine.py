@@ -130,18 +130,6 @@ def _forward(call: _Call) -> tuple[list[Tensor], Any, list[Tensor], Any]:
     return leaves, spec, loss_list(out, call.num_tasks), aux
 
 
-def _stack_rows(rows: list[Tensor | None], like: Tensor) -> Tensor:
-    """Stack one leaf's per-task gradients on a task axis; ``None`` (unused) rows are zeros."""
-    present = [g for g in rows if g is not None]
-    if present and len(present) == len(rows):
-        return torch.stack(present)
-    out = torch.zeros((len(rows), *like.shape), dtype=like.dtype, device=like.device)
-    for i, g in enumerate(rows):
-        if g is not None:
-            out[i] = g
-    return out
-
-
 def _usage_of(losses: list[Tensor], leaves: list[Tensor]) -> Tensor:
     """``(R, P)`` bool: does loss ``r`` reach leaf ``p``? (read from the graph)"""
     return torch.tensor(
@@ -162,24 +150,40 @@ def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
         leaves, spec, losses, aux = _forward(call)
         chosen = _task_list(tasks, len(losses))
         last = max((pos for pos, i in enumerate(chosen) if losses[i].requires_grad), default=-1)
-        rows: list[Sequence[Tensor | None]] = []
+        # each leaf's (R, *shape) output is allocated once and row r is copied in as soon as task
+        # r's backward returns, so the per-task gradients are freed (and their memory reused) at
+        # once instead of all K living until a torch.stack copies them a second time
+        out = [torch.empty((len(chosen), *x.shape), dtype=x.dtype, device=x.device) for x in leaves]
+        views = [o.unbind(0) for o in out]  # views[j][pos]: row pos of leaf j
+        used: list[list[bool]] = []
         for pos, i in enumerate(chosen):
             # each task's own loss (not an element of their stack): its backward visits only the
             # part of the graph that the task uses
+            row: Sequence[Tensor | None] = (None,) * len(leaves)
             if losses[i].requires_grad:
-                rows.append(
-                    torch.autograd.grad(
-                        losses[i], leaves, retain_graph=pos < last, allow_unused=True
-                    )
+                row = torch.autograd.grad(
+                    losses[i], leaves, retain_graph=pos < last, allow_unused=True
                 )
-            else:
-                rows.append((None,) * len(leaves))
+            hit = [g is not None for g in row]
+            present = [j for j, h in enumerate(hit) if h]
+            if present:
+                torch._foreach_copy_(
+                    [views[j][pos] for j in present],
+                    [row[j] for j in present],  # type: ignore[misc]
+                )
+            used.append(hit)
+            del row
+        for j, o in enumerate(out):  # rows of tasks that do not reach leaf j are zeros
+            missing = [pos for pos, hit in enumerate(used) if not hit[j]]
+            if len(missing) == len(used):
+                o.zero_()
+            elif len(missing) == 1:
+                views[j][missing[0]].zero_()
+            elif missing:
+                o.index_fill_(0, torch.tensor(missing, device=o.device), 0)
         stacked_losses = stack_losses(losses)
-    usage = torch.tensor([[g is not None for g in row] for row in rows], dtype=torch.bool).reshape(
-        len(rows), len(leaves)
-    )
-    stacked = [_stack_rows([row[j] for row in rows], x) for j, x in enumerate(leaves)]
-    return stacked_losses.detach(), aux, optree.tree_unflatten(spec, stacked), usage
+    usage = torch.tensor(used, dtype=torch.bool).reshape(len(chosen), len(leaves))
+    return stacked_losses.detach(), aux, optree.tree_unflatten(spec, out), usage
 
 
 def _vmap_grads(call: _Call, tasks: Tasks, want_usage: bool) -> _Out:
