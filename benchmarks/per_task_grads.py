@@ -1,12 +1,19 @@
-"""Per-task gradients: gradfn's strategies vs one summed backward and vs the naive baseline.
+"""Per-task gradients: gradfn's strategies vs one summed backward, the naive baseline and the
+shared-forward bound.
 
-Every configuration is timed side by side in one run, in interleaved rounds (median of rounds):
+Every configuration is timed side by side in one run, in interleaved rounds
+(:func:`benchmarks._common.interleave`; median and spread over the rounds):
 
 * ``summed``: one forward and one backward of ``Σ_k L_k`` (the cost of plain training);
 * ``naive``: ``K`` separate forward + backward passes, one per task, as the reference
   implementations of SON-GOKU and GradientConductor compute per-task gradients;
-* ``vmap`` / ``loop`` / ``auto``: :func:`gradfn.value_and_per_task_grads`, one shared forward;
-* ``forward``: the forward of one task's loss (what ``naive`` repeats), for the ``bound`` column.
+* ``shared``: one forward and ``K`` backward passes on the retained graph, the gradients
+  dropped (no copy, no output): the bound ``naive / shared`` on what sharing the forward can gain;
+* ``vmap`` / ``loop`` / ``auto``: :func:`gradfn.value_and_per_task_grads`, one shared forward.
+
+Models: ``MLP`` (256 → 256 → 256 trunk, batch 64), ``CNN`` (two 3×3 convolutions, batch 64) at
+``K`` ∈ {2, 4, 8, 16}, and ``MLP-L`` (512 → 1024 → 1024 → 256 trunk, batch 256) at ``K = 8``;
+``K`` linear heads of 10 classes.
 
 Usage::
 
@@ -17,13 +24,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks._common import (
+    Timing,
+    add_common_args,
+    environment,
+    interleave,
+    ratio_spread,
+    setup,
+)
 from gradfn import functional_loss, value_and_per_task_grads
 from gradfn.autodiff import choose_strategy
 
@@ -35,6 +48,22 @@ class MLPHeads(nn.Module):
             nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
         self.heads = nn.ModuleList([nn.Linear(hidden, classes) for _ in range(k)])
+
+
+class LargeMLPHeads(nn.Module):
+    """512 → 1024 → 1024 → 256 trunk (1.8 M parameters), ``K`` heads of 10 classes."""
+
+    def __init__(self, k: int, classes: int = 10) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(512, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 1024),
+            nn.ReLU(),
+            nn.Linear(1024, 256),
+            nn.ReLU(),
+        )
+        self.heads = nn.ModuleList([nn.Linear(256, classes) for _ in range(k)])
 
 
 class CNNHeads(nn.Module):
@@ -62,89 +91,79 @@ def one_loss(model: nn.Module, batch, i: int) -> torch.Tensor:
     return nn.functional.cross_entropy(model.heads[i](model.trunk(x)), y[:, i])
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def bench_model(name: str, model: nn.Module, batch, k: int, rounds: int, reps: int) -> dict:
+def runners(model: nn.Module, batch, k: int) -> dict[str, Callable[[], object]]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     params, f = functional_loss(model, all_losses)
 
-    def summed():
+    def summed() -> None:
         torch.autograd.grad(sum(all_losses(model, batch)), trainable)
 
-    def forward():
-        with torch.enable_grad():
-            one_loss(model, batch, 0)
-
-    def naive():
+    def naive() -> None:
         for i in range(k):
             torch.autograd.grad(one_loss(model, batch, i), trainable, allow_unused=True)
 
-    def strategy(s):
+    def shared() -> None:
+        losses = all_losses(model, batch)
+        for i in range(k):
+            torch.autograd.grad(losses[i], trainable, allow_unused=True, retain_graph=i < k - 1)
+
+    def strategy(s: str) -> Callable[[], object]:
         return lambda: value_and_per_task_grads(f, params, batch, strategy=s)
 
-    fns = {
-        "forward": forward,
+    return {
         "summed": summed,
         "naive": naive,
+        "shared": shared,
         "vmap": strategy("vmap"),
         "loop": strategy("loop"),
         "auto": strategy("auto"),
     }
-    for fn in fns.values():  # warm-up
-        fn()
-    samples: dict[str, list[float]] = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            samples[key].append(min(timed(fn) for _ in range(reps)))
-    ms = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
-    return {"model": name, "K": k, "auto_picks": choose_strategy(params), **ms}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="K in {2, 8}, few rounds")
+    add_common_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    device = setup(args)
     torch.manual_seed(0)
-    dev = torch.device(args.device)
     ks = [2, 8] if args.quick else [2, 4, 8, 16]
-    rounds, reps = (3, 2) if args.quick else (15, 3)
-    batch_size = 64
-    rows = []
-    for k in ks:
-        y = torch.randint(0, 10, (batch_size, k), device=dev)
-        mlp = MLPHeads(k).to(dev)
-        rows.append(
-            bench_model("MLP", mlp, (torch.randn(batch_size, 256, device=dev), y), k, rounds, reps)
-        )
-        cnn = CNNHeads(k).to(dev)
-        x = torch.randn(batch_size, 1, 16, 16, device=dev)
-        rows.append(bench_model("CNN", cnn, (x, y), k, rounds, reps))
-    print(f"device={args.device} threads={args.threads} batch={batch_size}\n")
+    rounds = 3 if args.quick else 11
+    configs: list[tuple[str, int]] = [(m, k) for k in ks for m in ("MLP", "CNN")]
+    configs.append(("MLP-L", 8))
+    print(f"{environment(device)}, {rounds} interleaved rounds\n")
     print(
-        "| model | K | summed ms | naive ms | vmap ms | loop ms | auto ms (picks) "
-        "| auto / summed | naive / auto | bound | auto / best |"
+        "| model | K | naive ms | auto ms (picks) | naive / auto | bound: naive / shared "
+        "| auto / bound | vmap / auto | loop / auto | auto / summed |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        best = min(r["vmap"], r["loop"])
-        # Any exact method needs K backward passes: with F one forward, naive = K·(F + B_k)
-        # and the best shared-forward time is F + K·B_k = naive − (K − 1)·F.
-        bound = r["naive"] / max(r["naive"] - (r["K"] - 1) * r["forward"], 1e-9)
+    print("|---" * 10 + "|")
+    for name, k in configs:
+        bs = 256 if name == "MLP-L" else 64
+        y = torch.randint(0, 10, (bs, k), device=device)
+        if name == "MLP":
+            model: nn.Module = MLPHeads(k)
+            x = torch.randn(bs, 256, device=device)
+        elif name == "MLP-L":
+            model = LargeMLPHeads(k)
+            x = torch.randn(bs, 512, device=device)
+        else:
+            model = CNNHeads(k)
+            x = torch.randn(bs, 1, 16, 16, device=device)
+        model.to(device)
+        run = runners(model, (x, y), k)
+        t: dict[str, Timing] = interleave(run, device, rounds=rounds, warmup=2)
+        picks = choose_strategy(functional_loss(model, all_losses)[0])
         print(
-            f"| {r['model']} | {r['K']} | {r['summed']:.2f} | {r['naive']:.2f} | {r['vmap']:.2f} "
-            f"| {r['loop']:.2f} | {r['auto']:.2f} ({r['auto_picks']}) | {r['auto'] / r['summed']:.2f}x "
-            f"| {r['naive'] / r['auto']:.2f}x | {bound:.2f}x | {r['auto'] / best:.2f} |"
+            f"| {name} | {k} | {t['naive'].ms()} | {t['auto'].ms()} ({picks}) "
+            f"| {ratio_spread(t['naive'], t['auto'])} | {ratio_spread(t['naive'], t['shared'])} "
+            f"| {ratio_spread(t['shared'], t['auto'])} | {ratio_spread(t['vmap'], t['auto'])} "
+            f"| {ratio_spread(t['loop'], t['auto'])} | {ratio_spread(t['auto'], t['summed'])} |",
+            flush=True,
         )
     print(
-        "\nbound: the largest naive / shared-forward ratio any exact method can reach, "
-        "naive / (naive − (K − 1)·forward), from the measured forward time."
+        "\nnaive / auto: speed-up over K separate passes. bound: naive / shared, the most any "
+        "exact method sharing the forward can reach. auto / bound = shared / auto: the fraction "
+        "of the bound reached (1.00 = at the bound). vmap / auto, loop / auto > 1: auto faster."
     )
 
 
