@@ -184,6 +184,11 @@ class _Rows:
             ]
         return dict(zip(self.names, self.stacked, strict=True))
 
+    def split(self, vec: Tensor) -> dict[str, Tensor]:
+        """A flat ``(n,)`` vector as name → tensor of each parameter's shape (views)."""
+        parts = vec.split(self.sizes)
+        return {n: p.view(t.shape) for n, p, t in zip(self.names, parts, self.tensors, strict=True)}
+
     def gram(self) -> Tensor:
         """``G = J Jᵀ`` in float32 (float64 for float64 gradients), as the aggregators take it."""
         if self.flat is not None:
@@ -379,7 +384,13 @@ def backward(
         raise ValueError(f"backward: non-finite per-task gradient for {bad}")
     if state is None:
         state = a.init(len(loss), device=values.device)
-    state, out = a.update(state, grads, gram=gram)
+    if a.weighting is not None and rows.flat is not None:
+        # a weighting of the Gramian: w from G alone, then d = wᵀ J as one product over the
+        # (K, n) buffer (the aggregator's update would do the same leaf by leaf)
+        state, w = a.weighting(state, gram)
+        out = Aggregated(rows.split(w.to(rows.flat.dtype) @ rows.flat), w)
+    else:
+        state, out = a.update(state, grads, gram=gram)
     with torch.no_grad():
         for n, reached in zip(shared_names, rows.reached, strict=True):
             if reached:

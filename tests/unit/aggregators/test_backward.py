@@ -165,3 +165,33 @@ def test_errors_name_the_argument(kwargs, err, match):
     with pytest.raises(err, match=match):
         A.backward(ls, params, "upgrad", **call)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", sorted(A.METHODS))
+@pytest.mark.parametrize("shared", [False, True])
+def test_every_method_matches_its_update_on_a_naive_loop(method, shared):
+    """Each task's gradient from its own forward and backward, stacked, through the aggregator's
+    ``update`` (its per-leaf path): what ``backward`` writes, for every method."""
+    model, x = setup(3, partial=2)
+    names = [n for n, _ in model.named_parameters()]
+    trunk = [n for n in names if n.startswith("trunk")]
+    agg = A.aggregator(method)
+    rows = []
+    for k in range(3):
+        loss = losses_of(model, x)[k]
+        rows.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    stacked = {
+        n: torch.stack([torch.zeros_like(p) if r[i] is None else r[i] for r in rows])
+        for i, (n, p) in enumerate(model.named_parameters())
+    }
+    picked = {n: stacked[n] for n in (trunk if shared else names)}
+    _, ref = agg.update(agg.init(3), picked)
+    state, out = A.backward(losses_of(model, x), model, agg, shared=model.trunk if shared else None)
+    torch.testing.assert_close(out.weights, ref.weights, rtol=1e-9, atol=1e-12)
+    for n, p in model.named_parameters():
+        want = ref.grad[n] if n in picked else stacked[n].sum(0)
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12, msg=n)
+    torch.testing.assert_close(
+        torch.as_tensor(out.grad[trunk[0]]), torch.as_tensor(ref.grad[trunk[0]])
+    )
+    assert type(state) is type(agg.init(3))
