@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradfn import tree
 from gradfn._internal.checks import check_choice
 from gradfn.aggregators._base import Aggregated, Aggregator
 from gradfn.aggregators._registry import aggregator as _build
@@ -195,8 +196,6 @@ class _Rows:
             wide = self.flat.dtype == torch.float64
             rows = self.flat.to(torch.float64 if wide else torch.float32)
             return rows @ rows.T
-        from gradfn import tree
-
         return tree.gramian(self.tree(), dtype=None)
 
 
@@ -363,7 +362,6 @@ def backward(
             head_sum = _direct(loss, rows, heads, strategy)
         else:
             head_sum = _through_features(loss, feats, rows, heads, strategy)
-    grads = rows.tree()
     gram = rows.gram()
     # a non-finite row makes its diagonal Gramian entry non-finite: no pass over J is needed
     present = [g for g in head_sum if g is not None]
@@ -373,7 +371,7 @@ def backward(
             finite & torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).all()
         )
     if not bool(finite):
-        bad = [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+        bad = [n for n, g in rows.tree().items() if not bool(torch.isfinite(g).all())]
         bad += [
             n
             for n, g in zip(head_names, head_sum, strict=True)
@@ -390,7 +388,7 @@ def backward(
         state, w = a.weighting(state, gram)
         out = Aggregated(rows.split(w.to(rows.flat.dtype) @ rows.flat), w)
     else:
-        state, out = a.update(state, grads, gram=gram)
+        state, out = a.update(state, rows.tree(), gram=gram)
     with torch.no_grad():
         for n, reached in zip(shared_names, rows.reached, strict=True):
             if reached:
