@@ -145,6 +145,9 @@ def _usage_of(losses: list[Tensor], leaves: list[Tensor]) -> Tensor:
 # shared forward: loop / vmap / torch.func
 
 
+_ZEROED_NUMEL = 1 << 16  # outputs up to this many elements are allocated as zeros
+
+
 def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
     with torch.enable_grad():
         leaves, spec, losses, aux = _forward(call)
@@ -152,9 +155,15 @@ def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
         last = max((pos for pos, i in enumerate(chosen) if losses[i].requires_grad), default=-1)
         # each leaf's (R, *shape) output is allocated once and row r is copied in as soon as task
         # r's backward returns, so the per-task gradients are freed (and their memory reused) at
-        # once instead of all K living until a torch.stack copies them a second time
-        out = [torch.empty((len(chosen), *x.shape), dtype=x.dtype, device=x.device) for x in leaves]
-        views = [o.unbind(0) for o in out]  # views[j][pos]: row pos of leaf j
+        # once instead of all K living until a torch.stack copies them a second time. Small
+        # outputs start as zeros; large ones are left uninitialised and only the rows of tasks
+        # that do not reach the leaf are zeroed afterwards.
+        r = len(chosen)
+        zeroed = [x.numel() * r <= _ZEROED_NUMEL for x in leaves]
+        out = [
+            (torch.zeros if z else torch.empty)((r, *x.shape), dtype=x.dtype, device=x.device)
+            for x, z in zip(leaves, zeroed, strict=True)
+        ]
         used: list[list[bool]] = []
         for pos, i in enumerate(chosen):
             # each task's own loss (not an element of their stack): its backward visits only the
@@ -164,21 +173,22 @@ def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
                 row = torch.autograd.grad(
                     losses[i], leaves, retain_graph=pos < last, allow_unused=True
                 )
-            hit = [g is not None for g in row]
-            present = [j for j, h in enumerate(hit) if h]
+            present = [j for j, g in enumerate(row) if g is not None]
             if present:
                 torch._foreach_copy_(
-                    [views[j][pos] for j in present],
+                    [out[j][pos] for j in present],
                     [row[j] for j in present],  # type: ignore[misc]
                 )
-            used.append(hit)
+            used.append([g is not None for g in row])
             del row
         for j, o in enumerate(out):  # rows of tasks that do not reach leaf j are zeros
+            if zeroed[j]:
+                continue
             missing = [pos for pos, hit in enumerate(used) if not hit[j]]
-            if len(missing) == len(used):
+            if len(missing) == r:
                 o.zero_()
             elif len(missing) == 1:
-                views[j][missing[0]].zero_()
+                o[missing[0]].zero_()
             elif missing:
                 o.index_fill_(0, torch.tensor(missing, device=o.device), 0)
         stacked_losses = stack_losses(losses)
