@@ -139,12 +139,13 @@ def runners(model: nn.Module, batch, k: int) -> dict[str, Callable[[], object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K in {2, 8}, few rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (11)")
     add_common_args(parser)
     args = parser.parse_args()
     device = setup(args)
     torch.manual_seed(0)
     ks = [2, 8] if args.quick else [2, 4, 8, 16]
-    rounds = 3 if args.quick else 11
+    rounds = args.rounds or (3 if args.quick else 11)
     configs: list[tuple[str, int]] = [(m, k) for k in ks for m in ("MLP", "CNN")]
     configs.append(("MLP-L", 8))
     print(f"{environment(device)}, {rounds} interleaved rounds\n")

@@ -15,10 +15,11 @@ Strategies (all give the same numbers):
   (``torch.autograd.grad(..., is_grads_batched=True)``), which also lets the forward update
   BatchNorm running statistics in place (``torch.func`` transforms forbid that mutation).
 * ``"loop"``: one forward with autograd, then one ``torch.autograd.grad`` per task on the retained
-  graph (per-task batches: one forward and backward per task).
+  graph (freed by the last), each task's row copied into the preallocated ``(R, *shape)`` output
+  as soon as it is computed (per-task batches: one forward and backward per task).
 * ``"auto"``: ``"vmap"`` while compiling (a loop of ``autograd.grad`` calls cannot be traced) and on
   accelerators; ``"loop"`` on the CPU, where ``benchmarks/per_task_grads.py`` measured the batched
-  backward 0–60 % slower.
+  backward 0–80 % slower.
 
 Return the losses as a dict or a list rather than as their stack: a task's backward then starts at
 its own loss and visits only the part of the graph it uses.
