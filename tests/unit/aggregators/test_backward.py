@@ -195,3 +195,24 @@ def test_every_method_matches_its_update_on_a_naive_loop(method, shared):
         torch.as_tensor(out.grad[trunk[0]]), torch.as_tensor(ref.grad[trunk[0]])
     )
     assert type(state) is type(agg.init(3))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_mixed_dtypes_match_the_update_on_a_naive_loop(strategy):
+    """A float64 head beside float32 layers: no shared (K, n) buffer, the per-leaf path."""
+    model = TrunkHeads(4, 6, 3, out=2, double_last_head=True, seed=0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    rows = []
+    for k in range(3):
+        loss = model.head_outputs(x)[k].sin().sum()
+        rows.append(torch.autograd.grad(loss, params, allow_unused=True))
+    stacked = {
+        n: torch.stack([torch.zeros_like(p) if r[i] is None else r[i] for r in rows])
+        for i, (n, p) in enumerate(model.named_parameters())
+    }
+    _, ref = A.aggregator("upgrad").update(A.EmptyState(), stacked)
+    A.backward([y.sin().sum() for y in model.head_outputs(x)], model, "upgrad", strategy=strategy)
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, ref.grad[n].to(p.dtype), msg=n)
