@@ -166,6 +166,7 @@ def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
             for x, z in zip(leaves, zeroed, strict=True)
         ]
         used: list[list[bool]] = []
+        sparse: dict[int, dict[int, Tensor]] = {}  # sparse gradients (e.g. sparse embeddings)
         for pos, i in enumerate(chosen):
             # each task's own loss (not an element of their stack): its backward visits only the
             # part of the graph that the task uses
@@ -174,16 +175,24 @@ def _loop_grads(call: _Call, tasks: Tasks) -> _Out:
                 row = torch.autograd.grad(
                     losses[i], leaves, retain_graph=pos < last, allow_unused=True
                 )
-            present = [j for j, g in enumerate(row) if g is not None]
-            if present:
-                torch._foreach_copy_(
-                    [out[j][pos] for j in present],
-                    [row[j] for j in present],  # type: ignore[misc]
-                )
+            grads = [(j, g) for j, g in enumerate(row) if g is not None]
+            dense = [(j, g) for j, g in grads if g.layout == torch.strided]
+            if len(dense) != len(grads):  # sparse gradients (e.g. a sparse embedding)
+                for j, g in grads:
+                    if g.layout != torch.strided:
+                        sparse.setdefault(j, {})[pos] = g
+            if dense:
+                torch._foreach_copy_([out[j][pos] for j, _ in dense], [g for _, g in dense])
             used.append([g is not None for g in row])
-            del row
+            del row, grads, dense
+        for j, rows in sparse.items():  # stacked as they are when every task has one
+            if len(rows) == r:
+                out[j] = torch.stack([rows[pos] for pos in range(r)])
+            else:
+                for pos, g in rows.items():
+                    out[j][pos].copy_(g.to_dense())
         for j, o in enumerate(out):  # rows of tasks that do not reach leaf j are zeros
-            if zeroed[j]:
+            if zeroed[j] or (j in sparse and len(sparse[j]) == r):
                 continue
             missing = [pos for pos, hit in enumerate(used) if not hit[j]]
             if len(missing) == r:

@@ -321,3 +321,24 @@ def test_accumulate_rejects_mismatched_buffers():
         accumulate_per_task_grads(
             lambda p, b: [p["w"].sum(), p["w"].prod()], params, None, {"w": torch.zeros(3, 2)}
         )
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_loop_keeps_sparse_gradients(both):
+    """A sparse embedding: stacked sparse when every task reaches it (as ``torch.stack`` of the
+    rows), dense with a zero row otherwise; the values are those of a dense embedding."""
+    w = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([1, 2, 2, 7])
+
+    def f(p, b, sparse=True):
+        e = torch.nn.functional.embedding(b, p["w"], sparse=sparse)
+        second = (e**2).sum() if both else p["v"].sum()
+        return [e[:, 0].sum(), second]
+
+    params = {"w": w, "v": torch.ones(2, dtype=torch.float64)}
+    _, got = value_and_per_task_grads(f, params, idx, strategy="loop")
+    _, ref = value_and_per_task_grads(
+        lambda p, b: f(p, b, sparse=False), params, idx, strategy="loop"
+    )
+    assert got["w"].is_sparse == both
+    torch.testing.assert_close(got["w"].to_dense(), ref["w"])
