@@ -144,6 +144,7 @@ class _Rows:
 
     def put(self, i: int, grads: Sequence[Tensor | None]) -> None:
         """Row ``i``: one task's gradients (``None``: the task does not reach that parameter)."""
+        grads = [_dense(g) for g in grads]
         for j, g in enumerate(grads):
             if g is not None:
                 self.reached[j] = True
@@ -162,6 +163,7 @@ class _Rows:
     def put_stacked(self, grads: Sequence[Tensor | None]) -> None:
         """All ``K`` rows at once: ``(K, *shape)`` per parameter (a batched backward)."""
         self.flat = None
+        grads = [_dense(g) for g in grads]
         self.stacked = [
             torch.zeros((self.k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
             for g, t in zip(grads, self.tensors, strict=True)
@@ -199,9 +201,15 @@ class _Rows:
         return tree.gramian(self.tree(), dtype=None)
 
 
+def _dense(g: Tensor | None) -> Tensor | None:
+    """A sparse gradient (e.g. of a sparse embedding) as a dense tensor."""
+    return g if g is None or g.layout == torch.strided else g.to_dense()
+
+
 def _add(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
     """Sum one task's gradients of the unshared parameters into ``acc``."""
     for j, g in enumerate(grads):
+        g = _dense(g)
         if g is not None:
             acc[j] = g if acc[j] is None else acc[j] + g  # type: ignore[operator]
 
@@ -319,7 +327,7 @@ def backward(
             ``features`` only.
         strategy: ``"auto"`` (:func:`gradfn.autodiff.choose_strategy`: one backward per task on
             the CPU, one batched backward on accelerators), ``"loop"`` or ``"vmap"`` (needs a
-            batching rule for every op of the backward).
+            batching rule for every op of the backward). Sparse gradients are made dense.
         parallel: deprecated alias: ``True`` is ``strategy="vmap"``, ``False`` ``"loop"``.
 
     Returns:
@@ -331,6 +339,8 @@ def backward(
         ValueError: a non-finite loss or gradient (nothing is written to ``.grad``), empty or
             mismatched input.
         TypeError: an argument of the wrong kind.
+        RuntimeError: the batched backward (``strategy="vmap"``) failed, e.g. on an op without a
+            batching rule such as a sparse embedding: pass ``strategy="loop"``.
     """
     check_choice("strategy", strategy, ("auto", "vmap", "loop"))
     if parallel is not None:
@@ -358,10 +368,18 @@ def backward(
     if strategy == "auto":
         strategy = choose_strategy(rows.tensors)
     with torch.enable_grad():
-        if feats is None:
-            head_sum = _direct(loss, rows, heads, strategy)
-        else:
-            head_sum = _through_features(loss, feats, rows, heads, strategy)
+        try:
+            if feats is None:
+                head_sum = _direct(loss, rows, heads, strategy)
+            else:
+                head_sum = _through_features(loss, feats, rows, heads, strategy)
+        except RuntimeError as err:
+            if strategy != "vmap":
+                raise
+            raise RuntimeError(
+                "backward: the batched backward (strategy='vmap', the default on accelerators) "
+                f"failed, e.g. an op without a batching rule; pass strategy='loop'. ({err})"
+            ) from err
     gram = rows.gram()
     # a non-finite row makes its diagonal Gramian entry non-finite: no pass over J is needed
     present = [g for g in head_sum if g is not None]

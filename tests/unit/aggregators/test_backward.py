@@ -216,3 +216,31 @@ def test_mixed_dtypes_match_the_update_on_a_naive_loop(strategy):
     for n, p in model.named_parameters():
         assert p.grad.dtype == p.dtype
         torch.testing.assert_close(p.grad, ref.grad[n].to(p.dtype), msg=n)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_embedding_gradients_match_dense(shared):
+    class Model(torch.nn.Module):
+        def __init__(self, sparse: bool) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.emb = torch.nn.Embedding(10, 4, sparse=sparse, dtype=F64)
+            torch.nn.init.normal_(self.emb.weight, generator=g)
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(4, 1, dtype=F64) for _ in range(2))
+
+    idx = torch.tensor([1, 2, 2, 7])
+    got = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = Model(sparse)
+        h = model.emb(idx)
+        losses = [head(h).tanh().sum() for head in model.heads]
+        kw = {"shared": model.emb} if shared else {}
+        A.backward(losses, model, "upgrad", strategy="loop", **kw)
+        got[sparse] = {n: p.grad.to_dense() for n, p in model.named_parameters()}
+        if sparse:
+            h = model.emb(idx)
+            losses = [head(h).tanh().sum() for head in model.heads]
+            with pytest.raises(RuntimeError, match="strategy='loop'"):
+                A.backward(losses, model, "upgrad", strategy="vmap", **kw)
+    assert_same(got[True], got[False])
