@@ -5,8 +5,9 @@ The per-task Jacobian ``J = ∂L/∂θ`` (``K × n``) comes from the engine's fa
 at that task's own loss (so it visits only the part of the graph the task uses) and the graph
 freed by the last one; on accelerators one batched backward (vmap over autograd). The rows are
 written straight into one preallocated ``(K, n)`` buffer whose per-parameter views are what the
-aggregator sees, and its Gramian ``G = J Jᵀ`` is one matmul. The update is ``d = Σ_k w_k g_k``
-(eq. 1 of Jacobian descent: ``d = A(J)``).
+aggregator sees, and its Gramian ``G = J Jᵀ`` is one matmul. The update is the aggregation
+``d = A(J)`` of Jacobian descent (Quinton & Rey 2024), ``d = Σ_k w_k g_k = wᵀ J`` for a weighting
+``w = W(G)``.
 
 Trunk-only mode (TorchJD's ``mtl_backward``): with ``shared=`` (or ``features=``) only the shared
 parameters' Jacobian is aggregated, and every other parameter (a task's head) gets the gradient
