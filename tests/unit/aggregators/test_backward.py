@@ -244,3 +244,24 @@ def test_sparse_embedding_gradients_match_dense(shared):
             with pytest.raises(RuntimeError, match="strategy='loop'"):
                 A.backward(losses, model, "upgrad", strategy="vmap", **kw)
     assert_same(got[True], got[False])
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_two_feature_tensors_match_torchjd(strategy):
+    """``features=[h1, h2]``: each head reads both (TorchJD's ``features`` as a sequence)."""
+    model, x = setup(3)
+    trunk = [p for n, p in model.named_parameters() if n.startswith("trunk")]
+
+    def losses(h1, h2):
+        return [((i + 1) * model._head(h1 + h2.tanh(), i)).sin().sum() for i in range(3)]
+
+    h = model.features(x)
+    h1, h2 = h * 2, h**2
+    mtl_backward(losses(h1, h2), features=[h1, h2])
+    jac_to_grad(trunk, tjd.UPGrad())
+    ref = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    h = model.features(x)
+    h1, h2 = h * 2, h**2
+    A.backward(losses(h1, h2), model, "upgrad", features=[h1, h2], strategy=strategy)
+    assert_same(grads_of(model), ref)
