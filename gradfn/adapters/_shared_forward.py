@@ -87,12 +87,12 @@ def shared_forward(module: nn.Module) -> Iterator[None]:
         for m in _modules(module):
             own = m.__dict__.get("forward", _MISSING)
             patched.append((m, own))
-            m.forward = _memoised(m.forward, cache)  # type: ignore[method-assign]
+            m.forward = _memoised(m.forward, cache)
         yield
     finally:
         for m, own in reversed(patched):
             if own is _MISSING:
                 del m.forward
             else:
-                m.forward = own  # type: ignore[method-assign]
+                m.forward = own
         cache.clear()

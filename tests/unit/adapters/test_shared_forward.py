@@ -37,9 +37,7 @@ def one_batch_per_step(n, seed=1, shared=True):
     for _ in range(n):
         x = torch.randn(6, 4, generator=g, dtype=torch.float64)
         batch = (x, x.sum(dim=1))
-        out.append(
-            {f"t{i}": batch if shared else (x.clone(), batch[1].clone()) for i in range(K)}
-        )
+        out.append({f"t{i}": batch if shared else (x.clone(), batch[1].clone()) for i in range(K)})
     return out
 
 
