@@ -83,7 +83,7 @@ def mgda_weights(
         w = _frank_wolfe(g, a, epsilon, max_iters)
     else:
         q = normalize_trace(g, 0.0) + reg_eps * eye_like(g)
-        w = simplex_qp(q, torch.zeros_like(a), a, iters)
+        w = simplex_qp(q, None, a, iters)
     out_mask = a if active is None else active.to(device=g.device, dtype=g.dtype)
     return finish(w, gram, out_mask)
 
