@@ -55,10 +55,10 @@ def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
         ninf = infeasible.sum(-1)
         improved = ninf < ninf_best
         block = improved | (budget > 0)
-        budget = torch.where(improved, block_fails, torch.where(block, budget - 1, budget))
+        budget = torch.where(improved, block_fails, (budget - 1).clamp_min(0))
         ninf_best = torch.minimum(ninf_best, ninf)
-        last = torch.argmax(infeasible * idx, dim=-1)
-        single = torch.nn.functional.one_hot(last, k).to(torch.bool) & infeasible
+        ranked = infeasible * idx
+        single = (ranked == ranked.amax(-1, keepdim=True)) & infeasible  # the largest one
         free = free ^ torch.where(block[:, None], infeasible, single)
         # free rows: (Mx)_i = -q_i; tight rows: x_i = 0
         system = torch.where(free[..., None], m, eye)
