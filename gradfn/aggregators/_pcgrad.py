@@ -54,22 +54,27 @@ def pcgrad_weights(
     if reduction not in ("sum", "mean"):
         raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
     g, a = restrict(gram, active)
-    if order is None:
+    if order is None and k <= 2:  # one other task to visit: every order gives the same result
+        order = torch.arange(k, device=g.device).expand(k, k)
+    elif order is None:
         order = permutations(seed, k, k, device=g.device)
     elif order.shape != (k, k):
         raise ValueError(f"pcgrad_weights: `order` must be ({k}, {k}), got {tuple(order.shape)}")
     order = order.to(device=g.device, dtype=torch.int64)
     rows = torch.arange(k, device=g.device)
-    diag = torch.diagonal(g)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
     on = a > 0
+    # everything that depends on the visiting order only, for all K steps at once
+    valid = (order != rows[:, None]) & on[:, None] & on[order]  # (K, K): row i, step t
+    diag = torch.diagonal(g)
+    gjj = diag[order]
+    gjj = torch.where(gjj > 0, gjj, 1.0)
+    g_ord = g[order]  # (K, K, K): [i, t] = row j = order[i, t] of G
+    e_ord = c[order]  # (K, K, K): [i, t] = e_j
     for t in range(k):
-        j = order[:, t]
-        valid = (j != rows) & on & on[j]
-        ip = (g[j] * c).sum(1)  # ⟨g_i^PC, g_j⟩
-        gjj = diag[j]
-        step = torch.where(valid & (ip < 0), -ip / torch.where(gjj > 0, gjj, 1.0), 0.0)
-        c = c + step[:, None] * torch.nn.functional.one_hot(j, k).to(g.dtype)
+        ip = (g_ord[:, t] * c).sum(1)  # ⟨g_i^PC, g_j⟩
+        step = torch.where(valid[:, t] & (ip < 0), -ip / gjj[:, t], 0.0)
+        c = c + step[:, None] * e_ord[:, t]
     w = (c * a[:, None]).sum(0)
     if reduction == "mean":
         w = w / a.sum().clamp_min(1.0)
