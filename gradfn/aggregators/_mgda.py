@@ -78,14 +78,16 @@ def mgda_weights(
     if epsilon <= 0 or max_iters <= 0 or iters <= 0:
         raise ValueError("mgda_weights: `epsilon`, `max_iters` and `iters` must be positive")
     g, a = restrict(gram, active)
-    a = torch.where(a.sum() > 0, a, torch.ones_like(a))  # an empty mask selects nothing below
+    if active is not None:  # an empty mask selects nothing below
+        a = torch.where(a.sum() > 0, a, torch.ones_like(a))
     if solver == "frank_wolfe":
         w = _frank_wolfe(g, a, epsilon, max_iters)
     else:
         q = normalize_trace(g, 0.0) + reg_eps * eye_like(g)
-        w = simplex_qp(q, None, a, iters)
-    out_mask = a if active is None else active.to(device=g.device, dtype=g.dtype)
-    return finish(w, gram, out_mask)
+        w = simplex_qp(q, None, None if active is None else a, iters)
+    if active is None:
+        return finish(w, gram)
+    return finish(w, gram, active.to(device=g.device, dtype=g.dtype))
 
 
 mgda = from_weighting(mgda_weights, "mgda")

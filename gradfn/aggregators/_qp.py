@@ -42,24 +42,26 @@ def lcp(m: Tensor, q: Tensor, iters: int = 30, block_fails: int = 3) -> Tensor:
     idx = torch.arange(1, k + 1, device=m.device)
     nq = -q
     mt = m.mT
-    free = torch.zeros_like(q, dtype=torch.bool)
     xs = [x]  # eager: the iterates, to pick the best one only if the loop runs out
     if not early_exit:
         best = x
         best_res = torch.minimum(x, q).square().sum(-1)
-    ninf_best = torch.full(q.shape[:1], k + 1, dtype=torch.int64, device=m.device)
+    # the first pivot always improves on "K + 1 infeasible": every infeasible index turns free
+    free = infeasible
+    ninf_best = infeasible.sum(-1)
     budget = torch.full(q.shape[:1], block_fails, dtype=torch.int64, device=m.device)
-    for _ in range(iters - 1):  # iterate 0 above counts as one
-        # pivot: flip every infeasible index while that keeps reducing their number, else
-        # Murty's single largest infeasible index
-        ninf = infeasible.sum(-1)
-        improved = ninf < ninf_best
-        block = improved | (budget > 0)
-        budget = torch.where(improved, block_fails, (budget - 1).clamp_min(0))
-        ninf_best = torch.minimum(ninf_best, ninf)
-        ranked = infeasible * idx
-        single = (ranked == ranked.amax(-1, keepdim=True)) & infeasible  # the largest one
-        free = free ^ torch.where(block[:, None], infeasible, single)
+    for it in range(iters - 1):  # iterate 0 above counts as one
+        if it > 0:
+            # pivot: flip every infeasible index while that keeps reducing their number, else
+            # Murty's single largest infeasible index
+            ninf = infeasible.sum(-1)
+            improved = ninf < ninf_best
+            block = improved | (budget > 0)
+            budget = torch.where(improved, block_fails, (budget - 1).clamp_min(0))
+            ninf_best = torch.minimum(ninf_best, ninf)
+            ranked = infeasible * idx
+            single = (ranked == ranked.amax(-1, keepdim=True)) & infeasible  # the largest one
+            free = free ^ torch.where(block[:, None], infeasible, single)
         # free rows: (Mx)_i = -q_i; tight rows: x_i = 0
         system = torch.where(free[..., None], m, eye)
         x = torch.linalg.solve_ex(system, (nq * free)[..., None])[0][..., 0]
@@ -95,17 +97,29 @@ def dual_cone_project(u: Tensor, gram: Tensor, iters: int = 30) -> Tensor:
     return u + lcp(gram, u @ gram, iters)
 
 
-def simplex_qp(q_mat: Tensor, q_vec: Tensor | None, mask: Tensor, iters: int = 30) -> Tensor:
+def simplex_qp(q_mat: Tensor, q_vec: Tensor | None, mask: Tensor | None, iters: int = 30) -> Tensor:
     """Solve ``min_w ½ wᵀ Q w + qᵀ w`` over the simplex of the tasks where ``mask`` is 1.
 
-    ``Q`` (``K×K``) positive definite on the masked tasks, ``q`` (``K,``; None: 0), ``mask`` (``K,``, 0/1
-    floats with at least one 1). On the simplex ``qᵀw = wᵀ(q1ᵀ + 1qᵀ)w/2`` and ``wᵀ11ᵀw = 1``,
-    so the objective equals ``½ wᵀ Q' w − c/2`` with ``Q' = Q + q1ᵀ + 1qᵀ + c 11ᵀ``, positive
-    definite for ``c > qᵀQ⁻¹q``. The minimum-``Q'``-norm point of the simplex is ``x/1ᵀx`` with
-    ``x`` the solution of ``LCP(Q', −1)`` (its KKT conditions divided by ``1ᵀx``). Returns ``w``
-    (``K,``) on the simplex, 0 outside the mask.
+    ``Q`` (``K×K``) positive definite on the masked tasks, ``q`` (``K,``; None: 0), ``mask``
+    (``K,``, 0/1 floats with at least one 1; None: every task). On the simplex
+    ``qᵀw = wᵀ(q1ᵀ + 1qᵀ)w/2`` and ``wᵀ11ᵀw = 1``, so the objective equals ``½ wᵀ Q' w − c/2``
+    with ``Q' = Q + q1ᵀ + 1qᵀ + c 11ᵀ``, positive definite for ``c > qᵀQ⁻¹q``. The
+    minimum-``Q'``-norm point of the simplex is ``x/1ᵀx`` with ``x`` the solution of
+    ``LCP(Q', −1)`` (its KKT conditions divided by ``1ᵀx``). Returns ``w`` (``K,``) on the
+    simplex, 0 outside the mask.
     """
     k = q_mat.shape[0]
+    if mask is None and q_vec is None:  # every task, q = 0: Q' = Q + (κ + 1)·11ᵀ, κ = tr(Q)/K
+        qp = q_mat + (torch.diagonal(q_mat).sum() / k + 1.0)
+        x = lcp(
+            0.5 * (qp + qp.mT),
+            torch.full((k,), -1.0, dtype=q_mat.dtype, device=q_mat.device),
+            iters,
+        )
+        x = x.clamp_min(0.0)
+        return x / x.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    if mask is None:
+        mask = torch.ones(k, dtype=q_mat.dtype, device=q_mat.device)
     eye = torch.eye(k, dtype=q_mat.dtype, device=q_mat.device)
     both = mask[:, None] * mask
     # wᵀ11ᵀw = 1 on the simplex: adding κ11ᵀ keeps the minimiser and makes Q definite along
