@@ -186,16 +186,33 @@ def restrict(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
     Non-finite entries are replaced by zeros here (so no solver sees them) and :func:`finish`
     turns the weights into NaN.
     """
+    g, a = restrict_or_all(gram, active)
+    if a is None:
+        return g, torch.ones(g.shape[0], dtype=_WORK, device=g.device)
+    return g, a
+
+
+def restrict_or_all(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`restrict`, with ``a = None`` (every task active) when ``active`` is None."""
     g = gram.to(_WORK)
     g = ((g + g.mT) * 0.5).nan_to_num(0.0, 0.0, 0.0)  # `finish` NaNs the weights
     if active is None:
-        return g, torch.ones(g.shape[0], dtype=_WORK, device=g.device)
+        return g, None
     a = active.to(device=g.device, dtype=_WORK)
     return g * (a[:, None] * a), a
 
 
-def pref_or_mean(pref: Tensor | None, a: Tensor) -> Tensor:
-    """Preference over the active tasks: ``pref * a`` or the uniform ``a / |a|``."""
+def pref_or_mean(pref: Tensor | None, a: Tensor | None, like: Tensor | None = None) -> Tensor:
+    """Preference over the active tasks: ``pref * a`` or the uniform ``a / |a|``; with ``a =
+    None`` (every task) ``pref`` or ``1/K``, ``K`` and the device those of ``like`` (``K×K``)."""
+    if a is None:
+        if like is None:
+            raise ValueError("pref_or_mean: `like` is needed when `a` is None")
+        if pref is None:
+            return torch.full(
+                (like.shape[0],), 1.0 / like.shape[0], dtype=_WORK, device=like.device
+            )
+        return pref.to(device=like.device, dtype=_WORK)
     if pref is None:
         return a / a.sum().clamp_min(1.0)
     return pref.to(device=a.device, dtype=_WORK) * a

@@ -20,7 +20,7 @@ from gradfn.aggregators._base import (
     check_gram,
     finish,
     from_weighting,
-    restrict,
+    restrict_or_all,
 )
 
 __all__ = ["pcgrad", "pcgrad_weights"]
@@ -53,7 +53,7 @@ def pcgrad_weights(
     check_active(active, k, "pcgrad_weights")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
-    g, a = restrict(gram, active)
+    g, a = restrict_or_all(gram, active)
     if order is None and k <= 2:  # one other task to visit: every order gives the same result
         order = torch.arange(k, device=g.device).expand(k, k)
     elif order is None:
@@ -63,9 +63,11 @@ def pcgrad_weights(
     order = order.to(device=g.device, dtype=torch.int64)
     rows = torch.arange(k, device=g.device)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
-    on = a > 0
     # everything that depends on the visiting order only, for all K steps at once
-    valid = (order != rows[:, None]) & on[:, None] & on[order]  # (K, K): row i, step t
+    valid = order != rows[:, None]  # (K, K): row i, step t
+    if a is not None:
+        on = a > 0
+        valid = valid & on[:, None] & on[order]
     diag = torch.diagonal(g)
     gjj = diag[order]
     gjj = torch.where(gjj > 0, gjj, 1.0)
@@ -75,6 +77,9 @@ def pcgrad_weights(
         ip = (g_ord[:, t] * c).sum(1)  # ⟨g_i^PC, g_j⟩
         step = torch.where(valid[:, t] & (ip < 0), -ip / gjj[:, t], 0.0)
         c = c + step[:, None] * e_ord[:, t]
+    if a is None:
+        w = c.sum(0)
+        return finish(w / k if reduction == "mean" else w, gram)
     w = (c * a[:, None]).sum(0)
     if reduction == "mean":
         w = w / a.sum().clamp_min(1.0)
