@@ -54,12 +54,17 @@ def pcgrad_weights(
     if reduction not in ("sum", "mean"):
         raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
     g, a = restrict_or_all(gram, active)
+    if order is not None and order.shape != (k, k):
+        raise ValueError(f"pcgrad_weights: `order` must be ({k}, {k}), got {tuple(order.shape)}")
+    if k == 2 and a is None:  # one step per row, any order: w_i = 1 − ⟨g_1, g_2⟩ / ‖g_i‖²
+        d = torch.diagonal(g)
+        g12 = g[0, 1]
+        w = torch.where((g12 < 0) & (d > 0), 1.0 - g12 / d, 1.0)
+        return finish(w * 0.5 if reduction == "mean" else w, gram)
     if order is None and k <= 2:  # one other task to visit: every order gives the same result
         order = torch.arange(k, device=g.device).expand(k, k)
     elif order is None:
         order = permutations(seed, k, k, device=g.device)
-    elif order.shape != (k, k):
-        raise ValueError(f"pcgrad_weights: `order` must be ({k}, {k}), got {tuple(order.shape)}")
     order = order.to(device=g.device, dtype=torch.int64)
     rows = torch.arange(k, device=g.device)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
