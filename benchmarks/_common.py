@@ -45,6 +45,8 @@ def setup(args: argparse.Namespace) -> torch.device:
         raise SystemExit(f"--device: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch build sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     return device

@@ -5,23 +5,27 @@ conflicts) is aggregated by both libraries, eagerly, on the same device; the cal
 libraries are interleaved in rounds and the median per call is reported, with the ratio
 ``TorchJD time / gradfn time`` (> 1: gradfn is faster). Stateful methods (GradVac, Nash-MTL) carry
 their state across the timed calls in both libraries. TorchJD needs its optional solvers for
-UPGrad/DualProj (quadprog), CAGrad (cvxpy + Clarabel) and Nash-MTL (cvxpy + ECOS):
-``pip install "torchjd[quadprog_projector,cagrad,nash_mtl]"``. GCond has no TorchJD counterpart
-(its time is listed without a ratio).
+UPGrad/DualProj (quadprog), CAGrad (cvxpy) and Nash-MTL (cvxpy + ECOS), all installed by
+``pip install -e ".[bench]"``; a TorchJD method that cannot be built is listed with the reason.
+GCond and inverse-norm have no TorchJD counterpart (their time is listed without a ratio).
+
+Each cell is timed over interleaved rounds (order rotated every round); the table gives the
+median time per call of each library and the median ratio with its spread (min–max of the
+per-round ratios).
 
 Usage::
 
-    python -m benchmarks.aggregators                 # K ∈ {2, 8, 32}, n ∈ {1e4, 1e6}
+    python -m benchmarks.aggregators                 # K ∈ {2, 8, 32}, n ∈ {1e4, 1e5, 1e6}
     python -m benchmarks.aggregators --quick         # a smoke run
+    python -m benchmarks.aggregators --methods upgrad,mgda --ks 2 --ns 10000
     python -m benchmarks.aggregators --out benchmarks/results/aggregators.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -29,6 +33,9 @@ import torch
 import torchjd.aggregation as tjd
 
 import gradfn.aggregators as A
+from benchmarks._common import Timing, add_common_args, environment, interleave, setup
+
+NO_COUNTERPART = "no TorchJD counterpart"
 
 
 def _jacobian(k: int, n: int, device: torch.device) -> torch.Tensor:
@@ -54,7 +61,8 @@ def _gradfn_call(
     return call
 
 
-def _torchjd_call(method: str, k: int, j: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+def _torchjd_call(method: str, k: int, j: torch.Tensor) -> Callable[[], torch.Tensor] | str:
+    """TorchJD's aggregator on ``j``, or the reason there is none (shown in the table)."""
     make = {
         "mean": tjd.Mean,
         "sum": tjd.Sum,
@@ -71,85 +79,70 @@ def _torchjd_call(method: str, k: int, j: torch.Tensor) -> Callable[[], torch.Te
         "config": tjd.ConFIG,
     }.get(method)
     if make is None:
-        return None
+        return NO_COUNTERPART
     try:
         agg = make()
-    except ImportError as e:  # a missing optional solver
-        print(f"  TorchJD {method}: {e}")
-        return None
+        agg(j)  # a missing solver may only show at the first call
+    except ImportError as e:  # a missing optional solver: say which
+        return f"TorchJD unavailable: {str(e).splitlines()[0]}"
     return lambda: agg(j)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(
-    fns: list[Callable[[], torch.Tensor] | None], device: torch.device, rounds: int, budget_s: float
-) -> list[float | None]:
-    """Median seconds per call of each fn, interleaved over rounds."""
-    samples: list[list[float]] = [[] for _ in fns]
-    for fn in fns:  # warm-up
-        if fn is not None:
-            fn()
-    _sync(device)
-    start = time.perf_counter()
-    for r in range(rounds):
-        for i, fn in enumerate(fns):
-            if fn is None:
-                continue
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[i].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return [statistics.median(s) if s else None for s in samples]
-
-
-def _fmt(t: float | None) -> str:
-    if t is None:
-        return "—"
+def _fmt(t: float) -> str:
     return f"{t * 1e3:.2f} ms" if t >= 1e-4 else f"{t * 1e6:.0f} µs"
+
+
+def _ratios(ref: Timing, ours: Timing) -> list[float]:
+    return [a / b for a, b in zip(ref.samples, ours.samples, strict=False)]
+
+
+def _cell(rs: list[float]) -> str:
+    return f"{statistics.median(rs):.2f}× [{min(rs):.2f}–{max(rs):.2f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser)
     parser.add_argument("--quick", action="store_true", help="K ∈ {2, 8}, n = 1e4, few rounds")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(A.METHODS))
+    parser.add_argument("--ks", default=None, help="comma-separated K (default 2,8,32)")
+    parser.add_argument("--ns", default=None, help="comma-separated n (default 1e4,1e5,1e6)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail when a TorchJD method is unavailable (e.g. a missing solver)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
         help="add a column with gradfn compiled (torch.compile, fullgraph, inductor)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    device = setup(args)
     warnings.filterwarnings("ignore")
-    device = torch.device(args.device)
-    ks = (2, 8) if args.quick else (2, 8, 32)
     if args.compile:  # one compiled graph per (method, K, n)
         for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 1024)
-    ns = (10_000,) if args.quick else (10_000, 1_000_000)
-    rounds, budget = (3, 0.5) if args.quick else (15, 4.0)
+    ks = [int(x) for x in args.ks.split(",")] if args.ks else [2, 8] if args.quick else [2, 8, 32]
+    if args.ns:
+        ns = [int(float(x)) for x in args.ns.split(",")]
+    else:
+        ns = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
     methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(A.METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; expected some of {A.METHODS}")
 
+    cmd = "python -m benchmarks.aggregators" + "".join(f" {a}" for a in sys.argv[1:])
     lines = [
-        f"# Aggregators: gradfn vs TorchJD, time per call ({device.type}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()})",
+        f"# Aggregators: gradfn vs TorchJD, time per call ({environment(device)})",
         "",
-        "`python -m benchmarks.aggregators"
-        + (" --quick" if args.quick else "")
-        + (" --compile" if args.compile else "")
-        + "`; float32 Jacobian K × n, median of interleaved rounds; TorchJD runs eagerly. Ratio = "
-        "TorchJD / gradfn (> 1: gradfn faster)"
+        f"`{cmd}`; float32 Jacobian K × n, eager, both libraries interleaved in rounds. "
+        "Times: median per call. Ratio = TorchJD / gradfn (> 1: gradfn faster): median of the "
+        "per-round ratios [min–max]"
         + (
             "; the compiled column is gradfn's `update` under `torch.compile(fullgraph=True)` "
             "(first-call compilation excluded)."
@@ -157,50 +150,51 @@ def main() -> None:
             else "."
         ),
         "",
-        "| method | K | n | gradfn | TorchJD | ratio |"
+        "| method | K | n | gradfn | TorchJD | ratio [spread] |"
         + (" gradfn compiled | ratio (compiled) |" if args.compile else ""),
         "|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""),
     ]
     print("\n".join(lines), flush=True)
-    ratios: dict[str, list[float]] = {}
-    c_ratios: dict[str, list[float]] = {}
+    medians: dict[str, list[float]] = {}
+    missing: list[str] = []
     for n in ns:
         for k in ks:
             j = _jacobian(k, n, device)
             for method in methods:
-                fns = [_gradfn_call(method, k, j), _torchjd_call(method, k, j)]
+                ref = _torchjd_call(method, k, j)
+                if isinstance(ref, str) and ref != NO_COUNTERPART:
+                    missing.append(f"{method}: {ref}")
+                    if args.strict:
+                        raise SystemExit(f"{method}: {ref}")
+                runners: dict[str, Callable[[], object]] = {"gradfn": _gradfn_call(method, k, j)}
+                if not isinstance(ref, str):
+                    runners["torchjd"] = ref
                 if args.compile:
-                    fns.append(_gradfn_call(method, k, j, compiled=True))
-                times = _time(fns, device, rounds, budget)
-                t_ours, t_ref = times[0], times[1]
-                ratio = None if t_ref is None or t_ours is None else t_ref / t_ours
-                if ratio is not None:
-                    ratios.setdefault(method, []).append(ratio)
-                row = (
-                    f"| {method} | {k} | {n:.0e} | {_fmt(t_ours)} | {_fmt(t_ref)} | "
-                    f"{'—' if ratio is None else f'{ratio:.2f}×'} |"
-                )
+                    runners["compiled"] = _gradfn_call(method, k, j, compiled=True)
+                cost = 1e-3 * k * n / 1e6  # rough seconds per call: fewer rounds for big cells
+                rounds = args.rounds or (5 if args.quick else max(7, min(31, int(0.5 / cost))))
+                calls = max(1, min(20, int(2e-4 / cost)))  # tiny cells: several calls a sample
+                t = interleave(runners, device, rounds=rounds, calls=calls, warmup=2)
+                ours = t["gradfn"]
+                if "torchjd" in t:
+                    rs = _ratios(t["torchjd"], ours)
+                    medians.setdefault(method, []).append(statistics.median(rs))
+                    ref_s, ratio_s = _fmt(t["torchjd"].median), _cell(rs)
+                else:
+                    ref_s, ratio_s = "—", str(ref)
+                row = f"| {method} | {k} | {n:.0e} | {_fmt(ours.median)} | {ref_s} | {ratio_s} |"
                 if args.compile:
-                    t_c = times[2]
-                    r_c = None if t_ref is None or t_c is None else t_ref / t_c
-                    if r_c is not None:
-                        c_ratios.setdefault(method, []).append(r_c)
-                    row += f" {_fmt(t_c)} | {'—' if r_c is None else f'{r_c:.2f}×'} |"
+                    tc = t["compiled"]
+                    rc = _cell(_ratios(t["torchjd"], tc)) if "torchjd" in t else "—"
+                    row += f" {_fmt(tc.median)} | {rc} |"
                 lines.append(row)
                 print(row, flush=True)
-    lines += [
-        "",
-        "| method | min ratio | max ratio |"
-        + (" min (compiled) | max (compiled) |" if c_ratios else ""),
-        "|---|---|---|" + ("---|---|" if c_ratios else ""),
-    ]
-    for method, rs in ratios.items():
-        row = f"| {method} | {min(rs):.2f}× | {max(rs):.2f}× |"
-        if c_ratios:
-            cr = c_ratios.get(method, [])
-            row += f" {min(cr):.2f}× | {max(cr):.2f}× |" if cr else " — | — |"
-        lines.append(row)
-    print("\n".join(lines[-len(ratios) - 3 :]))
+    lines += ["", "| method | min median ratio | max median ratio |", "|---|---|---|"]
+    for method, rs in medians.items():
+        lines.append(f"| {method} | {min(rs):.2f}× | {max(rs):.2f}× |")
+    if missing:
+        lines += ["", "TorchJD methods not measured:", *sorted({f"- {m}" for m in missing})]
+    print("\n".join(lines[-len(medians) - 3 :]))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

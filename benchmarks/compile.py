@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,9 +30,11 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import optree
 import torch
 
+from benchmarks._common import add_common_args, environment, setup, sync
 from gradfn import conductor, songoku
 
 D = 32
+DEVICE = torch.device("cpu")  # set by --device
 
 
 def init_params(k: int, h: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -62,6 +63,10 @@ def make_batch(k: int, gen: torch.Generator, n: int = 64) -> tuple[torch.Tensor,
     return x, x @ w
 
 
+def to_device(tree):
+    return optree.tree_map(lambda x: x.to(DEVICE), tree)
+
+
 def median_times(
     eager: Callable[[], object], compiled: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
@@ -71,8 +76,10 @@ def median_times(
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for fn, out in ((eager, times[0]), (compiled, times[1])):
+            sync(DEVICE)
             start = time.perf_counter()
             fn()
+            sync(DEVICE)
             out.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
@@ -87,8 +94,8 @@ def check_close(a: object, b: object, what: str) -> None:
 
 def bench_songoku(k: int, h: int, mode: str, backend: str, repeats: int) -> tuple:
     gen = torch.Generator().manual_seed(0)
-    params = init_params(k, h, gen)
-    batches = [make_batch(k, gen) for _ in range(4)]
+    params = to_device(init_params(k, h, gen))
+    batches = [to_device(make_batch(k, gen)) for _ in range(4)]
     tx = songoku(
         make_loss(k),
         num_tasks=k,
@@ -103,6 +110,7 @@ def bench_songoku(k: int, h: int, mode: str, backend: str, repeats: int) -> tupl
     step = torch.compile(tx.step, fullgraph=True, backend=backend)
     start = time.perf_counter()
     out = step(state, params, batches[0])
+    sync(DEVICE)
     first = time.perf_counter() - start
     check_close(out, tx.step(state, params, batches[0]), "songoku")
     eager, compiled = median_times(
@@ -113,14 +121,15 @@ def bench_songoku(k: int, h: int, mode: str, backend: str, repeats: int) -> tupl
 
 def bench_conductor(k: int, h: int, stochastic: bool, backend: str, repeats: int) -> tuple:
     gen = torch.Generator().manual_seed(0)
-    params = init_params(k, h, gen)
-    micro = [make_batch(k, gen, 16) for _ in range(k)]
+    params = to_device(init_params(k, h, gen))
+    micro = [to_device(make_batch(k, gen, 16)) for _ in range(k)]
     kw = dict(accumulation_steps=k, stochastic=stochastic, norm_cap=5.0)
     eager_tx = conductor(make_loss(k), [1.0] * k, **kw)
     compiled_tx = conductor(make_loss(k), [1.0] * k, compile=backend, **kw)
     state = eager_tx.init(params)
     start = time.perf_counter()
     out = compiled_tx.update(state, params, micro)
+    sync(DEVICE)
     first = time.perf_counter() - start
     check_close(out, eager_tx.update(state, params, micro), "conductor")
     eager, compiled = median_times(
@@ -137,14 +146,13 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="K=4 only, few repeats")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="intra-op threads (1: stable on a shared machine)"
-    )
+    add_common_args(parser)
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "compile.md")
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = setup(args)
     repeats = 5 if args.quick else args.repeats
     sizes = [(4, 128)] if args.quick else [(4, 128), (8, 256)]
     rows = []
@@ -159,9 +167,9 @@ def main() -> None:
     lines = [
         "# Eager vs torch.compile step time",
         "",
-        f"`python -m benchmarks.compile{' --quick' if args.quick else ''}` — backend "
-        f"`{args.backend}`, torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads; median of {repeats} interleaved calls after a warm-up; "
+        f"`python -m benchmarks.compile{' --quick' if args.quick else ''}"
+        f"{'' if DEVICE.type == 'cpu' else ' --device ' + str(DEVICE)}` — backend "
+        f"`{args.backend}`, {environment(DEVICE)}; median of {repeats} interleaved calls after a warm-up; "
         "`fullgraph=True`; compiled results checked against eager. Speed-up = eager / compiled "
         "(> 1: compiled is faster). MLP trunk `D=32 → H → H`, `K` linear heads, batch 64 "
         "(GCond: `N=K` micro-batches of 16).",

@@ -1,22 +1,32 @@
 """SON-GOKU speed and memory, measured side by side in one run (markdown tables on stdout).
 
-1. ``ema_mode="refresh"`` (K = 8, R = 32, MLP trunk + heads): time per ``SonGokuScheduler.step``
-   over whole refresh windows (refreshes included) vs a plain summed-loss step
-   (``Σ_k L_k(batch_k)``, one backward, ``optimizer.step()``) on the same model and batches.
-   Target: ≤ 1.15×.
-2. ``ema_mode="active"``: the adapter and the functional core vs the reference's way of running a
-   step (one separate forward + backward per active task, per-parameter accumulation, flattened
-   per-task copies, EMA update, written out below) on the same model. Target: ≥ 2× faster.
+Seed-style tasks, as users write them: each ``TaskSpec.loss_fn(model, batch)`` runs the model
+(``model(x)`` returns every head) and reads its own head; one batch per step is handed to every
+task. K = 8 heads on an MLP trunk, R = 32, Adam; every runner steps the same kind of model
+through the same whole refresh windows (refreshes included), interleaved round by round.
+
+1. ``ema_mode="refresh"``: ``SonGokuScheduler.step`` vs the plain one-forward loop (one forward,
+   one backward of ``Σ_k L_k``, ``optimizer.step()``) and vs the published reference's way of
+   running a step. Target: ≤ 1.15× plain at ≥ 1M parameters.
+2. ``ema_mode="active"`` (the paper's mode: each active task's own gradient feeds its EMA): the
+   adapter vs the bound ``(F + |S|·B)/(F + B)``, measured directly (one forward, one backward per
+   active task on the retained graph, the optimizer step), and vs the reference's way. Targets:
+   within 10 % of the bound, faster than the reference in every configuration.
 3. Refresh cost vs K ∈ {3, 6, 16, 40} (the paper's Table 2 analogue): time per refresh and peak
    extra memory of a refresh (CPU allocator, via the profiler), dense EMA vs a ``d_sk``-sketch,
    plus the persistent EMA size.
 
-Run: ``python -m benchmarks.songoku`` (``--quick`` for a short run).
+The reference's way (one forward + backward per active task, per-parameter accumulation,
+flattened per-task copies, EMA update; written out below) is the published legacy scheduler's
+step; it has no refresh mode, so tables 1 and 2 compare both modes of gradfn with its one mode.
+
+Run: ``python -m benchmarks.songoku`` (``--quick`` for a short run, ``--device cuda`` on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -24,82 +34,128 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks._common import (
+    add_common_args,
+    environment,
+    interleave,
+    ratio_spread,
+    setup,
+    sync,
+)
 from gradfn import SonGokuScheduler, TaskSpec, TauSchedule, songoku
 
-IN, HIDDEN, OUT, BATCH = 64, 256, 8, 64
+K, R, BATCH = 8, 32, 128
+CONFIGS = {  # name: trunk widths (input first); the last is the feature size the heads read
+    "0.46M": (256, 512, 512, 128),
+    "1.8M": (512, 1024, 1024, 256),
+}
+TAUS = {"joint (τ = 1: one group)": 1.0, "scheduled (τ = −0.5)": -0.5}
 
 
-class MultiHead(nn.Module):
-    def __init__(self, k: int, hidden: int = HIDDEN, seed: int = 0) -> None:
+class SeedNet(nn.Module):
+    """An MLP trunk and ``k`` linear heads; ``model(x)`` is every head's output ``(B, k)``."""
+
+    def __init__(self, widths: tuple[int, ...], k: int, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.trunk = nn.Sequential(
-            nn.Linear(IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
-        self.heads = nn.ModuleList(nn.Linear(hidden, OUT) for _ in range(k))
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(widths[-1], 1) for _ in range(k))
 
-    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        return self.heads[k](self.trunk(x))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        return torch.cat([head(h) for head in self.heads], dim=1)
 
 
 def task_loss(k: int):
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        return nn.functional.mse_loss(model(x, k), y)
+        return nn.functional.mse_loss(model(x)[:, k], y[:, k])
 
     return loss_fn
 
 
-def make_batches(k: int, n: int, seed: int = 1, shared: bool = False):
-    """``n`` steps of per-task batches; tasks in two clusters with opposed teachers."""
+def make_batches(widths, k: int, n: int, device, seed: int = 1):
+    """``n`` steps, one batch each handed to every task; targets of two opposed teachers."""
     g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(IN, OUT, generator=g) / IN**0.5
+    teacher = torch.randn(widths[0], generator=g) / widths[0] ** 0.5
+    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(k)])
     out = []
     for _ in range(n):
-        x = torch.randn(BATCH, IN, generator=g)
-        step = {}
-        for i in range(k):
-            xi = x if shared else torch.randn(BATCH, IN, generator=g)
-            sign = 1.0 if i % 2 == 0 else -1.0
-            step[f"t{i}"] = (xi, sign * xi @ teacher)
-        out.append(step)
+        x = torch.randn(BATCH, widths[0], generator=g)
+        y = (x @ teacher)[:, None] * sign + 0.1 * torch.randn(BATCH, k, generator=g)
+        batch = (x.to(device), y.to(device))
+        out.append({f"t{i}": batch for i in range(k)})
     return out
 
 
-def timed(fn, batches) -> float:
-    start = time.perf_counter()
-    for b in batches:
-        fn(b)
-    return (time.perf_counter() - start) / len(batches)
-
-
-def interleaved(runs: dict, batches, repeats: int) -> dict[str, float]:
-    """Median seconds per step of each runner, alternating runners between repeats."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            samples[name].append(timed(fn, batches))
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 # --------------------------------------------------------------------------------------------
-# baselines
+# runners: each takes one step's {task: batch}
 
 
 def plain_step(model, opt, k):
-    def run(batch):
+    def run(batches):
+        x, y = batches["t0"]
         opt.zero_grad(set_to_none=True)
-        loss = sum(task_loss(i)(model, batch[f"t{i}"]) for i in range(k))
+        out = model(x)
+        loss = sum(nn.functional.mse_loss(out[:, i], y[:, i]) for i in range(k))
         loss.backward()
         opt.step()
 
     return run
 
 
-class ReferenceWay:
-    """The reference's legacy step, written out: one forward + backward per active task."""
+def bound_step(model, opt, schedule, *, ema_mode="active", with_ema=False, beta=0.9):
+    """The least work a step of ``ema_mode`` needs, with no copies: one forward; in
+    ``"active"`` mode one backward per active task on the retained graph (each task's gradient
+    is needed), in ``"refresh"`` mode one backward of the active tasks' summed loss, except every
+    ``R``-th step, which probes every task (one backward each); the optimizer step.
+    ``with_ema``: also the EMA update of the differentiated tasks' trunk rows (in place).
+    ``schedule``: the active tasks of successive steps, cycled."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    trunk = list(model.trunk.parameters())
+    ema = [torch.zeros((K, *p.shape), device=p.device) for p in trunk]
+    count = [0]
 
-    def __init__(self, model, opt, k, r_period, tau, beta=0.9, shared_batch=False):
+    def run(batches):
+        x, y = batches["t0"]
+        t = count[0]
+        active = schedule[t % len(schedule)]
+        count[0] += 1
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        losses = [nn.functional.mse_loss(out[:, i], y[:, i]) for i in range(K)]
+        probe = ema_mode == "refresh" and (t + 1) % R == 0
+        if ema_mode == "refresh" and not probe:
+            sum(losses[i] for i in active).backward()
+        else:
+            tasks = range(K) if probe else active
+            for pos, i in enumerate(tasks):
+                grads = torch.autograd.grad(
+                    losses[i], params, retain_graph=pos < len(tasks) - 1, allow_unused=True
+                )
+                if i in active:
+                    for p, g in zip(params, grads, strict=True):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad.add_(g)
+                if with_ema:
+                    for e, g in zip(ema, grads[: len(trunk)], strict=True):
+                        e[i].lerp_(g, 1.0 - beta)
+        opt.step()
+
+    return run
+
+
+class ReferenceWay:
+    """The published reference's legacy step, written out: one forward + backward per active
+    task, per-parameter sums, flattened per-task copies for the EMA, recolouring every R steps."""
+
+    def __init__(self, model, opt, k, r_period, tau, beta=0.9):
         self.model, self.opt, self.k, self.r, self.tau, self.beta = (
             model,
             opt,
@@ -114,8 +170,11 @@ class ReferenceWay:
         self.classes = [list(range(k))]
         self.ptr, self.t = 0, 0
 
+    def active(self) -> list[int]:
+        return self.classes[self.ptr % len(self.classes)]
+
     def __call__(self, batch):
-        active = self.classes[self.ptr % len(self.classes)]
+        active = self.active()
         shared_sum = [None] * len(self.shared)
         head_sum = {}
         for i in active:
@@ -170,140 +229,107 @@ class ReferenceWay:
         self.ptr = 0
 
 
-def adapter(model, opt, k, r_period, tau, ema_mode):
+def adapter(model, opt, k, r_period, tau, ema_mode, share_forward=True):
     tasks = [TaskSpec(f"t{i}", task_loss(i)) for i in range(k)]
-    sched = SonGokuScheduler(
+    trunk = {id(p) for p in model.trunk.parameters()}
+    return SonGokuScheduler(
         model,
         tasks,
         opt,
+        shared_param_filter=lambda p: id(p) in trunk,  # as the reference's way: the trunk
         refresh_period=r_period,
         tau_schedule=TauSchedule("constant", tau_target=tau),
         ema_mode=ema_mode,
+        share_forward=share_forward,
     )
-    return sched
 
 
-def core_shared_forward(model, opt, k, r_period, tau):
-    """The functional core with ONE trunk forward for all tasks (tasks share the batch)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    named = dict(model.named_parameters())
-
-    def loss_fn(p, batch):
-        x = batch["t0"][0]
-        h = torch.relu(nn.functional.linear(x, p["trunk.0.weight"], p["trunk.0.bias"]))
-        h = torch.relu(nn.functional.linear(h, p["trunk.2.weight"], p["trunk.2.bias"]))
-        return [
-            nn.functional.mse_loss(
-                nn.functional.linear(h, p[f"heads.{i}.weight"], p[f"heads.{i}.bias"]),
-                batch[f"t{i}"][1],
-            )
-            for i in range(k)
-        ]
-
-    tx = songoku(
-        loss_fn,
-        num_tasks=k,
-        shared=lambda n: n.startswith("trunk"),
-        refresh_period=r_period,
-        tau_schedule=tau,
-        ema_mode="active",
-    )
-    holder = {"state": tx.init(params)}
-
-    def run(batch):
-        state, grads = tx.update(holder["state"], params, batch)
-        holder["state"] = state
-        for n, g in grads.items():
-            named[n].grad = g
-        opt.step()
-
-    return run, holder
+def schedule_of(sched, n: int) -> list[list[int]]:
+    """The active tasks of ``sched``'s next ``n`` steps, if its groups stay as they are."""
+    groups = sched.current_groups()
+    start = int(sched.state.group_index)
+    return [groups[(start + s) % len(groups)] for s in range(n)]
 
 
-# --------------------------------------------------------------------------------------------
-# measurements
+def windows(step, batches):
+    """A runner over whole refresh windows: ``step`` on every batch in turn."""
+
+    def run():
+        for b in batches:
+            step(b)
+
+    return run
 
 
 def groups_summary(sched) -> str:
     return str([len(g) for g in sched.schedule_snapshot()])
 
 
-def bench_refresh_mode(quick: bool) -> list[str]:
-    k, r = 8, 32
-    n = 2 * r
-    batches = make_batches(k, n + r)
-    rows = [
-        "| setting | trunk width | plain summed-loss step (ms) | adapter step (ms) | ratio | groups |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, tau, hidden in (
-        ("joint (τ = 1: one group, same work as plain)", 1.0, HIDDEN),
-        ("scheduled (τ = −0.5)", -0.5, HIDDEN),
-        ("joint (τ = 1: one group, same work as plain)", 1.0, 4 * HIDDEN),
-        ("scheduled (τ = −0.5)", -0.5, 4 * HIDDEN),
-    ):
-        m_plain, m_ad = MultiHead(k, hidden), MultiHead(k, hidden)
-        o_plain = torch.optim.Adam(m_plain.parameters(), lr=1e-3)
-        o_ad = torch.optim.Adam(m_ad.parameters(), lr=1e-3)
-        sched = adapter(m_ad, o_ad, k, r, tau, "refresh")
-        for b in batches[:r]:  # warm-up window (and first refresh)
-            sched.step(b)
-            plain_step(m_plain, o_plain, k)(b)
-        res = interleaved(
-            {"plain": plain_step(m_plain, o_plain, k), "adapter": sched.step},
-            batches[r:],
-            2 if quick else 5,
-        )
-        rows.append(
-            f"| {label} | {hidden} | {res['plain'] * 1e3:.3f} | {res['adapter'] * 1e3:.3f} | "
-            f"{res['adapter'] / res['plain']:.2f}× | {groups_summary(sched)} |"
-        )
+def n_params(model) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+
+
+def bench_modes(ema_mode: str, device, quick: bool, names: list[str]) -> list[str]:
+    """Table 1 (refresh) or 2 (active): the adapter vs the plain loop, the reference's way and
+    the bounds (without and with the EMA update the algorithm needs)."""
+    rounds = 3 if quick else 7
+    head = (
+        "| model | setting | groups | plain (ms) | reference way (ms) | bound (ms) | "
+        "bound + EMA (ms) | adapter (ms) | adapter / plain | adapter / bound | "
+        "adapter / (bound + EMA) | reference / adapter |"
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        widths = CONFIGS[name]
+        batches = make_batches(widths, K, 2 * R, device)
+        warm, timed = batches[:R], batches[R:]
+        for label, tau in TAUS.items():
+            keys = ("plain", "ref", "bound", "bound_ema", "ad")
+            models = {key: SeedNet(widths, K).to(device) for key in keys}
+            opts = {key: torch.optim.Adam(m.parameters(), lr=1e-3) for key, m in models.items()}
+            sched = adapter(models["ad"], opts["ad"], K, R, tau, ema_mode)
+            steps = {
+                "plain": plain_step(models["plain"], opts["plain"], K),
+                "ref": ReferenceWay(models["ref"], opts["ref"], K, R, tau),
+                "ad": sched.step,
+            }
+            for b in warm:  # one window: the first refresh forms the groups
+                for fn in steps.values():
+                    fn(b)
+            # the bounds train the groups the adapter trains, step for step
+            schedule = schedule_of(sched, len(timed))
+            for key, with_ema in (("bound", False), ("bound_ema", True)):
+                steps[key] = bound_step(
+                    models[key], opts[key], schedule, ema_mode=ema_mode, with_ema=with_ema
+                )
+            runners = {key: windows(steps[key], timed) for key in keys}
+            t = interleave(runners, device, rounds=rounds)
+            per = {key: v.median / len(timed) * 1e3 for key, v in t.items()}
+            cells = [name, label, groups_summary(sched)]
+            cells += [f"{per[key]:.2f}" for key in keys]
+            cells += [
+                ratio_spread(t["ad"], t["plain"]),
+                ratio_spread(t["ad"], t["bound"]),
+                ratio_spread(t["ad"], t["bound_ema"]),
+                ratio_spread(t["ref"], t["ad"]),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
-def bench_active_mode(quick: bool) -> list[str]:
-    k, r = 8, 32
-    rows = [
-        "| setting | reference way (ms) | ours (ms) | speed-up | groups |",
-        "|---|---|---|---|---|",
-    ]
-    for label, tau, shared in (
-        ("adapter, per-task batches, joint (τ = 1)", 1.0, False),
-        ("adapter, per-task batches, scheduled (τ = −0.5)", -0.5, False),
-        ("core, one shared batch + one trunk forward, joint (τ = 1)", 1.0, True),
-        ("core, one shared batch + one trunk forward, scheduled (τ = −0.5)", -0.5, True),
-    ):
-        batches = make_batches(k, 3 * r, shared=shared)
-        m_ref, m_ours = MultiHead(k), MultiHead(k)
-        ref = ReferenceWay(m_ref, torch.optim.Adam(m_ref.parameters(), lr=1e-3), k, r, tau)
-        o_ours = torch.optim.Adam(m_ours.parameters(), lr=1e-3)
-        if shared:
-            ours, holder = core_shared_forward(m_ours, o_ours, k, r, tau)
-            st = holder
-
-            def groups(st=st):
-                s = st["state"]
-                return str([int(s.groups[g].sum()) for g in range(int(s.num_groups))])
-        else:
-            sched = adapter(m_ours, o_ours, k, r, tau, "active")
-            ours = sched.step
-
-            def groups(sched=sched):
-                return groups_summary(sched)
-
-        for b in batches[:r]:
-            ref(b)
-            ours(b)
-        res = interleaved({"ref": ref, "ours": ours}, batches[r:], 2 if quick else 5)
-        rows.append(
-            f"| {label} | {res['ref'] * 1e3:.3f} | {res['ours'] * 1e3:.3f} | "
-            f"{res['ref'] / res['ours']:.2f}× | {groups()} |"
-        )
-    return rows
-
-
-def peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while ``fn`` runs (profiler memory events)."""
+def peak_bytes(fn, device) -> int:
+    """Peak extra bytes of the allocator while ``fn`` runs (CPU: profiler memory events)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     cur = peak = 0
@@ -313,7 +339,7 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def bench_refresh_vs_k(quick: bool) -> list[str]:
+def bench_refresh_vs_k(quick: bool, device) -> list[str]:
     hidden, d_sk = 512, 128
     rows = [
         "| K | d (shared) | dense refresh (ms) | dense peak (MiB) | dense EMA (MiB) | "
@@ -322,7 +348,7 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
     ]
     ks = (3, 6, 16) if quick else (3, 6, 16, 40)
     for k in ks:
-        model = MultiHead(k, hidden=hidden)
+        model = SeedNet((64, hidden, hidden), k).to(device)
         params = {n: p.detach() for n, p in model.named_parameters()}
         d = sum(p.numel() for n, p in params.items() if n.startswith("trunk"))
         g = torch.Generator().manual_seed(k)
@@ -336,17 +362,19 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
             )
             state = tx.init(params)
             ema = (
-                torch.randn(k, dim, generator=g)
+                torch.randn(k, dim, generator=g).to(device)
                 if dim is not None
-                else {n: torch.randn(e.shape, generator=g) for n, e in state.ema.items()}
+                else {n: torch.randn(e.shape, generator=g).to(device) for n, e in state.ema.items()}
             )
             state = state._replace(ema=ema)
             tx.refresh(state, params)  # warm-up
             reps = 3 if quick else 10
             times = []
             for _ in range(reps):
+                sync(device)
                 start = time.perf_counter()
                 tx.refresh(state, params)
+                sync(device)
                 times.append(time.perf_counter() - start)
             ema_bytes = sum(
                 t.numel() * t.element_size()
@@ -354,19 +382,23 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
             )
             out[label] = (
                 statistics.median(times),
-                peak_bytes(lambda tx=tx, state=state, params=params: tx.refresh(state, params)),
+                peak_bytes(
+                    lambda tx=tx, state=state, params=params: tx.refresh(state, params), device
+                ),
                 ema_bytes,
             )
         from gradfn.conflict import sketch
 
         grads = {
-            n: torch.randn((k, *p.shape), generator=g)
+            n: torch.randn((k, *p.shape), generator=g).to(device)
             for n, p in params.items()
             if n.startswith("trunk")
         }
         sketch(grads, d_sk, 0)
+        sync(device)
         start = time.perf_counter()
         sketch(grads, d_sk, 0)
+        sync(device)
         t_sk = time.perf_counter() - start
         (td, pd, ed), (ts, ps, es) = out["dense"], out["sketch"]
         rows.append(
@@ -379,16 +411,30 @@ def bench_refresh_vs_k(quick: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, K ≤ 16 in table 3")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--tables", default="1,2,3", help="which tables to run (default: all)")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"models of tables 1-2 ({', '.join(CONFIGS)})"
+    )
+    add_common_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU\n")
-    print("### 1. ema_mode='refresh' (K = 8, R = 32): adapter step vs plain summed-loss step\n")
-    print("\n".join(bench_refresh_mode(args.quick)) + "\n")
-    print("### 2. ema_mode='active' (K = 8, R = 32): ours vs the reference's way\n")
-    print("\n".join(bench_active_mode(args.quick)) + "\n")
-    print("### 3. Refresh cost vs K (trunk 64→512→512, d_sk = 128)\n")
-    print("\n".join(bench_refresh_vs_k(args.quick)) + "\n")
+    device = setup(args)
+    tables = {int(t) for t in args.tables.split(",")}
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
+    print(f"{environment(device)}\n")
+    print("ms per step (median over interleaved rounds of a whole refresh window); ratios: median")
+    print("of per-round ratios [min–max].\n")
+    if 1 in tables:
+        print(f"### 1. ema_mode='refresh' (K = {K}, R = {R}, batch {BATCH}, seed-style tasks)\n")
+        print("\n".join(bench_modes("refresh", device, args.quick, names)) + "\n")
+    if 2 in tables:
+        print(f"### 2. ema_mode='active' (K = {K}, R = {R}, batch {BATCH}, seed-style tasks)\n")
+        print("\n".join(bench_modes("active", device, args.quick, names)) + "\n")
+    if 3 in tables:
+        print("### 3. Refresh cost vs K (trunk 64→512→512, d_sk = 128)\n")
+        print("\n".join(bench_refresh_vs_k(args.quick, device)) + "\n")
 
 
 if __name__ == "__main__":

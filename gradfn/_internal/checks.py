@@ -84,6 +84,13 @@ def check_callable(name: str, value: Any, *, optional: bool = False) -> Callable
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` must be a bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}")
+    return value
+
+
 def check_seed(name: str, value: Any) -> int:
     """An integer seed (``TypeError`` for a float, a bool, a string or None)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -11,7 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradfn._internal.checks import check_callable, check_choice, check_optional_int
+from gradfn._internal.checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_optional_int,
+)
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import (
     check_amp,
@@ -45,7 +50,10 @@ class SonGokuScheduler:
     ``graph_quantile``, ``graph_knn_k``, ``graph_density``, ``sketch_dim``, ``seed``,
     ``legacy_pointer``, ``strategy`` (the :class:`~gradfn.algorithms.SonGokuConfig` fields),
     ``ddp_sync`` (``"avg"`` / ``"none"``) and ``process_group`` (distributed training),
-    ``autocast_dtype`` and ``scaler`` (mixed precision). ``device`` is accepted for compatibility.
+    ``autocast_dtype`` and ``scaler`` (mixed precision), ``share_forward`` (default True: tasks
+    whose ``loss_fn`` calls the model, or one of its direct submodules, on the same input objects
+    share one forward, so one dropout mask serves every task, as in a plain shared-trunk loop;
+    False: one forward per task, as the reference). ``device`` is accepted for compatibility.
     Which parameters each task touches is read from autograd during the first step (every task is
     active then): parameters two or more tasks use are shared, the others are heads.
     """
@@ -72,9 +80,11 @@ class SonGokuScheduler:
         process_group: Any = None,
         autocast_dtype: torch.dtype | None = None,
         scaler: Any = None,
+        share_forward: bool = True,
         **options: Any,
     ) -> None:
         self._module, ddp, process_group = unwrap(model, process_group)
+        self.share_forward = check_bool("share_forward", share_forward)
         check_choice("ddp_sync", ddp_sync, ("avg", "none"))
         self.scaler = check_amp(autocast_dtype, scaler)
         self.tasks = check_tasks(tasks)
@@ -92,7 +102,13 @@ class SonGokuScheduler:
         self._named = trainable(self._module)
         self._reduce = reducer(ddp, process_group) if ddp_sync == "avg" else None
         self._params, self._f = functional_loss(
-            self._module, task_losses(self.tasks, autocast_dtype, self._named[0][1].device.type)
+            self._module,
+            task_losses(
+                self.tasks,
+                autocast_dtype,
+                self._named[0][1].device.type,
+                share_forward=share_forward,
+            ),
         )
         if gradient_transform is not None:  # base_method, if given, overrides it (reference)
             options["hook"] = flat_hook_aggregator(gradient_transform, self.names)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradfn.adapters._shared_forward import shared_forward
+
 __all__ = ["TaskSpec", "check_batches", "check_tasks", "shared_and_heads", "task_losses"]
 
 
@@ -64,15 +66,27 @@ def check_batches(batches: Any, names: list[str]) -> None:
 
 
 def task_losses(
-    tasks: list[TaskSpec], autocast_dtype: torch.dtype | None, device_type: str
+    tasks: list[TaskSpec],
+    autocast_dtype: torch.dtype | None,
+    device_type: str,
+    *,
+    share_forward: bool = True,
 ) -> Callable[[nn.Module, Mapping[str, Any]], list[Tensor]]:
     """``losses(module, batches) -> [L_1, ..., L_K]``: each task's loss on its own batch; tasks
     without a batch are a constant 0 (their forward is not run).
 
     A list, not a stack: each task's backward then visits only its own part of the graph.
+    ``share_forward``: tasks that call the model (or a direct submodule) on the same input objects
+    share one forward (:func:`~gradfn.adapters._shared_forward.shared_forward`).
     """
 
     def losses(module: nn.Module, batches: Mapping[str, Any]) -> list[Tensor]:
+        if share_forward and len(batches) > 1:
+            with shared_forward(module):
+                return evaluate(module, batches)
+        return evaluate(module, batches)
+
+    def evaluate(module: nn.Module, batches: Mapping[str, Any]) -> list[Tensor]:
         out: list[Tensor | None] = []
         for spec in tasks:
             if spec.name not in batches:

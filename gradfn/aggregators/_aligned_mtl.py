@@ -20,7 +20,7 @@ from gradfn.aggregators._base import (
     finish,
     from_weighting,
     pref_or_mean,
-    restrict,
+    restrict_or_all,
 )
 
 __all__ = ["aligned_mtl", "aligned_mtl_weights"]
@@ -43,8 +43,8 @@ def aligned_mtl_weights(
         raise ValueError(
             f"aligned_mtl_weights: `scale_mode` must be one of {_MODES}, got {scale_mode!r}"
         )
-    g, a = restrict(gram, active)
-    u = pref_or_mean(pref, a)
+    g, a = restrict_or_all(gram, active)
+    u = pref_or_mean(pref, a, g)
     lam, vec = torch.linalg.eigh(g)
     tol = lam.max() * k * torch.finfo(gram.dtype).eps
     keep = lam > tol

@@ -90,8 +90,20 @@ def task_count(
 # input checks (shapes and dtypes only: no host syncs)
 
 
+def single_leaf(grads: PyTree) -> Tensor | None:
+    """The tensor when ``grads`` is a plain one-entry dict of a tensor (or a tensor), else None:
+    the common case, handled without flattening the pytree."""
+    if type(grads) is dict and len(grads) == 1:
+        (x,) = grads.values()
+        return x if isinstance(x, Tensor) else None
+    return grads if isinstance(grads, Tensor) else None
+
+
 def check_grads(grads: PyTree, fn: str) -> int:
     """Validate a task-stacked pytree of floating tensors; return ``K``."""
+    x = single_leaf(grads)
+    if x is not None and x.is_floating_point() and x.dim() > 0 and x.shape[0] > 0:
+        return x.shape[0]
     ls = tree.leaves(grads)
     if not ls:
         raise ValueError(f"{fn}: `grads` must be a task-stacked pytree with at least one tensor")
@@ -140,43 +152,87 @@ def check_pref(pref: Tensor | None, k: int, fn: str) -> None:
 
 
 def gramian_of(grads: PyTree) -> Tensor:
-    """The Gramian in :func:`gradfn.tree.gram_dtype` (float64 for float64 gradients)."""
-    return tree.gramian(grads, dtype=None)
+    """The Gramian in :func:`gradfn.tree.gram_dtype` (float64 for float64 gradients).
+
+    One leaf (a task-stacked matrix, the common case): ``J Jᵀ`` in one ``mm``."""
+    x = single_leaf(grads)
+    if x is None:
+        ls = tree.leaves(grads)
+        if len(ls) != 1:
+            return tree.gramian(grads, dtype=None)
+        x = ls[0]
+    r = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+    if x.dtype is not torch.float32 and x.dtype is not torch.float64:
+        r = r.to(torch.float32)
+    return r @ r.mT
+
+
+def combine(grads: PyTree, w: Tensor) -> PyTree:
+    """``Σ_k w_k g_k`` (:func:`gradfn.tree.weighted_sum`; one leaf: a single ``mv``)."""
+    x = single_leaf(grads)
+    if x is None or w.dim() != 1 or x.dim() == 0 or x.shape[0] != w.shape[0]:
+        return tree.weighted_sum(grads, w)
+    if w.dtype is not x.dtype or w.device != x.device:
+        w = w.to(dtype=x.dtype, device=x.device)
+    out = torch.mv(x.mT, w) if x.dim() == 2 else torch.mv(x.reshape(x.shape[0], -1).mT, w)
+    if x.dim() != 2:
+        out = out.reshape(x.shape[1:])
+    return {next(iter(grads)): out} if type(grads) is dict else out
 
 
 def restrict(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(G64, a)``: the Gramian in float64 with inactive rows/columns zeroed, and the float mask.
 
-    A non-finite Gramian is replaced by zeros here (so no solver sees it) and :func:`finish`
+    Non-finite entries are replaced by zeros here (so no solver sees them) and :func:`finish`
     turns the weights into NaN.
     """
-    g = gram.to(_WORK)
-    g = 0.5 * (g + g.T)
-    g = torch.where(torch.isfinite(g).all(), g, torch.zeros_like(g))  # `finish` NaNs the weights
-    if active is None:
+    g, a = restrict_or_all(gram, active)
+    if a is None:
         return g, torch.ones(g.shape[0], dtype=_WORK, device=g.device)
+    return g, a
+
+
+def restrict_or_all(gram: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`restrict`, with ``a = None`` (every task active) when ``active`` is None."""
+    g = gram.to(_WORK)
+    g = ((g + g.mT) * 0.5).nan_to_num(0.0, 0.0, 0.0)  # `finish` NaNs the weights
+    if active is None:
+        return g, None
     a = active.to(device=g.device, dtype=_WORK)
-    return g * a[:, None] * a[None, :], a
+    return g * (a[:, None] * a), a
 
 
-def pref_or_mean(pref: Tensor | None, a: Tensor) -> Tensor:
-    """Preference over the active tasks: ``pref * a`` or the uniform ``a / |a|``."""
+def pref_or_mean(pref: Tensor | None, a: Tensor | None, like: Tensor | None = None) -> Tensor:
+    """Preference over the active tasks: ``pref * a`` or the uniform ``a / |a|``; with ``a =
+    None`` (every task) ``pref`` or ``1/K``, ``K`` and the device those of ``like`` (``K×K``)."""
+    if a is None:
+        if like is None:
+            raise ValueError("pref_or_mean: `like` is needed when `a` is None")
+        if pref is None:
+            return torch.full(
+                (like.shape[0],), 1.0 / like.shape[0], dtype=_WORK, device=like.device
+            )
+        return pref.to(device=like.device, dtype=_WORK)
     if pref is None:
         return a / a.sum().clamp_min(1.0)
     return pref.to(device=a.device, dtype=_WORK) * a
 
 
-def finish(w: Tensor, gram: Tensor, a: Tensor) -> Tensor:
-    """Zero inactive weights, NaN-out on a non-finite Gramian, cast back to the Gramian dtype."""
-    w = torch.where(torch.isfinite(gram).all(), w * a, torch.full_like(w, float("nan")))
-    return w.to(gram.dtype)
+def finish(w: Tensor, gram: Tensor, a: Tensor | None = None) -> Tensor:
+    """Zero inactive weights (``a``), NaN-out on a non-finite Gramian, cast back to its dtype.
+
+    ``w + 0·ΣG``: ``0·ΣG`` is 0 for a finite Gramian (summed in float64, so no finite float32
+    Gramian overflows) and NaN as soon as one entry is NaN or infinite.
+    """
+    if a is not None:
+        w = w * a
+    return (w + gram.sum(dtype=_WORK) * 0.0).to(gram.dtype)
 
 
 def normalize_trace(g: Tensor, norm_eps: float) -> Tensor:
     """``G / tr(G)``, or zeros when ``tr(G) <= norm_eps`` (TorchJD's ``normalize``)."""
     tr = torch.diagonal(g).sum()
-    small = tr <= norm_eps
-    return torch.where(small, torch.zeros_like(g), g / torch.where(small, torch.ones_like(tr), tr))
+    return torch.where(tr > norm_eps, g / tr, 0.0)
 
 
 def eye_like(g: Tensor) -> Tensor:
@@ -196,7 +252,7 @@ def from_weighting(weights_fn: Callable[..., Tensor], fn: str) -> Callable[..., 
         check_grads(grads, fn)
         g = gramian_of(grads) if gram is None else gram
         w = weights_fn(g, active=active, **hparams)
-        return Aggregated(tree.weighted_sum(grads, w), w)
+        return Aggregated(combine(grads, w), w)
 
     aggregate.__name__ = fn
     aggregate.weights_fn = weights_fn  # type: ignore[attr-defined]  # its keywords, for checks
@@ -302,6 +358,6 @@ def from_stateful_weighting(
         check_grads(grads, name)
         g = gramian_of(grads) if gram is None else gram
         state, w = weights_fn(state, g, active=active)
-        return state, Aggregated(tree.weighted_sum(grads, w), w)
+        return state, Aggregated(combine(grads, w), w)
 
     return Aggregator(init, update, name, stateful=True, weighting=weights_fn)

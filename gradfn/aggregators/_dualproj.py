@@ -36,7 +36,7 @@ def dualproj_weights(
     check_pref(pref, k, "dualproj_weights")
     _check_eps(norm_eps, reg_eps, iters, "dualproj_weights")
     g, a = regularized(gram, active, norm_eps, reg_eps)
-    u = pref_or_mean(pref, a)
+    u = pref_or_mean(pref, a, g)
     v = dual_cone_project(u[None, :], g, iters)[0]
     return finish(v, gram, a)
 

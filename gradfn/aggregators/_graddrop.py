@@ -18,7 +18,7 @@ import optree
 import torch
 from torch import Tensor
 
-from gradfn import tree
+from gradfn._internal.compat import is_compiling
 from gradfn._internal.prng import fold_in, uniform
 from gradfn.aggregators._base import Aggregated, check_active, check_grads
 from gradfn.typing import PyTree
@@ -60,28 +60,40 @@ def graddrop(
         us = optree.tree_leaves(noise)
         if len(us) != len(ls) or any(u.shape != x.shape[1:] for u, x in zip(us, ls, strict=True)):
             raise ValueError("graddrop: `noise` must have the structure of one task's gradient")
-    bad = tree.tree_any_nonfinite(grads)
+    eager_cpu = ls[0].device.type == "cpu" and not is_compiling()
     rows_out = []
+    bads = []
     for idx, x in enumerate(ls):
         m = x.reshape(k, -1)
         if active is not None:
             m = m * active.to(device=m.device, dtype=m.dtype)[:, None]
         total = m.sum(0)
         absum = m.abs().sum(0)
-        p = 0.5 * (1.0 + total / torch.where(absum > 0, absum, 1.0))
+        bads.append(absum.sum())  # non-finite iff some entry is (or |g| sums overflow)
+        # P = ½(1 + Σg/Σ|g|); an all-zero column divides 0 by the smallest subnormal: P = ½
+        tiny = torch.finfo(m.dtype).smallest_normal * torch.finfo(m.dtype).eps
+        p = 0.5 + 0.5 * (total / absum.clamp_min(tiny))
         fp = p if f is None else f(p)
         if noise is None:
             u = uniform(fold_in(seed, idx), (m.shape[1],), device=m.device, dtype=m.dtype)
         else:
             u = us[idx].reshape(-1).to(device=m.device, dtype=m.dtype)
-        keep = ((fp > u) & (m > 0)) | ((fp < u) & (m < 0))
-        if leak is None:
-            r = keep.to(m.dtype) * m
-        else:
+        # keep a positive entry where f(P) > U, a negative one where f(P) < U: with s = sign(f(P)
+        # − U) ∈ {−1, 0, 1}, an entry is kept iff s·g > 0, and relu(s·g)·s is g there, 0 elsewhere
+        sgn = torch.sign(fp - u)
+        if m.requires_grad and torch.is_grad_enabled():  # differentiable: out of place
+            r = (m * sgn).clamp_min(0.0) * sgn
+        else:  # fresh buffers: in place, no K × n allocations beyond the first
+            r = (m * sgn).clamp_min_(0.0).mul_(sgn)
+        if leak is not None:  # ℓ g + (1 − ℓ) M g
             lk = leak.to(device=m.device, dtype=m.dtype)[:, None]
-            r = (lk + (1 - lk) * keep.to(m.dtype)) * m
-        r = torch.where(bad, torch.full_like(r, float("nan")), r)
+            r = torch.addcmul(r * (1.0 - lk), lk, m)
         rows_out.append(r.reshape(x.shape))
+    bad = ~torch.isfinite(torch.stack(bads).sum()) if len(bads) > 1 else ~torch.isfinite(bads[0])
+    if not eager_cpu:  # no host sync: NaN every row through a select
+        rows_out = [torch.where(bad, float("nan"), r) for r in rows_out]
+    elif bool(bad):
+        rows_out = [torch.full_like(r, float("nan")) for r in rows_out]
     rows = optree.tree_unflatten(spec, rows_out)
     grad = optree.tree_map(lambda r: r.sum(0), rows)
     ref = ls[0]

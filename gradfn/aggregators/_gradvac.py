@@ -75,7 +75,9 @@ def gradvac_weights(
     if not 0.0 <= beta <= 1.0 or eps < 0:
         raise ValueError("gradvac_weights: need 0 ≤ beta ≤ 1 and eps ≥ 0")
     g, a = restrict(gram, active)
-    if order is None:
+    if order is None and k <= 2:  # at most one other task: the order is not random
+        order = (1 - torch.arange(k, device=g.device))[:, None][:, : k - 1]
+    elif order is None:
         order = _others_order(fold_in(state.seed, state.count), k, g.device)
     elif order.shape != (k, k - 1):
         raise ValueError(

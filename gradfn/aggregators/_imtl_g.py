@@ -18,7 +18,7 @@ from gradfn.aggregators._base import (
     finish,
     from_weighting,
     normalize_trace,
-    restrict,
+    restrict_or_all,
 )
 
 __all__ = ["imtl_g", "imtl_g_weights"]
@@ -28,13 +28,13 @@ def imtl_g_weights(gram: Tensor, *, active: Tensor | None = None) -> Tensor:
     """IMTL-G weights from the Gramian (``active``: optional ``(K,)`` bool mask)."""
     k = check_gram(gram, "imtl_g_weights")
     check_active(active, k, "imtl_g_weights")
-    g, a = restrict(gram, active)
+    g, a = restrict_or_all(gram, active)
     g = normalize_trace(g, 0.0)
     d = torch.diagonal(g).clamp_min(0.0).sqrt()
     rtol = k * torch.finfo(gram.dtype).eps
     v = torch.linalg.pinv(g, rtol=rtol, hermitian=True) @ d
     s = v.sum()
-    w = torch.where(s.abs() < 1e-12, torch.zeros_like(v), v / torch.where(s == 0, 1.0, s))
+    w = torch.where(s.abs() < 1e-12, 0.0, v / s)  # v / 0 is never selected
     return finish(w, gram, a)
 
 

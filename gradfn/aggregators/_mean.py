@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.aggregators._base import Aggregated, check_active, check_grads, check_gram
+from gradfn.aggregators._base import (
+    Aggregated,
+    check_active,
+    check_grads,
+    check_gram,
+    combine,
+    single_leaf,
+)
 from gradfn.typing import PyTree
 
 __all__ = ["mean", "mean_weights", "sum_", "sum_weights"]
@@ -36,8 +43,12 @@ def sum_weights(gram: Tensor, *, active: Tensor | None = None) -> Tensor:
 def _no_gram_weights(grads: PyTree, active: Tensor | None, fn: str, mean: bool) -> Tensor:
     k = check_grads(grads, fn)
     check_active(active, k, fn)
-    ref = tree.leaves(grads)[0]
+    ref = single_leaf(grads)
+    if ref is None:
+        ref = tree.leaves(grads)[0]
     dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    if active is None:  # one op: the constant weights
+        return torch.full((k,), 1.0 / k if mean else 1.0, dtype=dtype, device=ref.device)
     a = _mask(k, active, dtype, ref.device)
     return a / a.sum().clamp_min(1.0) if mean else a
 
@@ -46,14 +57,14 @@ def mean(grads: PyTree, *, active: Tensor | None = None, gram: Tensor | None = N
     """``(1/K) Σ_k g_k`` over the active tasks. No Gramian is computed (``gram`` is ignored)."""
     del gram
     w = _no_gram_weights(grads, active, "mean", mean=True)
-    return Aggregated(tree.weighted_sum(grads, w), w)
+    return Aggregated(combine(grads, w), w)
 
 
 def sum_(grads: PyTree, *, active: Tensor | None = None, gram: Tensor | None = None) -> Aggregated:
     """``Σ_k g_k`` over the active tasks. No Gramian is computed (``gram`` is ignored)."""
     del gram
     w = _no_gram_weights(grads, active, "sum_", mean=False)
-    return Aggregated(tree.weighted_sum(grads, w), w)
+    return Aggregated(combine(grads, w), w)
 
 
 mean.weights_fn = mean_weights  # type: ignore[attr-defined]  # a weighting: no Gramian needed

@@ -51,6 +51,16 @@ def _frank_wolfe(g: Tensor, a: Tensor, epsilon: float, max_iters: int) -> Tensor
     return alpha
 
 
+def _two_tasks(q: Tensor) -> Tensor:
+    """The exact minimiser of ``wᵀ Q w`` on the 2-simplex (Sener & Koltun 2018, Algorithm 1):
+    ``w₁ = clip((Q₂₂ − Q₁₂) / (Q₁₁ + Q₂₂ − 2 Q₁₂), 0, 1)`` (½ when the denominator is 0)."""
+    d = torch.diagonal(q)
+    q12 = q[0, 1]
+    den = d.sum() - 2.0 * q12
+    t = torch.where(den > 0, (d[1] - q12) / den, 0.5).clamp(0.0, 1.0)
+    return torch.stack([t, 1.0 - t])
+
+
 def mgda_weights(
     gram: Tensor,
     *,
@@ -78,14 +88,18 @@ def mgda_weights(
     if epsilon <= 0 or max_iters <= 0 or iters <= 0:
         raise ValueError("mgda_weights: `epsilon`, `max_iters` and `iters` must be positive")
     g, a = restrict(gram, active)
-    a = torch.where(a.sum() > 0, a, torch.ones_like(a))  # an empty mask selects nothing below
+    if active is not None:  # an empty mask selects nothing below
+        a = torch.where(a.sum() > 0, a, torch.ones_like(a))
     if solver == "frank_wolfe":
         w = _frank_wolfe(g, a, epsilon, max_iters)
+    elif k == 2 and active is None:
+        w = _two_tasks(normalize_trace(g, 0.0) + reg_eps * eye_like(g))
     else:
         q = normalize_trace(g, 0.0) + reg_eps * eye_like(g)
-        w = simplex_qp(q, torch.zeros_like(a), a, iters)
-    out_mask = a if active is None else active.to(device=g.device, dtype=g.dtype)
-    return finish(w, gram, out_mask)
+        w = simplex_qp(q, None, None if active is None else a, iters)
+    if active is None:
+        return finish(w, gram)
+    return finish(w, gram, active.to(device=g.device, dtype=g.dtype))
 
 
 mgda = from_weighting(mgda_weights, "mgda")

@@ -20,7 +20,7 @@ from gradfn.aggregators._base import (
     check_gram,
     finish,
     from_weighting,
-    restrict,
+    restrict_or_all,
 )
 
 __all__ = ["pcgrad", "pcgrad_weights"]
@@ -53,23 +53,38 @@ def pcgrad_weights(
     check_active(active, k, "pcgrad_weights")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
-    g, a = restrict(gram, active)
-    if order is None:
-        order = permutations(seed, k, k, device=g.device)
-    elif order.shape != (k, k):
+    g, a = restrict_or_all(gram, active)
+    if order is not None and order.shape != (k, k):
         raise ValueError(f"pcgrad_weights: `order` must be ({k}, {k}), got {tuple(order.shape)}")
+    if k == 2 and a is None:  # one step per row, any order: w_i = 1 − ⟨g_1, g_2⟩ / ‖g_i‖²
+        d = torch.diagonal(g)
+        g12 = g[0, 1]
+        w = torch.where((g12 < 0) & (d > 0), 1.0 - g12 / d, 1.0)
+        return finish(w * 0.5 if reduction == "mean" else w, gram)
+    if order is None and k <= 2:  # one other task to visit: every order gives the same result
+        order = torch.arange(k, device=g.device).expand(k, k)
+    elif order is None:
+        order = permutations(seed, k, k, device=g.device)
     order = order.to(device=g.device, dtype=torch.int64)
     rows = torch.arange(k, device=g.device)
-    diag = torch.diagonal(g)
     c = torch.eye(k, dtype=g.dtype, device=g.device)
-    on = a > 0
+    # everything that depends on the visiting order only, for all K steps at once
+    valid = order != rows[:, None]  # (K, K): row i, step t
+    if a is not None:
+        on = a > 0
+        valid = valid & on[:, None] & on[order]
+    diag = torch.diagonal(g)
+    gjj = diag[order]
+    gjj = torch.where(gjj > 0, gjj, 1.0)
+    g_ord = g[order]  # (K, K, K): [i, t] = row j = order[i, t] of G
+    e_ord = c[order]  # (K, K, K): [i, t] = e_j
     for t in range(k):
-        j = order[:, t]
-        valid = (j != rows) & on & on[j]
-        ip = (g[j] * c).sum(1)  # ⟨g_i^PC, g_j⟩
-        gjj = diag[j]
-        step = torch.where(valid & (ip < 0), -ip / torch.where(gjj > 0, gjj, 1.0), 0.0)
-        c = c + step[:, None] * torch.nn.functional.one_hot(j, k).to(g.dtype)
+        ip = (g_ord[:, t] * c).sum(1)  # ⟨g_i^PC, g_j⟩
+        step = torch.where(valid[:, t] & (ip < 0), -ip / gjj[:, t], 0.0)
+        c = c + step[:, None] * e_ord[:, t]
+    if a is None:
+        w = c.sum(0)
+        return finish(w / k if reduction == "mean" else w, gram)
     w = (c * a[:, None]).sum(0)
     if reduction == "mean":
         w = w / a.sum().clamp_min(1.0)

@@ -21,7 +21,7 @@ from gradfn.aggregators._base import (
     from_weighting,
     normalize_trace,
     pref_or_mean,
-    restrict,
+    restrict_or_all,
 )
 from gradfn.aggregators._qp import dual_cone_project
 
@@ -37,8 +37,8 @@ def _check_eps(norm_eps: float, reg_eps: float, iters: int, fn: str) -> None:
 
 def regularized(
     gram: Tensor, active: Tensor | None, norm_eps: float, reg_eps: float
-) -> tuple[Tensor, Tensor]:
-    g, a = restrict(gram, active)
+) -> tuple[Tensor, Tensor | None]:
+    g, a = restrict_or_all(gram, active)
     return normalize_trace(g, norm_eps) + reg_eps * eye_like(g), a
 
 
@@ -68,7 +68,7 @@ def upgrad_weights(
     check_pref(pref, k, "upgrad_weights")
     _check_eps(norm_eps, reg_eps, iters, "upgrad_weights")
     g, a = regularized(gram, active, norm_eps, reg_eps)
-    u = pref_or_mean(pref, a)
+    u = pref_or_mean(pref, a, g)
     v = dual_cone_project(torch.diag(u), g, iters)
     return finish(v.sum(0), gram, a)
 

@@ -38,13 +38,10 @@ def observe(config: SonGokuConfig, shared_rows: dict[str, Tensor]) -> PyTree:
 
 
 def finite_rows(obs: PyTree) -> Tensor:
-    """``(R,)`` bool: rows of the observation without a NaN or an infinity."""
-    ok: Tensor | None = None
-    for leaf in optree.tree_leaves(obs):
-        row = torch.isfinite(leaf.flatten(1).sum(dim=1))
-        ok = row if ok is None else ok & row
-    assert ok is not None
-    return ok
+    """``(R,)`` bool: rows of the observation without a NaN or an infinity (one sum per leaf and
+    row: a NaN or an infinity makes the row's total non-finite)."""
+    sums = [leaf.flatten(1).sum(dim=1) for leaf in optree.tree_leaves(obs)]
+    return torch.isfinite(torch.stack(sums).sum(dim=0))
 
 
 def blend_rows(
@@ -68,6 +65,8 @@ def blend_rows(
 
 
 def _blend_rows_inplace(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor, beta: float) -> PyTree:
+    """In place, row by row on views of large leaves (no gathered copies of the EMA rows); small
+    leaves take one gather, lerp and scatter each."""
     sel = torch.nonzero(mask).flatten()
     n_sel = int(sel.numel())
     if n_sel == 0:
@@ -75,13 +74,25 @@ def _blend_rows_inplace(ema: PyTree, obs: PyTree, idx: Tensor, mask: Tensor, bet
     rows = idx.index_select(0, sel)
     leaves = optree.tree_leaves(ema)
     k = leaves[0].shape[0]
-    every = n_sel == k and bool((rows == torch.arange(k, device=rows.device)).all())
+    pairs: list[tuple[int, int]] | None = None
+    if n_sel == k:
+        rows_l = rows.tolist()
+        every = rows_l == list(range(k)) and sel.tolist() == list(range(k))
+    else:
+        every = False
     for e, o in zip(leaves, optree.tree_leaves(obs), strict=True):
+        o = o.to(e.dtype)
         if every:
-            e.lerp_(o.to(e.dtype), 1.0 - beta)
+            e.lerp_(o, 1.0 - beta)
+        elif e[0].numel() >= _ROW_BY_ROW:
+            if pairs is None:
+                pairs = list(zip(rows.tolist(), sel.tolist(), strict=True))
+            for r, s in pairs:
+                e[r].lerp_(o[s], 1.0 - beta)
         else:
-            new = torch.lerp(
-                e.index_select(0, rows), o.index_select(0, sel).to(e.dtype), 1.0 - beta
-            )
+            new = torch.lerp(e.index_select(0, rows), o.index_select(0, sel), 1.0 - beta)
             e.index_copy_(0, rows, new)
     return ema
+
+
+_ROW_BY_ROW = 4096  # elements per row above which a row-by-row update beats a gathered copy

@@ -76,6 +76,16 @@ def task_grads(
     return TaskGrads(losses, rows, idx, out[2] if return_usage else None)
 
 
+def _sum_rows(rows: dict[str, Tensor], active_r: Tensor) -> tuple[dict[str, Tensor], bool]:
+    """Eager Eq. 6 when every differentiated row is active: ``Σ_r g_r`` per leaf (a view of the
+    row when there is one), else ``({}, False)`` (reads the ``(R,)`` row mask on the host)."""
+    if not bool(active_r.all()):
+        return {}, False
+    if active_r.numel() == 1:
+        return {n: g[0] for n, g in rows.items()}, True
+    return {n: g.sum(dim=0) for n, g in rows.items()}, True
+
+
 def _scatter_rows(tree: dict[str, Tensor], idx: Tensor, k: int) -> dict[str, Tensor]:
     def one(x: Tensor) -> Tensor:
         return torch.zeros((k, *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, idx, x)
@@ -145,6 +155,7 @@ def step(
         ema_mask = ema_mask | probe.to(device=active.device, dtype=torch.bool)
     agg_state = state.aggregator
     obs: PyTree = None
+    obs_test: PyTree | bool = True  # test the observation's rows (True: the observation itself)
     idx = torch.arange(k, device=active.device)
 
     if config.one_backward and probe is None and grads is None:
@@ -169,12 +180,21 @@ def step(
         shared_r = {n: rows[n] for n in names}
         other_r = {n: g for n, g in rows.items() if n not in name_set}
         obs = observe(config, shared_r)
-        agg_state, shared_g, w_heads = _aggregate(config, agg_state, shared_r, idx, active, red)
-        other_g = weighted_sum(other_r, w_heads.index_select(0, idx)) if other_r else {}
-        out = {n: (shared_g[n] if n in name_set else other_g[n]) for n in params}
+        covered = False  # does the step's gradient see every row (so its test covers the rows)?
+        if config.aggregator is None and not is_compiling() and config.reduction == "sum":
+            out, covered = _sum_rows(rows, active.index_select(0, idx))
+        if not covered:
+            agg_state, shared_g, w_heads = _aggregate(config, agg_state, shared_r, idx, active, red)
+            other_g = weighted_sum(other_r, w_heads.index_select(0, idx)) if other_r else {}
+            out = {n: (shared_g[n] if n in name_set else other_g[n]) for n in params}
         if reduce is not None and late_reduce:
             losses, obs, out = reduce((losses, obs, out))
-    return _guarded(config, state, losses, out, obs, idx, active, ema_mask, agg_state, donate)
+            covered = False
+        if covered:  # a NaN or an infinity in any row reaches the sum that _guarded tests
+            obs_test = None
+    return _guarded(
+        config, state, losses, out, obs, idx, active, ema_mask, agg_state, donate, obs_test
+    )
 
 
 def _guarded(
@@ -188,13 +208,15 @@ def _guarded(
     ema_mask: Tensor,
     agg_state: State,
     donate: bool,
+    obs_test: PyTree | bool = True,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """The skip policy: a non-finite active loss, gradient or EMA observation leaves the state
-    as it was (apart from ``skipped`` and ``losses``) and returns zero gradients."""
+    as it was (apart from ``skipped`` and ``losses``) and returns zero gradients.
+    ``obs_test=None``: the gradients' test already covers the observation's rows."""
     losses = losses.to(torch.float32)
     bad = (~torch.isfinite(losses) & active).any() | tree_any_nonfinite(grads)
     upd_r = ema_mask.index_select(0, idx)
-    if obs is not None:
+    if obs is not None and obs_test is not None:
         bad = bad | (upd_r & ~finite_rows(obs)).any()
     beta = config.ema_beta
     moved = dict(

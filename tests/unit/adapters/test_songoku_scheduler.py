@@ -502,3 +502,44 @@ def test_first_step_runs_each_task_loss_exactly_once(ema_mode, base_method):
     (alone,) = sched.step(data[2])  # then only the active task's loss runs
     assert calls == {f"t{i}": 2 + (f"t{i}" == alone) for i in range(K)}
     assert len(forwards) == 2 * K + 1
+
+
+@pytest.mark.parametrize("tau", [1.0, -1.0])  # one group of every task / one task per group
+@pytest.mark.parametrize("mode", ["active", "refresh"])
+def test_a_non_finite_gradient_behind_a_finite_loss_skips_the_step(tau, mode):
+    """``0 · sqrt(|w|)`` at ``w = 0``: the loss is finite, its gradient is NaN (the plain-sum path
+    tests the summed gradient, which must then cover every row)."""
+    data = abc_batches(6)
+    poisoned = {"on": False}
+
+    def spike(spec):
+        def loss(m, batch):
+            out = spec.loss_fn(m, batch)
+            if poisoned["on"]:
+                w = m.trunk[0].weight
+                out = out + 0.0 * torch.sqrt((w - w.detach()).abs()).sum()
+            return out
+
+        return TaskSpec(spec.name, loss)
+
+    model = TrunkHeads(6, 8, 3, seed=0)
+    sched = SonGokuScheduler(
+        model,
+        [spike(s) for s in abc_specs()],
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        refresh_period=2,
+        ema_mode=mode,
+        tau_schedule=TauSchedule("constant", tau_target=tau),
+    )
+    for b in data[:3]:
+        sched.step(b)
+    before = clone_tree(sched.state._asdict())
+    params = [p.detach().clone() for p in model.parameters()]
+    poisoned["on"] = True
+    losses = sched.step(data[3])
+    assert all(math.isfinite(v) for v in losses.values())
+    after = sched.state._asdict()
+    assert bool(after.pop("skipped"))
+    before.pop("skipped"), before.pop("losses"), after.pop("losses")
+    assert tree_equal(after, before)
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters(), strict=True))

@@ -184,3 +184,19 @@ def test_nash_mtl_state_reuse_and_clipping():
     torch.testing.assert_close(out2.grad["w"], expected)
     assert int(state.step) == 2
     assert float(out1.grad["w"].norm()) <= 0.5 + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mgda_two_tasks_closed_form_matches_a_grid_and_the_qp(seed):
+    # K = 2 takes Sener & Koltun's closed form; the masked path (all active) runs the QP
+    j = jac(seed, 2, 5)
+    if seed % 3 == 0:
+        j[1] = 2.0 * j[0]  # one gradient dominates: a vertex of the simplex
+    g = j @ j.T
+    w = A.mgda_weights(g)
+    w_qp = A.mgda_weights(g, active=torch.ones(2, dtype=torch.bool))
+    close(w, w_qp, 1e-7)
+    t = torch.linspace(0, 1, 100_001, dtype=F64)
+    grid = torch.stack([t, 1 - t], 1)
+    best = ((grid @ g) * grid).sum(1).min()
+    assert float(w @ g @ w) <= float(best) + 1e-9 * float(g.trace())

@@ -56,3 +56,25 @@ def test_mean_through_the_aggregator_advances_like_the_sum():
 def test_reduction_is_checked():
     with pytest.raises(ValueError, match="reduction"):
         A.pcgrad_weights(torch.eye(2, dtype=F64), reduction="max")
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_tasks_match_the_k_space_loop_and_a_naive_projection(seed, reduction):
+    # K = 2 takes a closed form; the masked path (all active) runs the general loop
+    g = torch.Generator().manual_seed(seed)
+    j = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    if seed % 2:
+        j[1] = -0.7 * j[0] + 0.3 * j[1]  # a conflict
+    gram = j @ j.T
+    w = A.pcgrad_weights(gram, reduction=reduction)
+    w_loop = A.pcgrad_weights(gram, reduction=reduction, active=torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(w, w_loop)
+    out = []
+    for i in range(2):  # Yu et al.: project g_i off the other task if they conflict
+        gi, gj = j[i].clone(), j[1 - i]
+        if gi @ gj < 0:
+            gi = gi - (gi @ gj) / (gj @ gj) * gj
+        out.append(gi)
+    naive = (out[0] + out[1]) / (2 if reduction == "mean" else 1)
+    torch.testing.assert_close(w @ j, naive)
