@@ -21,6 +21,8 @@ Timing: every runner of a (model, K, method) cell side by side in interleaved ro
 one step under ``torch.profiler(profile_memory=True)``, the running sum of the CPU allocator's
 allocation and free events (sizes from the profiler's event tree), maximum over the step, from the
 step's start (the model's parameters excluded; ``.grad`` are set to None before each step).
+With ``--device cuda``: ``torch.cuda.max_memory_allocated`` over the step minus the memory
+allocated before it.
 
 Usage::
 
@@ -63,7 +65,7 @@ def _libmtl_grads(losses: list[Tensor], shared: list[Tensor]) -> Tensor:
     """``AbsWeighting._compute_grad``: K backward passes, ``_grad2vec`` into a ``(K, n)`` matrix."""
     index = [p.numel() for p in shared]
     k = len(losses)
-    grads = torch.zeros(k, sum(index))
+    grads = torch.zeros(k, sum(index)).to(shared[0].device)
     for tn in range(k):
         losses[tn].backward(retain_graph=(tn + 1) != k)
         vec = torch.zeros(sum(index))
@@ -180,7 +182,8 @@ def _find_min_norm_element(grads: Tensor) -> Tensor:
 
 def libmtl_mgda(losses: list[Tensor], shared: list[Tensor]) -> None:
     grads = _libmtl_grads(losses, shared)
-    grads = grads / torch.ones(len(losses)).unsqueeze(1).repeat(1, grads.size()[1])  # gn "none"
+    gn = torch.ones(len(losses)).to(grads.device)  # mgda_gn="none"
+    grads = grads / gn.unsqueeze(1).repeat(1, grads.size()[1])
     sol = _find_min_norm_element(grads)
     _libmtl_reset(torch.einsum("i, i... -> ...", sol, grads), shared)
 
@@ -249,9 +252,16 @@ def runners(model: nn.Module, batch, method: str) -> dict[str, Callable[[], None
     return out
 
 
-def peak_mib(fn: Callable[[], None], model: nn.Module) -> float:
-    """Peak CPU allocator bytes over one call (module docstring), in MiB."""
+def peak_mib(fn: Callable[[], None], model: nn.Module, device: torch.device) -> float:
+    """Peak allocator bytes over one call (module docstring), in MiB."""
     model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events: list[tuple[int, int]] = []
@@ -276,8 +286,6 @@ def main() -> None:
     add_common_args(parser)
     args = parser.parse_args()
     device = setup(args)
-    if device.type != "cpu":
-        raise SystemExit("benchmarks.backward measures CPU peak memory: run it with --device cpu")
     torch.manual_seed(0)
     random.seed(0)
     ks = [2, 8] if args.quick else [2, 8, 32]
@@ -293,17 +301,17 @@ def main() -> None:
     print("|---" * 10 + "|")
     for model_name in ("MLP", "CNN"):
         for k in ks:
-            y = torch.randint(0, 10, (batch_size, k))
+            y = torch.randint(0, 10, (batch_size, k), device=device)
             if model_name == "MLP":
-                model: nn.Module = MLPHeads(k)
-                x = torch.randn(batch_size, 256)
+                model: nn.Module = MLPHeads(k).to(device)
+                x = torch.randn(batch_size, 256, device=device)
             else:
-                model = CNNHeads(k)
-                x = torch.randn(batch_size, 1, 16, 16)
+                model = CNNHeads(k).to(device)
+                x = torch.randn(batch_size, 1, 16, 16, device=device)
             for method in ("upgrad", "mgda", "pcgrad"):
                 run = runners(model, (x, y), method)
                 t = interleave(run, device, rounds=rounds, warmup=2)
-                mem = {name: peak_mib(fn, model) for name, fn in run.items()}
+                mem = {name: peak_mib(fn, model, device) for name, fn in run.items()}
                 lib = ratio_spread(t["libmtl"], t["gradfn"]) if "libmtl" in t else "—"
                 lib_mem = f"{mem['libmtl']:.1f}" if "libmtl" in mem else "—"
                 print(
