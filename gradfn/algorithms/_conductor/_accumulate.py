@@ -225,14 +225,13 @@ def _stochastic(c: _Setup) -> Tally:
         rows = [a[task] for a in c.acc]
         held: Sequence[Tensor | None] = ()
         for i in range(s):
+            row: Sequence[Tensor | None] = (None,) * p
             with torch.enable_grad():
                 losses = loss_list(c.loss_fn(params, c.next_batch()), k)
                 loss = losses[task]
                 if loss.requires_grad:
                     seed = _seed(losses, task, c.config.lambdas[task] / s)
                     row = torch.autograd.grad(loss, leaves, grad_outputs=seed, allow_unused=True)
-                else:
-                    row = (None,) * p
             raw.append(loss)
             _reached([g is not None for g in row], p, reached)
             if i == 0 and s > 1:
