@@ -22,6 +22,7 @@ Usage::
 
     python -m benchmarks.conductor            # full run (prints markdown tables)
     python -m benchmarks.conductor --quick    # small models only, fewer rounds
+    python -m benchmarks.conductor --compile  # plus classic mode with its process compiled
 """
 
 from __future__ import annotations
@@ -320,11 +321,13 @@ def stochastic_rows(name: str, pb: Problem, device: torch.device, rounds: int) -
 
 
 def classic_rows(
-    name: str, pb: Problem, device: torch.device, rounds: int, reference: bool
+    name: str, pb: Problem, device: torch.device, rounds: int, reference: bool, compiled: bool
 ) -> list[Row]:
     runners = {"gcond": pb.conductor(False), "bound": pb.bound}
     if reference:
         runners["reference"] = pb.reference_way()
+    if compiled:
+        runners["compiled"] = pb.conductor(False, compile=True)
     t = interleave(runners, device, rounds=rounds, warmup=2)
     over = (t["gcond"].median - t["bound"].median) * 1e3
     target = "<= 1.1x" + (", <= bound + 2 ms" if pb.size <= 150_000 else "")
@@ -338,6 +341,18 @@ def classic_rows(
             target,
         )
     ]
+    if compiled:
+        over_c = (t["compiled"].median - t["bound"].median) * 1e3
+        rows.append(
+            (
+                "classic step, process compiled (inductor) / K-backward bound",
+                name,
+                t["compiled"],
+                t["bound"],
+                f"{ratio_spread(t['compiled'], t['bound'])}, {over_c:+.2f} ms",
+                "(information)",
+            )
+        )
     if reference:
         rows.append(
             (
@@ -392,6 +407,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models only, fewer rounds")
     parser.add_argument("--batch", type=int, default=128, help="micro-batch size (default 128)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time classic mode with its process compiled (the two smallest models)",
+    )
     add_common_args(parser)
     args = parser.parse_args()
     device = setup(args)
@@ -404,7 +424,10 @@ def main() -> None:
         name = f"{key} ({pb.size:,} params)"
         rows += stochastic_rows(name, pb, device, rounds)
         if key in classic:
-            rows += classic_rows(name, pb, device, rounds, reference=key == "1.6M")
+            small = key in ("1.1k", "0.1M")
+            rows += classic_rows(
+                name, pb, device, rounds, reference=key == "1.6M", compiled=args.compile and small
+            )
     rows.append(
         resolve_row(16, 100_000 if args.quick else 1_000_000, device, 3 if args.quick else 5)
     )
@@ -413,7 +436,7 @@ def main() -> None:
         f"{environment(device)}; K={K} losses, N={N} micro-batches of {args.batch}, "
         f"{rounds} interleaved rounds (median [min–max])\n"
     )
-    print("| measurement | model | gradfn ms | baseline ms | ratio | target |")
+    print("| measurement | model | gradfn ms | baseline ms | ratio gradfn / baseline | target |")
     print("|---|---|---|---|---|---|")
     for what, model, ours, base, ratio, target in rows:
         print(f"| {what} | {model} | {ours.ms()} | {base.ms()} | {ratio} | {target} |")
