@@ -182,7 +182,8 @@ def conductor(
             with one host read instead of ``torch.where`` copies of the previous gradients and
             the momentum (eager; compiled code keeps the copies), and (without ``compile``) the
             accumulators are two sets of buffers reused across cycles, one of them holding the
-            state's previous gradients: a state passed in may be overwritten two cycles later.
+            state's previous gradients (both stay allocated: ``2·K·n`` floats between cycles):
+            a state passed in may be overwritten two cycles later.
 
     Raises:
         ValueError: at construction, for a bad value (naming the argument), including
