@@ -1,42 +1,53 @@
-"""GradientConductor: gradfn vs the reference's way of computing a step, side by side in one run.
+"""GradientConductor: its step against the cost floors it is measured by, side by side in one run.
 
-Three measurements (interleaved rounds, median; ratios from the same run):
+Every row times runners in interleaved rounds (``benchmarks._common.interleave``) and gives the
+median and the spread ``[min–max]``; ratios are per-round ratios of runners timed together. Each
+runner ends with the same optimizer step (SGD, ``lr = 1e-6``), so every row compares full steps.
 
-1. **Classic mode** (every loss on every micro-batch), ``K = 4`` losses, ``N = 8`` micro-batches, the
-   same model: ``gradfn.GradientConductor(stochastic_accumulation=False)`` (one forward per
-   micro-batch shared by the losses, conflict resolution on the K×K Gramian) vs the reference's way:
-   a separate forward + backward per loss per micro-batch, then the pairwise vector resolution
-   (norms and dots of every pair recomputed each iteration, arbitrator on the vectors, host syncs),
-   momentum. Both do the same algorithm; the table also gives the accumulation passes alone.
-2. **Stochastic mode**: ``GradientConductor(stochastic_accumulation=True)`` vs plain gradient
-   accumulation of the summed loss (``N`` forward + backward passes of ``Σ_k λ_k L_k`` into
-   ``p.grad``): the conductor's full step costs at most this much more.
-3. **resolve** at ``K = 16`` tasks, ``n = 10⁶`` parameters: :func:`gradfn.conflict.resolve` (Gramian +
-   coefficient-space iterations + one recombination) vs the pairwise vector implementation, same
-   thresholds, same ``2K`` iterations.
+1. **Stochastic mode** (loss ``k`` on its own ``N/K`` micro-batches):
+   ``GradientConductor(stochastic_accumulation=True).step`` vs **plain accumulation** of the summed
+   loss (``N`` forward + backward passes of ``Σ_k λ_k L_k`` into ``p.grad``).
+2. **Classic mode** (every loss on every micro-batch): ``GradientConductor(
+   stochastic_accumulation=False).step`` vs its **K-backward bound**: ``N`` micro-batches × (one
+   forward + ``K`` ``torch.autograd.grad`` calls with the graph retained, added into ``p.grad``),
+   the passes any implementation of classic mode must make, with nothing else.
+3. **Classic mode vs the reference's way** (a separate forward + backward per loss per
+   micro-batch, the pairwise vector resolution with its host syncs, momentum) and
+   **resolve** at ``K = 16`` (:func:`gradfn.conflict.resolve` vs the pairwise vectors).
+
+``K = 4`` losses (alternating-sign regression targets: they conflict), ``N = 8`` micro-batches,
+an MLP trunk with ``K`` linear heads.
 
 Usage::
 
-    python -m benchmarks.conductor            # full run (prints a markdown table)
-    python -m benchmarks.conductor --quick    # smaller sizes, fewer rounds
+    python -m benchmarks.conductor            # full run (prints markdown tables)
+    python -m benchmarks.conductor --quick    # small models only, fewer rounds
+    python -m benchmarks.conductor --compile  # plus classic mode with its process compiled
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections import deque
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks._common import (
+    Timing,
+    add_common_args,
+    environment,
+    interleave,
+    ratio_spread,
+    setup,
+)
 from gradfn import GradientConductor
 from gradfn.conflict import resolve
 
 THRESHOLDS = (-0.8, -0.5, 0.0)
+K, N = 4, 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +180,11 @@ class ReferenceWay:
         self.params = [p for p in model.parameters() if p.requires_grad]
         size = sum(p.numel() for p in self.params)
         self.k = len(losses)
-        self.prev = [torch.zeros(size) for _ in range(self.k)]
+        device = self.params[0].device
+        self.prev = [torch.zeros(size, device=device) for _ in range(self.k)]
         self.ema = [1.0] * self.k
         self.hist: deque = deque(maxlen=3)
-        self.m = torch.zeros(size)
+        self.m = torch.zeros(size, device=device)
         self.t = 0
 
     def accumulate(self, provider: Callable) -> list[torch.Tensor]:
@@ -205,161 +217,229 @@ class ReferenceWay:
 
 
 # ---------------------------------------------------------------------------------------------
-# timing
+# runners
 
 
-def median_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up (and the adapter's first-step probe)
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+def params_of(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
-def provider_of(batches: list) -> Callable:
-    it = iter(batches)
-    return lambda: next(it)
+class Problem:
+    """A model, its ``K`` losses, ``N`` micro-batches on ``device`` and an SGD step."""
 
+    def __init__(self, spec: tuple, batch: int, device: torch.device, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        model, shape = make_model(spec, K)
+        self.model = model.to(device)
+        self.losses = make_losses(K)
+        self.lambdas = dict.fromkeys(self.losses, 1.0)
+        self.batches = [
+            (torch.randn(batch, *shape, device=device), torch.randn(batch, 8, device=device))
+            for _ in range(N)
+        ]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=1e-6)
+        self.size = params_of(self.model)
 
-def bench_classic(k: int, n: int, batch: int, spec: tuple, rounds: int, compiled: bool) -> dict:
-    torch.manual_seed(0)
-    model, shape = make_model(spec, k)
-    losses = make_losses(k)
-    lambdas = dict.fromkeys(losses, 1.0)
-    batches = [(torch.randn(batch, *shape), torch.randn(batch, 8)) for _ in range(n)]
-    ours = GradientConductor(model, losses, lambdas, n, stochastic_accumulation=False)
-    ref = ReferenceWay(model, losses, n)
-    fns = {
-        "gradfn": lambda: ours.step(provider_of(batches)),
-        "reference": lambda: ref.step(provider_of(batches)),
-        "ref_passes": lambda: ref.accumulate(provider_of(batches)),
-    }
-    if compiled:
-        comp = GradientConductor(
-            model, losses, lambdas, n, stochastic_accumulation=False, compile=True
+    def provider(self) -> Callable:
+        it = iter(self.batches)
+        return lambda: next(it)
+
+    def conductor(self, stochastic: bool, **options: object) -> Callable[[], None]:
+        gc = GradientConductor(
+            self.model,
+            self.losses,
+            self.lambdas,
+            N,
+            stochastic_accumulation=stochastic,
+            **options,  # type: ignore[arg-type]
         )
-        fns["compiled"] = lambda: comp.step(provider_of(batches))
-    return median_ms(fns, rounds)
+
+        def step() -> None:
+            gc.step(self.provider())
+            self.opt.step()
+
+        return step
+
+    def plain(self) -> None:
+        """Plain accumulation of the summed loss: N forward + backward passes into p.grad."""
+        self.opt.zero_grad()
+        for x, y in self.batches:
+            out = self.model(x)
+            (sum(fn(out, y) for fn in self.losses.values()) / N).backward()
+        self.opt.step()
+
+    def bound(self) -> None:
+        """Classic mode's floor: per micro-batch one forward and K autograd.grad calls (graph
+        retained), each added into p.grad; then the optimizer step."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        fns = list(self.losses.values())
+        for x, y in self.batches:
+            out = self.model(x)
+            for i, fn in enumerate(fns):
+                grads = torch.autograd.grad(
+                    fn(out, y) / N, self.params, retain_graph=i < K - 1, allow_unused=True
+                )
+                with torch.no_grad():
+                    for p, g in zip(self.params, grads, strict=True):
+                        if g is not None:
+                            p.grad.add_(g)  # type: ignore[union-attr]
+        self.opt.step()
+
+    def reference_way(self) -> Callable[[], None]:
+        ref = ReferenceWay(self.model, self.losses, N)
+
+        def step() -> None:
+            ref.step(self.provider())
+            self.opt.step()
+
+        return step
 
 
-def bench_stochastic(k: int, n: int, batch: int, spec: tuple, rounds: int, compiled: bool) -> dict:
-    torch.manual_seed(0)
-    model, shape = make_model(spec, k)
-    losses = make_losses(k)
-    lambdas = dict.fromkeys(losses, 1.0)
-    batches = [(torch.randn(batch, *shape), torch.randn(batch, 8)) for _ in range(n)]
-    ours = GradientConductor(model, losses, lambdas, n, stochastic_accumulation=True)
+Row = tuple[str, str, Timing, Timing, str, str]
 
-    def plain() -> None:
-        model.zero_grad()
-        for x, y in batches:
-            out = model(x)
-            (sum(fn(out, y) for fn in losses.values()) / n).backward()
 
-    fns = {"gradfn": lambda: ours.step(provider_of(batches)), "plain": plain}
-    if compiled:
-        comp = GradientConductor(
-            model, losses, lambdas, n, stochastic_accumulation=True, compile=True
+def stochastic_rows(name: str, pb: Problem, device: torch.device, rounds: int) -> list[Row]:
+    t = interleave(
+        {"gcond": pb.conductor(True), "plain": pb.plain}, device, rounds=rounds, warmup=2
+    )
+    target = "<= 1.2x" if pb.size >= 1_000_000 else "(information)"
+    return [
+        (
+            "stochastic step / plain accumulation",
+            name,
+            t["gcond"],
+            t["plain"],
+            ratio_spread(t["gcond"], t["plain"]),
+            target,
         )
-        fns["compiled"] = lambda: comp.step(provider_of(batches))
-    return median_ms(fns, rounds)
+    ]
 
 
-def bench_resolve(k: int, n: int, rounds: int) -> dict:
+def classic_rows(
+    name: str, pb: Problem, device: torch.device, rounds: int, reference: bool, compiled: bool
+) -> list[Row]:
+    runners = {"gcond": pb.conductor(False), "bound": pb.bound}
+    if reference:
+        runners["reference"] = pb.reference_way()
+    if compiled:
+        runners["compiled"] = pb.conductor(False, compile=True)
+    t = interleave(runners, device, rounds=rounds, warmup=2)
+    over = (t["gcond"].median - t["bound"].median) * 1e3
+    target = "<= 1.1x" + (", <= bound + 2 ms" if pb.size <= 150_000 else "")
+    rows = [
+        (
+            "classic step / K-backward bound",
+            name,
+            t["gcond"],
+            t["bound"],
+            f"{ratio_spread(t['gcond'], t['bound'])}, {over:+.2f} ms",
+            target,
+        )
+    ]
+    if compiled:
+        over_c = (t["compiled"].median - t["bound"].median) * 1e3
+        rows.append(
+            (
+                "classic step, process compiled (inductor) / K-backward bound",
+                name,
+                t["compiled"],
+                t["bound"],
+                f"{ratio_spread(t['compiled'], t['bound'])}, {over_c:+.2f} ms",
+                "(information)",
+            )
+        )
+    if reference:
+        rows.append(
+            (
+                "classic step / the reference's way",
+                name,
+                t["gcond"],
+                t["reference"],
+                ratio_spread(t["gcond"], t["reference"]),
+                "(information)",
+            )
+        )
+    return rows
+
+
+def resolve_row(k: int, n: int, device: torch.device, rounds: int) -> Row:
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(n, generator=gen)
     # correlated tasks with alternating signs: many conflicting pairs
     rows = [(-1.0) ** i * 0.6 * base + torch.randn(n, generator=gen) for i in range(k)]
-    stacked = {"w": torch.stack(rows)}
-    prev = [torch.randn(n, generator=gen) for _ in range(k)]
+    stacked = {"w": torch.stack(rows).to(device)}
+    prev = [torch.randn(n, generator=gen).to(device) for _ in range(k)]
     prev_stacked = {"w": torch.stack(prev)}
-    ema = torch.ones(k)
+    ema = torch.ones(k, device=device)
 
     def ours() -> None:
-        resolve(stacked, prev=prev_stacked, norm_ema=ema, history=torch.full((3,), -1))
+        hist = torch.full((3,), -1, device=device)
+        resolve(stacked, prev=prev_stacked, norm_ema=ema, history=hist)
 
     def vector() -> None:
         vector_resolve(list(stacked["w"].clone().unbind(0)), prev, [1.0] * k, deque(maxlen=3), 3)
 
-    res = resolve(stacked, prev=prev_stacked, norm_ema=ema, history=torch.full((3,), -1))
-    ms = median_ms({"gradfn": ours, "vector": vector}, rounds)
-    ms["iters"] = int(res.iterations)
-    return ms
+    t = interleave({"gradfn": ours, "vector": vector}, device, rounds=rounds)
+    return (
+        f"resolve, K={k}, 2K iterations / pairwise vectors",
+        f"n={n:.0e}",
+        t["gradfn"],
+        t["vector"],
+        ratio_spread(t["gradfn"], t["vector"]),
+        "(information)",
+    )
+
+
+MODELS = {
+    "1.1k": ("mlp", 16, 16),
+    "0.1M": ("mlp", 128, 256),
+    "1.6M": ("mlp", 512, 1024),
+    "10.5M": ("mlp", 3072, 2048),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="small models only, fewer rounds")
+    parser.add_argument("--batch", type=int, default=128, help="micro-batch size (default 128)")
     parser.add_argument(
-        "--no-compile", action="store_true", help="skip the torch.compile'd rows (slow to build)"
+        "--compile",
+        action="store_true",
+        help="also time classic mode with its process compiled (the two smallest models)",
     )
+    add_common_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    k, n = 4, 8
-    if args.quick:
-        rounds, batch, resolve_n, resolve_rounds = 5, 64, 100_000, 3
-        models = [("MLP 128-256-256", ("mlp", 128, 256))]
-    else:
-        rounds, batch, resolve_n, resolve_rounds = 7, 128, 1_000_000, 5
-        models = [
-            ("MLP 512-1024-1024", ("mlp", 512, 1024)),
-            ("wide-input MLP 4096-256-256", ("mlp", 4096, 256)),
-            ("CNN 3x32x32, 3 convs", ("cnn",)),
-        ]
-    compiled = not (args.quick or args.no_compile)
-    rows = []
-    for index, (name, spec) in enumerate(models):
-        comp = compiled and index == 0
-        size = 64 if spec[0] == "cnn" else batch
-        classic = bench_classic(k, n, size, spec, rounds, comp)
-        stoch = bench_stochastic(k, n, size, spec, rounds, comp)
-        rows.append((name, classic, stoch))
-    res = bench_resolve(16, resolve_n, resolve_rounds)
+    device = setup(args)
+    rounds = 5 if args.quick else 9
+    stochastic = ["1.1k", "0.1M"] if args.quick else ["1.1k", "0.1M", "1.6M", "10.5M"]
+    classic = ["1.1k", "0.1M"] if args.quick else ["1.1k", "0.1M", "1.6M"]
+    rows: list[Row] = []
+    for key in stochastic:
+        pb = Problem(MODELS[key], args.batch, device)
+        name = f"{key} ({pb.size:,} params)"
+        rows += stochastic_rows(name, pb, device, rounds)
+        if key in classic:
+            small = key in ("1.1k", "0.1M")
+            rows += classic_rows(
+                name, pb, device, rounds, reference=key == "1.6M", compiled=args.compile and small
+            )
+    rows.append(
+        resolve_row(16, 100_000 if args.quick else 1_000_000, device, 3 if args.quick else 5)
+    )
 
     print(
-        f"CPU, torch threads={args.threads}; models: trunk + {k} linear heads, micro-batch "
-        f"{batch} (CNN: 64), K={k} losses, N={n} micro-batches; median of {rounds} interleaved "
-        "rounds\n"
+        f"{environment(device)}; K={K} losses, N={N} micro-batches of {args.batch}, "
+        f"{rounds} interleaved rounds (median [min–max])\n"
     )
-    print("| measurement | model | gradfn ms | baseline ms | ratio | target |")
+    print("| measurement | model | gradfn ms | baseline ms | ratio gradfn / baseline | target |")
     print("|---|---|---|---|---|---|")
-    for name, classic, stoch in rows:
-        ref = classic["reference"]
-        print(
-            f"| classic step vs the reference's way | {name} | {classic['gradfn']:.1f} "
-            f"| {ref:.1f} | {ref / classic['gradfn']:.2f}x faster | >= 1.5x faster |"
-        )
-        if "compiled" in classic:
-            print(
-                f"| classic step, resolve + momentum compiled | {name} | {classic['compiled']:.1f} "
-                f"| {ref:.1f} | {ref / classic['compiled']:.2f}x faster | >= 1.5x faster |"
-            )
-        print(
-            f"| classic step vs the reference's passes alone (no resolution) | {name} "
-            f"| {classic['gradfn']:.1f} | {classic['ref_passes']:.1f} "
-            f"| {classic['ref_passes'] / classic['gradfn']:.2f}x faster | (information) |"
-        )
-        plain = stoch["plain"]
-        print(
-            f"| stochastic step vs plain accumulation of the summed loss | {name} "
-            f"| {stoch['gradfn']:.1f} | {plain:.1f} | {stoch['gradfn'] / plain:.2f}x | <= 1.1x |"
-        )
-        if "compiled" in stoch:
-            print(
-                f"| stochastic step, resolve + momentum compiled | {name} "
-                f"| {stoch['compiled']:.1f} | {plain:.1f} | {stoch['compiled'] / plain:.2f}x "
-                "| <= 1.1x |"
-            )
-    print(
-        f"| resolve, K=16, {res['iters']} iterations, vs pairwise vectors | n={resolve_n:.0e} "
-        f"| {res['gradfn']:.1f} | {res['vector']:.1f} | {res['vector'] / res['gradfn']:.1f}x faster "
-        "| >= 10x faster |"
-    )
+    for what, model, ours, base, ratio, target in rows:
+        print(f"| {what} | {model} | {ours.ms()} | {base.ms()} | {ratio} | {target} |")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.conflict._arbitrator import DominanceRule, push_history, second_wins, stability
+from gradfn.conflict._arbitrator import DominanceRule, push_history
 from gradfn.conflict._resolve_steps import _angle as _angle  # the smooth rule, tested alone
-from gradfn.conflict._resolve_steps import _Consts, _pick_pair, _smooth_step, _zones_step
+from gradfn.conflict._resolve_steps import _Consts, _j_wins, _pick_pair, _smooth_step, _zones_step
 from gradfn.typing import PyTree
 
 __all__ = [
@@ -195,24 +195,17 @@ def resolve_gramian(
 
     coeff = c_.eye
     cur = gram
-    pairs, winners = [], []
-    iterations = torch.zeros((), dtype=torch.int64, device=device)
+    ema_eps = ema + eps  # the arbitrator's strength denominators, loop-invariant
+    prev: tuple[Tensor, Tensor] | None = None  # X^T and the previous norms, loop-invariant
+    if prev_cross is not None and prev_sq_norms is not None:
+        prev = (prev_cross.T, torch.sqrt(torch.clamp(prev_sq_norms, min=0.0)))
+    actives, ijs, won, arbitrations = [], [], [], []
     for _ in range(max_iters):
         pair = _pick_pair(cur, c_)
-        stab = None
-        if prev_cross is not None:
-            stab = stability(coeff, prev_cross, pair.sq, prev_sq_norms, eps)
-        j_wins = second_wins(
-            pair.oh_i,
-            pair.oh_j,
-            pair.norms,
-            ema,
-            stab,
-            history,
-            tie_breaking_weights=w,
-            dominance=dominance,
-            eps=eps,
-        )
+        stab = None  # cosine of each current gradient with its previous one (the stability)
+        if prev is not None:
+            stab = (coeff * prev[0]).sum(dim=1) / (pair.norms * prev[1] + eps)
+        j_wins = _j_wins(pair, ema_eps, stab, history, (w[0], w[1]), dominance, eps)
         winner = torch.where(j_wins, pair.j, pair.i)
         if rule == "smooth":
             coeff = _smooth_step(coeff, pair, j_wins, remap_power, c_)
@@ -221,10 +214,20 @@ def resolve_gramian(
             coeff, arbitrated = _zones_step(coeff, pair, j_wins, c_)
         cur = coeff @ gram @ coeff.T
         history = push_history(history, winner, arbitrated)
-        iterations = iterations + pair.active.to(torch.int64)
-        pairs.append(torch.where(pair.active, torch.stack([pair.i, pair.j]), minus_one))
-        winners.append(torch.where(arbitrated, winner, minus_one))
+        actives.append(pair.active)
+        ijs.append(pair.ij)
+        won.append(winner)
+        arbitrations.append(arbitrated)
 
+    if max_iters:
+        active = torch.stack(actives)
+        iterations = active.to(torch.int64).sum()
+        pairs = torch.where(active[:, None], torch.stack(ijs), minus_one)
+        winners = torch.where(torch.stack(arbitrations), torch.stack(won), minus_one)
+    else:
+        iterations = torch.zeros((), dtype=torch.int64, device=device)
+        pairs = torch.empty(0, 2, dtype=torch.int64, device=device)
+        winners = torch.empty(0, dtype=torch.int64, device=device)
     return ResolveResult(
         coefficients=coeff,
         weights=coeff.sum(dim=0),
@@ -232,10 +235,8 @@ def resolve_gramian(
         min_cosine_before=true_min_cosine(gram, eps, floor),
         min_cosine_after=true_min_cosine(cur, eps, floor),
         iterations=iterations,
-        pairs=torch.stack(pairs) if pairs else torch.empty(0, 2, dtype=torch.int64, device=device),
-        winners=torch.stack(winners)
-        if winners
-        else torch.empty(0, dtype=torch.int64, device=device),
+        pairs=pairs,
+        winners=winners,
         history=history,
     )
 

@@ -10,7 +10,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["_Consts", "_Pair", "_angle", "_pick_pair", "_smooth_step", "_zones_step"]
+__all__ = [
+    "_Consts",
+    "_Pair",
+    "_angle",
+    "_j_wins",
+    "_pick_pair",
+    "_smooth_step",
+    "_zones_step",
+]
 
 
 def _angle(c: Tensor, t: tuple[float, float, float], p: float, eps: float) -> Tensor:
@@ -76,6 +84,7 @@ class _Pair(NamedTuple):
     active: Tensor
     sq: Tensor
     norms: Tensor
+    ij: Tensor  # (2,) int64: (i, j)
 
 
 def _pick_pair(cur: Tensor, c_: _Consts) -> _Pair:
@@ -88,14 +97,38 @@ def _pick_pair(cur: Tensor, c_: _Consts) -> _Pair:
     mask = c_.upper & valid[:, None] & valid[None, :]
     masked = torch.where(mask, cur / (torch.outer(norms, norms) + eps), c_.inf).reshape(-1)
     flat = torch.argmin(masked)
-    active = masked.amin() < c_.t[2]
-    c = torch.where(active, masked.amin(), c_.zero)  # keep inactive arithmetic finite
-    i = flat // k
-    j = flat - i * k
-    dtype = cur.dtype
-    oh_i, oh_j = (c_.ar == i).to(dtype), (c_.ar == j).to(dtype)
+    low = masked.amin()
+    active = low < c_.t[2]
+    c = torch.where(active, low, c_.zero)  # keep inactive arithmetic finite
+    i, j = flat // k, flat % k
+    ij = torch.stack([i, j])
+    oh_i, oh_j = c_.eye[ij].unbind()  # one-hot rows of the identity
     d = oh_i @ cur @ oh_j
-    return _Pair(i, j, oh_i, oh_j, c, d, sq @ oh_i, sq @ oh_j, active, sq, norms)
+    return _Pair(i, j, oh_i, oh_j, c, d, sq @ oh_i, sq @ oh_j, active, sq, norms, ij)
+
+
+def _j_wins(
+    pair: _Pair,
+    ema_eps: Tensor,
+    stab: Tensor | None,
+    history: Tensor,
+    weights: tuple[float, float],
+    dominance: str,
+    eps: float,
+) -> Tensor:
+    """0-d bool: does ``j`` win? :func:`gradfn.conflict.second_wins` for a picked pair, with the
+    loop-invariant ``norm_ema + eps`` given and the dominance read off the pair's indices."""
+    w_stab, w_str = weights
+    rel = pair.norms / ema_eps
+    score = w_str * rel / (rel @ pair.oh_i + rel @ pair.oh_j + eps)
+    if stab is not None:
+        score = score + w_stab * torch.clamp(stab, min=0.0)
+    j_wins = score @ pair.oh_j > score @ pair.oh_i  # strict: ties go to i
+    if history.numel() == 0:
+        return j_wins
+    dom_i, dom_j = (history == pair.i).all(), (history == pair.j).all()
+    # exactly one of the pair dominant: "loses" makes it lose, "wins" makes it win
+    return torch.where(dom_i == dom_j, j_wins, dom_i if dominance == "loses" else dom_j)
 
 
 def _smooth_step(coeff: Tensor, pair: _Pair, j_wins: Tensor, power: float, c_: _Consts) -> Tensor:

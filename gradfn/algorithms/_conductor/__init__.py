@@ -20,7 +20,7 @@ from torch import Tensor
 from gradfn import tree
 from gradfn._internal.checks import check_callable
 from gradfn.algorithms._base import Algorithm
-from gradfn.algorithms._conductor._accumulate import Cycle, accumulate
+from gradfn.algorithms._conductor._accumulate import Cycle, accumulate, new_buffers
 from gradfn.algorithms._conductor._config import ConductorConfig, reference_options
 from gradfn.algorithms._conductor._process import (
     ConductorState,
@@ -71,9 +71,11 @@ def _accumulate(
     *,
     loss_scale: Tensor | None = None,
     reduce: Reducer | None = None,
+    out: PyTree | None = None,
 ) -> Cycle:
-    """The accumulated ``A_k`` and losses, unscaled and (with ``reduce``) averaged over ranks."""
-    cycle = accumulate(config, scale_losses(loss_fn, loss_scale), params, microbatches)
+    """The accumulated ``A_k`` and losses, unscaled and (with ``reduce``) averaged over ranks;
+    ``out``: task-stacked buffers to fill (else fresh ones)."""
+    cycle = accumulate(config, scale_losses(loss_fn, loss_scale), params, microbatches, out=out)
     grads, losses, raw = unscale((cycle.grads, cycle.losses, cycle.raw_losses), loss_scale)
     if reduce is not None:
         grads, losses, raw = reduce((grads, losses, raw))
@@ -91,17 +93,50 @@ def _revert(old: ConductorState, new: ConductorState) -> ConductorState:
     return ConductorState(inner, stats, new.touched)
 
 
+class _Buffers:
+    """Two sets of task-stacked accumulators reused across cycles (donated, eager states): a
+    cycle fills the set that the state's previous gradients do not live in, so no cycle
+    allocates (and first-touches) ``K·n`` fresh floats."""
+
+    def __init__(self, config: ConductorConfig) -> None:
+        self.config = config
+        self.sets: list[list[Tensor]] = []
+        self.trees: list[PyTree] = []
+
+    def free_set(self, params: PyTree, prev: PyTree) -> PyTree:
+        """The set to fill: not sharing memory with ``prev`` (made on first use, remade when
+        the parameters' shapes change)."""
+        leaves = tree.leaves(params)
+        if (
+            not self.sets
+            or any(
+                b.shape[1:] != p.shape or b.device != p.device
+                for b, p in zip(self.sets[0], leaves, strict=False)
+            )
+            or len(self.sets[0]) != len(leaves)
+        ):
+            self.trees = [new_buffers(self.config, params) for _ in range(2)]
+            self.sets = [tree.leaves(t) for t in self.trees]
+        busy = {x.untyped_storage().data_ptr() for x in tree.leaves(prev)}
+        for bufs, t in zip(self.sets, self.trees, strict=True):
+            if not any(b.untyped_storage().data_ptr() in busy for b in bufs):
+                return t
+        return new_buffers(self.config, params)  # both in use (not by this conductor's cycles)
+
+
 def _update(
     accumulate_fn: Callable[..., Cycle],
     process_fn: Callable[..., tuple[ConductorState, PyTree]],
     sync_outputs: OutputSync | None,
+    buffers: _Buffers | None,
     state: ConductorState,
     params: PyTree,
     microbatches: Any,
     *,
     loss_scale: Tensor | None = None,
 ) -> tuple[ConductorState, PyTree]:
-    cycle = accumulate_fn(params, microbatches, loss_scale=loss_scale)
+    out = None if buffers is None else buffers.free_set(params, state.prev)
+    cycle = accumulate_fn(params, microbatches, loss_scale=loss_scale, out=out)
     new, out = process_fn(state, cycle.grads, cycle.losses, cycle.raw_losses, params)
     new = new._replace(touched=state.touched | cycle.reached)
     if sync_outputs is None:
@@ -145,7 +180,10 @@ def conductor(
             and momentum are compiled and the skip decision stays eager (no state copies).
         donate_state: the caller never reuses a state it passed in: a skipped cycle is decided
             with one host read instead of ``torch.where`` copies of the previous gradients and
-            the momentum (eager; compiled code keeps the copies).
+            the momentum (eager; compiled code keeps the copies), and (without ``compile``) the
+            accumulators are two sets of buffers reused across cycles, one of them holding the
+            state's previous gradients (both stay allocated: ``2·K·n`` floats between cycles):
+            a state passed in may be overwritten two cycles later.
 
     Raises:
         ValueError: at construction, for a bad value (naming the argument), including
@@ -181,9 +219,10 @@ def conductor(
     backend = None if not compile else (compile if isinstance(compile, str) else "inductor")
     process_fn = make_process(config, select="host" if donate_state else "where", backend=backend)
     accumulate_fn = partial(_accumulate, config, loss_fn, reduce=reduce)
+    buffers = _Buffers(config) if donate_state and backend is None else None
     return Conductor(
         init=partial(init_state, config),
-        update=partial(_update, accumulate_fn, process_fn, sync_outputs),
+        update=partial(_update, accumulate_fn, process_fn, sync_outputs, buffers),
         accumulate=accumulate_fn,
         process=process_fn,
         config=config,

@@ -85,3 +85,39 @@ def test_bfloat16_accumulation_option():
     s = t.init(make_params())
     s, g = t.update(s, make_params(), make_batches(2))
     assert g["w"].dtype == torch.bfloat16 and s.momentum.mu["w"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_stochastic_block_differentiates_its_own_loss_alone(s):
+    # loss 1's target is NaN on loss 0's block: loss 0's A_0 is its own gradient, not poisoned
+    def split_targets(p, batch):
+        x, y0, y1 = batch
+        out = x @ p["w"].T + p["b"]
+        return [((out - y0) ** 2).mean(), ((out[:, 0] - y1) ** 2).mean()]
+
+    n = 2 * s
+    params = make_params()
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(5, 4, generator=gen),
+            torch.randn(5, 3, generator=gen),
+            torch.randn(5, generator=gen),
+        )
+        for _ in range(n)
+    ]
+    batches[0] = (batches[0][0], batches[0][1], torch.full((5,), float("nan")))
+    acc, losses, raw = accumulate(split_targets, params, batches, stochastic=True)
+    for task, lam in enumerate(LAMBDAS):
+        want = {k: torch.zeros_like(v) for k, v in params.items()}
+        loss_sum = 0.0
+        for b in batches[task * s : (task + 1) * s]:
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+            loss = split_targets(leaves, b)[task]
+            gs = torch.autograd.grad(loss, list(leaves.values()))
+            want = {k: want[k] + lam * g / s for k, g in zip(leaves, gs, strict=True)}
+            loss_sum += float(loss.detach()) / s
+        for name in params:
+            assert torch.allclose(acc[name][task], want[name], atol=1e-6), (task, name)
+        assert float(raw[task]) == pytest.approx(loss_sum, rel=1e-5)
+    assert torch.isfinite(losses).all()
