@@ -151,8 +151,10 @@ def songoku(
             same decisions. None: one process.
         donate_state: the caller gives up the state it passes in (as a donated buffer in JAX):
             eagerly, the EMA rows are updated in place and a skipped step is decided with one host
-            read, instead of copying the ``K × n`` EMA. Under ``torch.compile`` the update stays
-            functional. Keep the default when you hold on to old states.
+            read, instead of copying the ``K × n`` EMA; with ``ema_mode="active"`` on the CPU the
+            per-task rows go into buffers kept from step to step, so the returned gradients may be
+            views of them, valid until the next step. Under ``torch.compile`` the update stays
+            functional. Keep the default when you hold on to old states or gradients.
 
     The per-call ``loss_scale=`` (a 0-d tensor, e.g. ``GradScaler.scale(torch.ones(()))``) of
     ``update``, ``step`` and ``refresh`` multiplies the losses before differentiation and divides
@@ -173,10 +175,12 @@ def songoku(
     elif not isinstance(config, SonGokuConfig):
         raise TypeError(f"`config` must be a SonGokuConfig, got {type(config).__name__}")
     donate = bool(donate_state)
+    # donated: the per-task row buffers are kept and reused from step to step (eager CPU)
+    workspace: dict[Any, Any] | None = {} if donate else None
     return SonGoku(
         init=partial(init_state, config),
-        update=partial(update, config, loss_fn, reduce=reduce, donate=donate),
-        step=partial(step, config, loss_fn, reduce=reduce, donate=donate),
+        update=partial(update, config, loss_fn, reduce=reduce, donate=donate, workspace=workspace),
+        step=partial(step, config, loss_fn, reduce=reduce, donate=donate, workspace=workspace),
         refresh=partial(refresh, config, loss_fn, reduce=reduce, donate=donate),
         refresh_due=partial(refresh_due, config),
         config=config,

@@ -82,6 +82,7 @@ def update(
     reduce: Reducer | None = None,
     donate: bool = False,
     grads: TaskGrads | None = None,
+    workspace: dict[Any, Any] | None = None,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """``step``, then ``refresh`` when ``t`` reaches a multiple of ``R`` (eager driver).
 
@@ -118,6 +119,7 @@ def update(
         reduce=reduce,
         donate=donate,
         grads=grads,
+        workspace=workspace,
     )
     if apply is not None:
         apply(state, out)

@@ -18,6 +18,7 @@ from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._ema import blend_rows, finite_rows, observe
 from gradfn.algorithms._songoku._state import SonGokuState, shared_names
 from gradfn.autodiff import value_and_per_task_grads, value_and_weighted_grad
+from gradfn.autodiff._engine import choose_strategy
 from gradfn.integrations.amp import scale_losses, unscale
 from gradfn.tree import gramian, tree_any_nonfinite, tree_scale, tree_where, weighted_sum
 from gradfn.typing import LossFn, Params, PyTree, Reducer, State
@@ -50,11 +51,13 @@ def task_grads(
     wrt: Callable[[str], bool] | None = None,
     loss_scale: Tensor | None = None,
     return_usage: bool = False,
+    workspace: dict[Any, Any] | None = None,
 ) -> TaskGrads:
     """Unscaled per-task gradients of the tasks in the ``(K,)`` mask ``tasks``.
 
     Eagerly (``per_task_rows`` ``"active"`` / ``"auto"``) only those tasks are differentiated,
-    read on the host; otherwise all ``K`` (``idx = arange(K)``).
+    read on the host; otherwise all ``K`` (``idx = arange(K)``). ``workspace``: a dict in which
+    ``(K, *shape)`` row buffers are kept and reused from call to call (eager loop strategy).
     """
     k = config.num_tasks
     fn = scale_losses(loss_fn, loss_scale)
@@ -62,6 +65,7 @@ def task_grads(
         config.per_task_rows == "auto" and not is_compiling()
     )
     idx = torch.nonzero(tasks).flatten() if compact else torch.arange(k, device=tasks.device)
+    buffers = _row_buffers(config, params, wrt, workspace) if compact else None
     out = value_and_per_task_grads(
         fn,
         params,
@@ -71,9 +75,34 @@ def task_grads(
         num_tasks=k,
         tasks=idx.tolist() if compact else None,
         return_usage=return_usage,
+        workspace=buffers,
     )
     losses, rows = unscale((out[0], out[1]), loss_scale)
     return TaskGrads(losses, rows, idx, out[2] if return_usage else None)
+
+
+def _row_buffers(
+    config: SonGokuConfig,
+    params: Params,
+    wrt: Callable[[str], bool] | None,
+    workspace: dict[Any, Any] | None,
+) -> dict[str, Tensor] | None:
+    """The ``(K, *shape)`` buffers the loop strategy writes the rows into, kept in
+    ``workspace`` (None: none kept, or a strategy that does not use them)."""
+    if workspace is None or is_compiling() or not isinstance(params, dict):
+        return None
+    selected = params if wrt is None else {n: p for n, p in params.items() if wrt(n)}
+    strategy = config.strategy if config.strategy != "auto" else choose_strategy(selected)
+    if strategy != "loop":
+        return None
+    key = tuple(sorted(selected))
+    buffers = workspace.get(key)
+    if buffers is None:
+        buffers = workspace[key] = {
+            n: torch.empty((config.num_tasks, *p.shape), dtype=p.dtype, device=p.device)
+            for n, p in selected.items()
+        }
+    return buffers
 
 
 def _sum_rows(rows: dict[str, Tensor], active_r: Tensor) -> tuple[dict[str, Tensor], bool]:
@@ -136,12 +165,15 @@ def step(
     reduce: Reducer | None = None,
     donate: bool = False,
     grads: TaskGrads | None = None,
+    workspace: dict[Any, Any] | None = None,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """One step: ``(state, grads)``, ``grads`` with the structure of ``params``.
 
     ``probe`` (K,) bool: tasks whose EMA this step also updates (``ema_mode="refresh"`` probes
     them on the step that triggers a refresh). ``grads``: per-task gradients already computed
     for this step (unscaled, this rank's), e.g. to learn which parameters each task reaches.
+    ``workspace`` (``ema_mode="active"``, eager): row buffers reused from step to step; the
+    returned gradients may then be views of them, valid until the next step.
     A non-finite loss of an active task or gradient skips the step: the state is unchanged apart
     from ``skipped`` and ``losses``, and the returned gradients are zeros.
     """
@@ -168,7 +200,13 @@ def step(
             losses, out = reduce((losses, out))
     else:
         tg = grads or task_grads(
-            config, loss_fn, params, batch, active | ema_mask, loss_scale=loss_scale
+            config,
+            loss_fn,
+            params,
+            batch,
+            active | ema_mask,
+            loss_scale=loss_scale,
+            workspace=workspace if config.ema_mode == "active" else None,
         )
         losses, rows, idx = tg.losses, tg.rows, tg.idx
         # with a sketch and no aggregator the outputs are linear in the rows: averaging the

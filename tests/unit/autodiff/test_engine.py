@@ -342,3 +342,24 @@ def test_loop_keeps_sparse_gradients(both):
     )
     assert got["w"].is_sparse == both
     torch.testing.assert_close(got["w"].to_dense(), ref["w"])
+
+
+def test_loop_workspace_receives_the_rows_and_matches_fresh_rows():
+    model = trunk_heads(3)
+    params, f = functional_loss(model, task_losses)
+    batch = make_batch(3)
+    ws = {n: torch.full((3, *p.shape), float("nan"), dtype=p.dtype) for n, p in params.items()}
+    _, fresh = value_and_per_task_grads(f, params, batch, strategy="loop", tasks=[2, 0])
+    _, got = value_and_per_task_grads(f, params, batch, strategy="loop", tasks=[2, 0], workspace=ws)
+    for n in params:
+        assert got[n].data_ptr() == ws[n].data_ptr()  # rows written into the buffers
+        assert got[n].shape == fresh[n].shape == (2, *params[n].shape)
+        assert torch.equal(got[n], fresh[n])  # unreached rows zeroed, not left as NaN
+    with pytest.raises(ValueError, match="workspace"):
+        value_and_per_task_grads(
+            f, params, batch, strategy="loop", workspace={n: w[:1] for n, w in ws.items()}
+        )
+    with pytest.raises(ValueError, match="workspace"):
+        value_and_per_task_grads(
+            f, params, batch, strategy="loop", workspace={"x": ws["trunk.0.weight"]}
+        )
