@@ -151,9 +151,9 @@ def songoku(
             same decisions. None: one process.
         donate_state: the caller gives up the state it passes in (as a donated buffer in JAX):
             eagerly, the EMA rows are updated in place and a skipped step is decided with one host
-            read, instead of copying the ``K × n`` EMA; with ``ema_mode="active"`` on the CPU the
-            per-task rows go into buffers kept from step to step, so the returned gradients may be
-            views of them, valid until the next step. Under ``torch.compile`` the update stays
+            read, instead of copying the ``K × n`` EMA; on the CPU the per-task rows go into
+            ``K × n`` buffers kept from step to step (no fresh memory to fault in at every step),
+            so the returned gradients may be views of them, valid until the next step. Under ``torch.compile`` the update stays
             functional. Keep the default when you hold on to old states or gradients.
 
     The per-call ``loss_scale=`` (a 0-d tensor, e.g. ``GradScaler.scale(torch.ones(()))``) of

@@ -172,8 +172,8 @@ def step(
     ``probe`` (K,) bool: tasks whose EMA this step also updates (``ema_mode="refresh"`` probes
     them on the step that triggers a refresh). ``grads``: per-task gradients already computed
     for this step (unscaled, this rank's), e.g. to learn which parameters each task reaches.
-    ``workspace`` (``ema_mode="active"``, eager): row buffers reused from step to step; the
-    returned gradients may then be views of them, valid until the next step.
+    ``workspace`` (eager): row buffers reused from step to step; the returned gradients may then
+    be views of them, valid until the next step.
     A non-finite loss of an active task or gradient skips the step: the state is unchanged apart
     from ``skipped`` and ``losses``, and the returned gradients are zeros.
     """
@@ -206,7 +206,7 @@ def step(
             batch,
             active | ema_mask,
             loss_scale=loss_scale,
-            workspace=workspace if config.ema_mode == "active" else None,
+            workspace=workspace,
         )
         losses, rows, idx = tg.losses, tg.rows, tg.idx
         # with a sketch and no aggregator the outputs are linear in the rows: averaging the
