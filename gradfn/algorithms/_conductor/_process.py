@@ -212,12 +212,14 @@ def make_process(
         # a NaN / Inf anywhere in the A_k shows on the Gramian's diagonal: one K×K test
         bad = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
         new, out = inner.update(state, grads, params, gram=gram, cross=cross)
-        out_sq = [torch.linalg.vector_norm(x.float()) ** 2 for x in tree.leaves(out)]
+        out_norm = torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm([x.float() for x in tree.leaves(out)]))
+        )
         stats = ConductorStats(
             losses=losses.float(),
             raw_losses=raw_losses.float(),
             raw_norms=torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0)),
-            final_grad_norm=torch.where(bad, 0.0, torch.sqrt(torch.stack(out_sq).sum())),
+            final_grad_norm=torch.where(bad, 0.0, out_norm),
         )
         return new, out, bad, stats
 
