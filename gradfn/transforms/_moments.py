@@ -84,10 +84,21 @@ def momentum(
         state: MomentumState, updates: PyTree, params: PyTree = None, **extra: Any
     ) -> tuple[MomentumState, PyTree]:
         count = state.count + 1
-        mu = optree.tree_map(_ema, state.mu, updates)
+        ms, spec = optree.tree_flatten(state.mu)
+        us = optree.tree_flatten(updates)[0] if ms else []
+        fused = dtype == torch.float32 and all(
+            m.dtype == u.dtype == dtype and m.shape == u.shape for m, u in zip(ms, us, strict=True)
+        )
+        if fused and ms:  # one foreach dispatch for all leaves, the same arithmetic as _ema
+            mu = optree.tree_unflatten(spec, torch._foreach_lerp(us, ms, beta))
+        else:
+            mu = optree.tree_map(_ema, state.mu, updates)
         if bias_correction:
             bc = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), count).float()
-            out = tree.tree_map(lambda m: (m.float() / bc).to(dtype), mu)
+            if fused and ms:
+                out = optree.tree_unflatten(spec, torch._foreach_div(optree.tree_leaves(mu), bc))
+            else:
+                out = tree.tree_map(lambda m: (m.float() / bc).to(dtype), mu)
         else:
             out = mu
         return MomentumState(count, mu), out

@@ -20,6 +20,7 @@ from torch import Tensor
 from gradfn import tree
 from gradfn.algorithms._conductor._config import ConductorConfig
 from gradfn.algorithms._conductor._resolution import ResolutionState, resolution
+from gradfn.conflict import gramian_and_cross
 from gradfn.transforms import (
     ApplyIfFiniteState,
     GradientTransform,
@@ -206,16 +207,19 @@ def make_process(
         raw_losses: Tensor,
         params: PyTree,
     ) -> tuple[tuple[State, State], PyTree, Tensor, ConductorStats]:
-        gram = tree.gramian(tree.tree_map(lambda g: g.float(), grads))
+        # the Gramian and the cross-Gramian with the previous A_k in one pass over the A_k
+        gram, cross = gramian_and_cross(grads, state[0].prev)
         # a NaN / Inf anywhere in the A_k shows on the Gramian's diagonal: one K×K test
         bad = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
-        new, out = inner.update(state, grads, params, gram=gram)
-        out_sq = [torch.linalg.vector_norm(x.float()) ** 2 for x in tree.leaves(out)]
+        new, out = inner.update(state, grads, params, gram=gram, cross=cross)
+        out_norm = torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm([x.float() for x in tree.leaves(out)]))
+        )
         stats = ConductorStats(
             losses=losses.float(),
             raw_losses=raw_losses.float(),
             raw_norms=torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0)),
-            final_grad_norm=torch.where(bad, 0.0, torch.sqrt(torch.stack(out_sq).sum())),
+            final_grad_norm=torch.where(bad, 0.0, out_norm),
         )
         return new, out, bad, stats
 

@@ -1,6 +1,7 @@
 """GCond's resolution as a stateful aggregator over the accumulated ``A_k`` (arXiv:2509.07252).
 
-``update(state, A, params, *, gram=G(A))`` works in ``K×K`` space on the Gramian of the ``A_k``:
+``update(state, A, params, *, gram=G(A), cross=X)`` (``X_mk = <A_m, p_k>`` with the previous
+``p_k``; both computed here when not given) works in ``K×K`` space on the Gramian of the ``A_k``:
 
 1. norm EMA ``e_k ← max(β e_k + (1−β)‖A_k‖, eps)`` (:func:`gradfn.transforms.ema_of_norms`);
 2. per-loss cap ``s_k = cap/(‖A_k‖+eps)`` where ``‖A_k‖ > cap`` (:func:`gradfn.transforms.cap_factors`),
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from gradfn import tree
 from gradfn.algorithms._conductor._config import ConductorConfig
-from gradfn.conflict import cross_gramian, init_history, resolve_gramian
+from gradfn.conflict import gramian_and_cross, init_history, resolve_gramian
 from gradfn.transforms import GradientTransform, cap_factors, ema_of_norms
 from gradfn.typing import PyTree
 
@@ -71,10 +72,13 @@ def resolution(config: ConductorConfig) -> GradientTransform:
         params: PyTree = None,
         *,
         gram: Tensor | None = None,
+        cross: Tensor | None = None,
         **extra: Any,
     ) -> tuple[ResolutionState, PyTree]:
         a = tree.tree_map(lambda g: g.float(), grads)
-        gram_raw = tree.gramian(a) if gram is None else gram
+        if gram is None or cross is None:
+            gram, cross = gramian_and_cross(a, state.prev)
+        gram_raw = gram
         raw_norms = torch.sqrt(torch.clamp(torch.diagonal(gram_raw), min=0.0))
         ema = ema_of_norms(state.norm_ema, raw_norms, config.norm_ema_beta, eps)
         if k == 1 and not config.cap_single_loss:
@@ -90,7 +94,7 @@ def resolution(config: ConductorConfig) -> GradientTransform:
             eps=eps,
             norm_floor=config.norm_floor,
             norm_ema=ema,
-            prev_cross=cross_gramian(a, state.prev) * scale[:, None],
+            prev_cross=cross * scale[:, None],
             prev_sq_norms=state.prev_sq_norms,
             history=state.history,
             tie_breaking_weights=config.tie_breaking_weights,

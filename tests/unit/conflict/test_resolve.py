@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gradfn import tree
 from gradfn.conflict import (
     check_thresholds,
+    gramian_and_cross,
     init_history,
     resolve,
     resolve_gramian,
@@ -281,3 +282,21 @@ def test_compiles_fullgraph():
     assert torch.allclose(eager.coefficients, compiled.coefficients, atol=1e-6)
     assert torch.equal(eager.winners, compiled.winners)
     assert torch.equal(eager.history, compiled.history)
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 32768])
+def test_gramian_and_cross_match_float64_dot_products(chunk: int) -> None:
+    """One pass in column blocks gives the Gramian and the cross-Gramian: checked against every
+    pair's float64 dot product over the flattened leaves (blocks smaller than, not dividing, and
+    larger than the leaves)."""
+    gen = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(3, 5, 4, generator=gen), "b": torch.randn(3, 5, generator=gen)}
+    b = {"w": torch.randn(3, 5, 4, generator=gen), "b": torch.randn(3, 5, generator=gen)}
+    flat_a = torch.cat([a["w"].reshape(3, -1), a["b"]], 1).double()
+    flat_b = torch.cat([b["w"].reshape(3, -1), b["b"]], 1).double()
+    g, x = gramian_and_cross(a, b, chunk=chunk)
+    assert g.dtype == x.dtype == torch.float32
+    for i in range(3):
+        for j in range(3):
+            assert g[i, j].item() == pytest.approx(float(flat_a[i] @ flat_a[j]), rel=1e-5)
+            assert x[i, j].item() == pytest.approx(float(flat_a[i] @ flat_b[j]), rel=1e-5)
