@@ -10,16 +10,8 @@ from torch import Tensor
 
 from gradfn._internal.checks import check_choice
 from gradfn._internal.compat import is_compiling
-from gradfn.autodiff._engine import (
-    STRATEGIES,
-    Predicate,
-    _Call,
-    _forward,
-    _select,
-    _usage_tree,
-    choose_strategy,
-    per_task_impl,
-)
+from gradfn.autodiff._call import STRATEGIES, Predicate, _Call, _forward, _select, choose_strategy
+from gradfn.autodiff._engine import _usage_tree, per_task_impl
 from gradfn.autodiff._losses import stack_losses
 from gradfn.typing import LossFn, PyTree, Strategy
 

@@ -31,8 +31,8 @@ unreached parameter gets ``None``), so no extra pass is spent on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import optree
 import torch
@@ -40,107 +40,30 @@ from torch import Tensor
 
 from gradfn._internal.checks import check_choice
 from gradfn._internal.compat import is_compiling
-from gradfn.autodiff._losses import loss_list, scalar_loss, split_aux, stack_losses, task_axis
-from gradfn.autodiff._usage import reached_leaves
-from gradfn.tree import partition
+from gradfn.autodiff._call import (
+    STRATEGIES,
+    Predicate,
+    Tasks,
+    _Call,
+    _forward,
+    _Out,
+    _select,
+    _task_list,
+    _usage_of,
+    choose_strategy,
+)
+from gradfn.autodiff._losses import loss_list, stack_losses
+from gradfn.autodiff._task_batched import task_batched_grads
 from gradfn.typing import LossFn, PyTree, Strategy
 
-__all__ = ["choose_strategy", "per_task_grads", "per_task_impl", "value_and_per_task_grads"]
-
-STRATEGIES = ("auto", "vmap", "loop")
-Predicate = Callable[[str], bool]
-Tasks = Sequence[int] | Tensor | None
-_Out = tuple[Tensor, Any, PyTree, Tensor | None]  # losses, aux, task-stacked grads, usage (R, P)
-
-
-class _Call(NamedTuple):
-    """One evaluation of ``loss_fn``: the differentiated parameters, the constant ones, the batch,
-    and how to read its output."""
-
-    loss_fn: LossFn
-    selected: PyTree
-    rest: dict[str, Tensor]
-    batch: Any
-    has_aux: bool
-    num_tasks: int | None
-
-    def losses(self, selected: PyTree, batch: Any = None) -> tuple[Any, Any]:
-        """``(raw output, aux)`` of ``loss_fn`` at ``selected`` (and ``batch``, default: the
-        call's)."""
-        out = self.loss_fn(_merge(selected, self.rest), self.batch if batch is None else batch)
-        return split_aux(out, self.has_aux)
-
-
-# --------------------------------------------------------------------------------------------
-# parameters
-
-
-def _select(params: PyTree, wrt: Predicate | None) -> tuple[PyTree, dict[str, Tensor]]:
-    """Split ``params`` into the differentiated part and the part held constant."""
-    if wrt is None:
-        if isinstance(params, Mapping) and len(params) == 0:
-            raise ValueError("params is empty: there is nothing to differentiate")
-        return params, {}
-    if not isinstance(params, Mapping):
-        raise TypeError("`wrt` needs `params` to be a mapping of dotted names to tensors")
-    if not callable(wrt):
-        raise TypeError(f"`wrt` must be a predicate on parameter names, got {type(wrt).__name__}")
-    selected, rest = partition(params, wrt)
-    if not selected:
-        raise ValueError(
-            f"`wrt` selects no parameter (names available: {sorted(params)[:8]}"
-            f"{'...' if len(params) > 8 else ''})"
-        )
-    return selected, rest
-
-
-def _merge(selected: PyTree, rest: dict[str, Tensor]) -> PyTree:
-    return {**rest, **selected} if rest else selected
-
-
-def choose_strategy(params: PyTree) -> str:
-    """The strategy ``"auto"`` picks for these (selected) parameters; see the module docstring."""
-    leaves = optree.tree_leaves(params)
-    if is_compiling() or not leaves or leaves[0].device.type != "cpu":
-        return "vmap"
-    return "loop"
-
-
-def _task_list(tasks: Tasks, k: int) -> list[int]:
-    """The differentiated tasks as a list of indices in ``[0, K)`` (all ``K`` for ``None``)."""
-    if tasks is None:
-        return list(range(k))
-    chosen = tasks.tolist() if isinstance(tasks, Tensor) else list(tasks)
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < k for i in chosen):
-        raise ValueError(f"`tasks` must hold task indices in [0, {k}), got {chosen!r}")
-    return chosen
-
-
-# --------------------------------------------------------------------------------------------
-# one forward with autograd
-
-
-def _forward(call: _Call) -> tuple[list[Tensor], Any, list[Tensor], Any]:
-    """Run ``loss_fn`` once on detached copies of the selected leaves that require grad.
-
-    Returns ``(leaves, treedef, losses, aux)``; call it under ``torch.enable_grad()``.
-    """
-    flat, spec = optree.tree_flatten(call.selected)
-    leaves = [x.detach().requires_grad_(True) for x in flat]
-    out, aux = call.losses(optree.tree_unflatten(spec, leaves))
-    return leaves, spec, loss_list(out, call.num_tasks), aux
-
-
-def _usage_of(losses: list[Tensor], leaves: list[Tensor]) -> Tensor:
-    """``(R, P)`` bool: does loss ``r`` reach leaf ``p``? (read from the graph)"""
-    return torch.tensor(
-        [
-            reached_leaves(loss, leaves) if loss.requires_grad else [False] * len(leaves)
-            for loss in losses
-        ],
-        dtype=torch.bool,
-    ).reshape(len(losses), len(leaves))
-
+__all__ = [
+    "STRATEGIES",
+    "Predicate",
+    "choose_strategy",
+    "per_task_grads",
+    "per_task_impl",
+    "value_and_per_task_grads",
+]
 
 # --------------------------------------------------------------------------------------------
 # shared forward: loop / vmap / torch.func
@@ -277,47 +200,6 @@ def _func_vjp_grads(call: _Call, tasks: Tasks) -> _Out:
 
 
 # --------------------------------------------------------------------------------------------
-# per-task batches stacked on a leading axis
-
-
-def _task_batched_grads(call: _Call, strategy: str, tasks: Tasks) -> _Out:
-    batch, has_aux, selected = call.batch, call.has_aux, call.selected
-    k = task_axis(batch)
-    if call.num_tasks is not None and k != call.num_tasks:
-        raise ValueError(f"`batch` has a task axis of {k} but num_tasks={call.num_tasks}")
-    if tasks is not None:
-        index = torch.tensor(_task_list(tasks, k), dtype=torch.int64)
-        batch = optree.tree_map(lambda x: x.index_select(0, index.to(x.device)), batch)
-
-    def one(sel: PyTree, b: Any) -> tuple[Tensor, Any]:
-        out, aux = call.losses(sel, b)
-        loss = scalar_loss(out)
-        return loss, ((loss, aux) if has_aux else loss)
-
-    def split(out: Any) -> tuple[Any, Any]:
-        return out if has_aux else (out, None)
-
-    if strategy == "vmap":
-        grads, out = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0))(
-            selected, batch
-        )
-        losses, aux = split(out)
-        return losses, aux, grads, None
-    per_task, losses, auxes = [], [], []
-    for i in range(task_axis(batch)):
-        g, out = torch.func.grad(one, has_aux=True)(
-            selected, optree.tree_map(lambda x, i=i: x[i], batch)
-        )
-        loss, aux = split(out)
-        per_task.append(g)
-        losses.append(loss)
-        auxes.append(aux)
-    grads = optree.tree_map(lambda *xs: torch.stack(xs), per_task[0], *per_task[1:])
-    aux = optree.tree_map(lambda *xs: torch.stack(xs), auxes[0], *auxes[1:]) if has_aux else None
-    return torch.stack(losses), aux, grads, None
-
-
-# --------------------------------------------------------------------------------------------
 # public API
 
 
@@ -418,7 +300,7 @@ def per_task_impl(
         strategy = choose_strategy(selected)  # type: ignore[assignment]
     call = _Call(loss_fn, selected, rest, batch, has_aux, num_tasks)
     if task_batched:
-        out = _task_batched_grads(call, strategy, tasks)
+        out = task_batched_grads(call, strategy, tasks)
     elif strategy == "vmap":
         out = _vmap_grads(call, tasks, want_usage)
     else:

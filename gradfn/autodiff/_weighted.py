@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradfn._internal.compat import is_compiling
-from gradfn.autodiff._engine import Predicate, _merge, _select
+from gradfn.autodiff._call import Predicate, _merge, _select
 from gradfn.autodiff._losses import loss_list, split_aux, stack_losses
 from gradfn.typing import LossFn, PyTree
 
