@@ -236,21 +236,24 @@ def normalize_trace(g: Tensor, norm_eps: float) -> Tensor:
     return torch.where(tr > norm_eps, g / tr, 0.0)
 
 
-def host_values(x: Tensor) -> list[Any] | None:
-    """``x.tolist()`` (Python floats, i.e. float64) when reading ``x`` back is free — eagerly, on
-    the CPU, outside autograd and functorch transforms — else ``None`` (stay in tensors).
-
-    For ``K = 2`` a closed form is a handful of scalar operations: as Python arithmetic they cost
-    less than launching one tensor op each (compiled or on an accelerator the tensor path runs).
-    """
-    if (
+def eager_cpu(x: Tensor) -> bool:
+    """Whether reading ``x`` back is free: eagerly, on the CPU, outside autograd and functorch
+    transforms (compiled or on an accelerator, the tensor paths never sync)."""
+    return not (
         x.device.type != "cpu"
         or x.requires_grad
         or is_compiling()
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
-    ):
-        return None
-    return x.tolist()
+    )
+
+
+def host_values(x: Tensor) -> list[Any] | None:
+    """``x.tolist()`` (Python floats, i.e. float64) when :func:`eager_cpu`, else ``None``.
+
+    For ``K = 2`` a closed form is a handful of scalar operations: as Python arithmetic they cost
+    less than launching one tensor op each (compiled or on an accelerator the tensor path runs).
+    """
+    return x.tolist() if eager_cpu(x) else None
 
 
 def eye_like(g: Tensor) -> Tensor:

@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from gradfn.aggregators._base import (
+    _WORK,
     check_active,
     check_gram,
+    eager_cpu,
     finish,
     from_weighting,
     host_values,
@@ -58,6 +60,34 @@ def _two_tasks_host(gram: list[list[float]], rtol: float) -> list[float]:
     return [v0 / total, v1 / total]
 
 
+def _eager_cpu(gram: Tensor) -> Tensor | None:
+    """The general path with its branches read back (free on the CPU): NaN for a non-finite
+    ``G``, 0 for ``tr(G) ≤ 0``, else ``v = G⁻¹ d`` by Cholesky when ``‖G⁻¹‖_F tr(G) < 1/rtol``
+    (so ``λ_min/λ_max > rtol``: ``pinv`` would cut nothing) and ``< 1e8`` (where the two agree to
+    ~1e-8); ``w = v / Σv``, or 0 when ``|Σv| √tr(G) < 1e-12`` (the cut-off on ``G/tr(G)``).
+    None where Cholesky does not apply: the ``pinv`` path decides."""
+    k = gram.shape[0]
+    g = gram.to(_WORK)
+    total, tr = torch.stack([g.sum(), torch.trace(g)]).tolist()
+    if not math.isfinite(total):
+        return torch.full((k,), math.nan, dtype=gram.dtype)
+    if not tr > 0.0:
+        return torch.zeros(k, dtype=gram.dtype)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        return None
+    inv = torch.cholesky_inverse(chol)
+    if not float(torch.linalg.matrix_norm(inv)) * tr < min(
+        1.0 / (k * torch.finfo(gram.dtype).eps), 1e8
+    ):
+        return None
+    v = inv @ torch.diagonal(g).clamp_min(0.0).sqrt()
+    s = v.sum()
+    if abs(float(s)) * math.sqrt(tr) < 1e-12:
+        return torch.zeros(k, dtype=gram.dtype)
+    return (v / s).to(gram.dtype)
+
+
 def imtl_g_weights(gram: Tensor, *, active: Tensor | None = None) -> Tensor:
     """IMTL-G weights from the Gramian (``active``: optional ``(K,)`` bool mask)."""
     k = check_gram(gram, "imtl_g_weights")
@@ -67,6 +97,10 @@ def imtl_g_weights(gram: Tensor, *, active: Tensor | None = None) -> Tensor:
         if host is not None:
             rtol = 2 * torch.finfo(gram.dtype).eps
             return torch.tensor(_two_tasks_host(host, rtol), dtype=gram.dtype)
+    if active is None and eager_cpu(gram):
+        w = _eager_cpu(gram)
+        if w is not None:
+            return w
     g, a = restrict_or_all(gram, active)
     g = normalize_trace(g, 0.0)
     d = torch.diagonal(g).clamp_min(0.0).sqrt()

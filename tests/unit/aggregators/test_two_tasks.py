@@ -1,6 +1,6 @@
-"""Two-task closed forms (eager CPU, Python floats) of MGDA, IMTL-G and GradVac against the
-general tensor path (forced by patching ``host_values`` away) and independent oracles: TorchJD,
-hand-derived values and naive loops on the gradient vectors."""
+"""Eager-CPU paths of MGDA, IMTL-G and GradVac — two-task closed forms in Python floats, IMTL-G's
+Cholesky solve — against the general tensor path (forced by patching the eager-CPU gates away)
+and independent oracles: TorchJD, hand-derived values and naive loops on the gradient vectors."""
 
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ def two_task_jacobians(dtype=F64) -> list[torch.Tensor]:
 
 
 def tensor_path(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Take the tensor path (what runs compiled or on an accelerator) on eager CPU tensors."""
     monkeypatch.setattr(MODULES[method], "host_values", lambda x: None)
+    if hasattr(MODULES[method], "eager_cpu"):
+        monkeypatch.setattr(MODULES[method], "eager_cpu", lambda x: False)
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
@@ -165,3 +168,45 @@ def test_two_tasks_tensor_path_when_the_gramian_needs_gradients(method):
     _, w = agg.weighting(agg.init(2), g)
     _, w_grad = agg.weighting(agg.init(2), g.clone().requires_grad_())
     close(w_grad.detach(), w, 1e-7)
+
+
+def imtl_g_cases() -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
+    """(Gramian, mask, tolerance against TorchJD): full rank, rank-deficient, ill-conditioned,
+    zero, masked; K ∈ {3, 8, 32}."""
+    out: list[tuple[torch.Tensor, torch.Tensor | None, float]] = []
+    for k in (3, 8, 32):
+        for n in (2 * k, k // 2 + 1):  # full rank, rank-deficient
+            j = jac(k + n, k, n)
+            out.append((j @ j.T, None, 1e-7))
+        # cond ~ 1e10: past the Cholesky cap (any two pinv agree to ~cond·eps); ~1e4: Cholesky
+        for tilt, tol in ((1e-5, 1e-4), (1e-2, 1e-7)):
+            j = jac(k, k, 3 * k)
+            j[2] = j[0] + tilt * j[2]
+            out.append((j @ j.T, None, tol))
+        out.append((torch.zeros(k, k, dtype=F64), None, 1e-7))
+        mask = torch.ones(k, dtype=torch.bool)
+        mask[1] = False
+        out.append((j @ j.T, mask, 1e-7))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_imtl_g_eager_cpu_path_matches_the_tensor_path_and_torchjd(monkeypatch, dtype):
+    cases = [(g.to(dtype), m, tol) for g, m, tol in imtl_g_cases()]
+    eager = [A.imtl_g_weights(g, active=m) for g, m, _ in cases]
+    tensor_path(monkeypatch, "imtl_g")
+    for (g, m, tol), w in zip(cases, eager, strict=True):
+        ref = A.imtl_g_weights(g, active=m)
+        assert w.dtype == ref.dtype == dtype
+        close(w.double(), ref.double(), 1e-7 if dtype == F64 else 1e-5)
+        if m is None and dtype == F64:
+            close(w, tjd.IMTLG().gramian_weighting(g), tol)
+
+
+def test_imtl_g_eager_cpu_non_finite():
+    g = jac(0, 4, 9)
+    g = g @ g.T
+    g[1, 2] = float("inf")
+    assert bool(A.imtl_g_weights(g).isnan().all())
+    g[1, 2] = float("nan")
+    assert bool(A.imtl_g_weights(g.float()).isnan().all())
