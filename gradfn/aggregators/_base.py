@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._internal.compat import is_compiling
 from gradfn._internal.prng import fold_in
 from gradfn.transforms import EmptyState
 from gradfn.typing import PyTree, State
@@ -233,6 +234,26 @@ def normalize_trace(g: Tensor, norm_eps: float) -> Tensor:
     """``G / tr(G)``, or zeros when ``tr(G) <= norm_eps`` (TorchJD's ``normalize``)."""
     tr = torch.diagonal(g).sum()
     return torch.where(tr > norm_eps, g / tr, 0.0)
+
+
+def eager_cpu(x: Tensor) -> bool:
+    """Whether reading ``x`` back is free: eagerly, on the CPU, outside autograd and functorch
+    transforms (compiled or on an accelerator, the tensor paths never sync)."""
+    return not (
+        x.device.type != "cpu"
+        or x.requires_grad
+        or is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def host_values(x: Tensor) -> list[Any] | None:
+    """``x.tolist()`` (Python floats, i.e. float64) when :func:`eager_cpu`, else ``None``.
+
+    For ``K = 2`` a closed form is a handful of scalar operations: as Python arithmetic they cost
+    less than launching one tensor op each (compiled or on an accelerator the tensor path runs).
+    """
+    return x.tolist() if eager_cpu(x) else None
 
 
 def eye_like(g: Tensor) -> Tensor:

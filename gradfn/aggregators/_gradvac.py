@@ -7,10 +7,15 @@ the current ``g_i^PC`` and the original ``g_j`` and ``φ̂_ij`` its EMA target: 
 ``φ̂_ij ← (1−β) φ̂_ij + β φ_ij``. The update is ``Σ_i g_i^PC``. All rows advance together
 (``K − 1`` vectorised steps); the state holds ``φ̂`` (``K×K``, zeros at init) and the seed/counter
 of the visiting orders.
+
+Two tasks (eagerly on the CPU): each row has one other task, so one step per row in Python floats:
+both rows share ``φ = ⟨g₁, g₂⟩ / (‖g₁‖‖g₂‖ + eps)`` and the update is
+``(1 + w₂₁) g₁ + (1 + w₁₂) g₂``, each ``w_ij`` the coefficient above with the pair's own target.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -22,6 +27,7 @@ from gradfn.aggregators._base import (
     check_active,
     check_gram,
     from_stateful_weighting,
+    host_values,
     restrict,
 )
 
@@ -53,6 +59,30 @@ def _others_order(key: Tensor, k: int, device: torch.device) -> Tensor:
     return perm + (perm >= rows).to(perm.dtype)
 
 
+def _two_tasks_host(
+    gram: list[list[float]], phi: list[list[float]], beta: float, eps: float
+) -> tuple[list[list[float]], list[float]] | None:
+    """One two-task step in Python floats (float64, the operations of the tensor loop):
+    ``(new targets, w)`` for ``2×2`` nested lists, or None for a non-finite ``G``; ``eps > 0``
+    (no division by zero)."""
+    (g00, g01), (g10, g11) = gram
+    if not all(map(math.isfinite, (g00, g01, g10, g11))):
+        return None
+    dot = (g01 + g10) * 0.5
+    n0, n1 = math.sqrt(max(g00, 0.0)), math.sqrt(max(g11, 0.0))
+    out = [0.0, 0.0]  # out[i]: row i's correction w, added to the weight of task j = 1 − i
+    new = [row[:] for row in phi]
+    for i, (ni, nj) in enumerate(((n0, n1), (n1, n0))):
+        cos = dot / (ni * nj + eps)
+        hat = phi[i][1 - i]
+        if cos < hat:
+            s_phi = math.sqrt(max(1.0 - cos * cos, 0.0))
+            s_hat = math.sqrt(max(1.0 - hat * hat, 0.0))
+            out[i] = ni * (hat * s_phi - cos * s_hat) / (nj * s_hat + eps)
+        new[i][1 - i] = (1.0 - beta) * hat + beta * cos
+    return new, [1.0 + out[1], 1.0 + out[0]]
+
+
 def gradvac_weights(
     state: GradVacState,
     gram: Tensor,
@@ -74,6 +104,19 @@ def gradvac_weights(
         raise ValueError(f"gradvac_weights: state is for {state.phi.shape[0]} tasks, gram has {k}")
     if not 0.0 <= beta <= 1.0 or eps < 0:
         raise ValueError("gradvac_weights: need 0 ≤ beta ≤ 1 and eps ≥ 0")
+    if k == 2 and active is None and order is None and eps > 0:
+        host = host_values(gram)  # eager CPU: the two-task step in Python floats
+        host_phi = None if host is None else host_values(state.phi)
+        if host is not None and host_phi is not None:
+            step = _two_tasks_host(host, host_phi, beta, eps)
+            if step is None:  # non-finite: NaN weights, targets kept
+                return GradVacState(state.phi, state.seed, state.count + 1), torch.full(
+                    (2,), math.nan, dtype=gram.dtype
+                )
+            phi = torch.tensor(step[0], dtype=state.phi.dtype)
+            return GradVacState(phi, state.seed, state.count + 1), torch.tensor(
+                step[1], dtype=gram.dtype
+            )
     g, a = restrict(gram, active)
     if order is None and k <= 2:  # at most one other task: the order is not random
         order = (1 - torch.arange(k, device=g.device))[:, None][:, : k - 1]

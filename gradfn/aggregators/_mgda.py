@@ -4,11 +4,13 @@ task gradients, ``w = argmin_{w ∈ Δ} wᵀ G w``.
 Two tensor solvers: ``"active_set"`` (default; exact, the primal-dual active-set QP of
 :mod:`._qp`) and ``"frank_wolfe"`` (Algorithm 2 of Sener & Koltun, with TorchJD's ``epsilon``
 and ``max_iters`` stopping rule, written as a fixed loop whose later iterations are masked out,
-so it reproduces TorchJD's numbers).
+so it reproduces TorchJD's numbers). Two tasks without a mask: Sener & Koltun's closed form
+(Algorithm 1), in Python floats eagerly on the CPU (no tensor op), in tensors otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -20,6 +22,7 @@ from gradfn.aggregators._base import (
     eye_like,
     finish,
     from_weighting,
+    host_values,
     normalize_trace,
     restrict,
 )
@@ -61,6 +64,23 @@ def _two_tasks(q: Tensor) -> Tensor:
     return torch.stack([t, 1.0 - t])
 
 
+def _two_tasks_host(gram: list[list[float]], reg_eps: float) -> list[float]:
+    """:func:`_two_tasks` on ``G/tr(G) + reg_eps·I`` in Python floats (float64, the same
+    operations as the tensor path); NaN weights for a non-finite ``G`` (``2×2`` nested list)."""
+    (g00, g01), (g10, g11) = gram
+    if not all(map(math.isfinite, (g00, g01, g10, g11))):
+        return [math.nan, math.nan]
+    tr = g00 + g11
+    if tr > 0.0:
+        q00, q11, q01 = g00 / tr + reg_eps, g11 / tr + reg_eps, (g01 + g10) * 0.5 / tr
+    else:
+        q00 = q11 = reg_eps
+        q01 = 0.0
+    den = (q00 + q11) - 2.0 * q01
+    t = min(max((q11 - q01) / den, 0.0), 1.0) if den > 0.0 else 0.5
+    return [t, 1.0 - t]
+
+
 def mgda_weights(
     gram: Tensor,
     *,
@@ -87,6 +107,10 @@ def mgda_weights(
         )
     if epsilon <= 0 or max_iters <= 0 or iters <= 0:
         raise ValueError("mgda_weights: `epsilon`, `max_iters` and `iters` must be positive")
+    if k == 2 and active is None and solver == "active_set":
+        host = host_values(gram)  # eager CPU: the closed form in Python floats
+        if host is not None:
+            return torch.tensor(_two_tasks_host(host, reg_eps), dtype=gram.dtype)
     g, a = restrict(gram, active)
     if active is not None:  # an empty mask selects nothing below
         a = torch.where(a.sum() > 0, a, torch.ones_like(a))
