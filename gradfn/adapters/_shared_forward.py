@@ -6,7 +6,8 @@ call's output instead of running the forward again.
 equal plain values (numbers, strings, ``None``), the same grad mode and the same autocast state. So
 tasks handed one batch object share one forward; tasks with their own batches never do. Sharing the
 forward is what a shared-trunk model does in a plain loop: one dropout mask for every task, and
-BatchNorm running statistics updated once per distinct input instead of once per task.
+BatchNorm running statistics updated once per distinct input instead of once per task. Every
+task reads the same output tensor, so a task loss must not modify it in place.
 """
 
 from __future__ import annotations
