@@ -187,7 +187,7 @@ def step(
         ema_mask = ema_mask | probe.to(device=active.device, dtype=torch.bool)
     agg_state = state.aggregator
     obs: PyTree = None
-    obs_test: PyTree | bool = True  # test the observation's rows (True: the observation itself)
+    covered = False  # does the step's gradient see every row (so that its test covers them)?
     idx = torch.arange(k, device=active.device)
 
     if config.one_backward and probe is None and grads is None:
@@ -218,7 +218,6 @@ def step(
         shared_r = {n: rows[n] for n in names}
         other_r = {n: g for n, g in rows.items() if n not in name_set}
         obs = observe(config, shared_r)
-        covered = False  # does the step's gradient see every row (so its test covers the rows)?
         if config.aggregator is None and not is_compiling() and config.reduction == "sum":
             out, covered = _sum_rows(rows, active.index_select(0, idx))
         if not covered:
@@ -228,10 +227,8 @@ def step(
         if reduce is not None and late_reduce:
             losses, obs, out = reduce((losses, obs, out))
             covered = False
-        if covered:  # a NaN or an infinity in any row reaches the sum that _guarded tests
-            obs_test = None
     return _guarded(
-        config, state, losses, out, obs, idx, active, ema_mask, agg_state, donate, obs_test
+        config, state, losses, out, obs, idx, active, ema_mask, agg_state, donate, covered
     )
 
 
@@ -246,15 +243,16 @@ def _guarded(
     ema_mask: Tensor,
     agg_state: State,
     donate: bool,
-    obs_test: PyTree | bool = True,
+    covered: bool = False,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """The skip policy: a non-finite active loss, gradient or EMA observation leaves the state
     as it was (apart from ``skipped`` and ``losses``) and returns zero gradients.
-    ``obs_test=None``: the gradients' test already covers the observation's rows."""
+    ``covered``: the gradients are the sum of every observed row, so their test covers the rows
+    (a NaN or an infinity in any row reaches the sum)."""
     losses = losses.to(torch.float32)
     bad = (~torch.isfinite(losses) & active).any() | tree_any_nonfinite(grads)
     upd_r = ema_mask.index_select(0, idx)
-    if obs is not None and obs_test is not None:
+    if obs is not None and not covered:
         bad = bad | (upd_r & ~finite_rows(obs)).any()
     beta = config.ema_beta
     moved = dict(
