@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn.conflict._arbitrator import DominanceRule, push_history
+from gradfn.conflict._arbitrator import DominanceRule
 from gradfn.conflict._resolve_steps import _angle as _angle  # the smooth rule, tested alone
-from gradfn.conflict._resolve_steps import _Consts, _j_wins, _pick_pair, _smooth_step, _zones_step
+from gradfn.conflict._resolve_steps import _Consts, _loop
 from gradfn.typing import PyTree
 
 __all__ = [
@@ -194,37 +194,29 @@ def resolve_gramian(
     c_ = _Consts.of(k, dtype, device, floor, eps, (t[0], t[1], t[2]))
     minus_one = torch.full((), -1, dtype=torch.int64, device=device)
 
-    coeff = c_.eye
-    cur = gram
     ema_eps = ema + eps  # the arbitrator's strength denominators, loop-invariant
     prev: tuple[Tensor, Tensor] | None = None  # X^T and the previous norms, loop-invariant
     if prev_cross is not None and prev_sq_norms is not None:
         prev = (prev_cross.T, torch.sqrt(torch.clamp(prev_sq_norms, min=0.0)))
-    actives, ijs, won, arbitrations = [], [], [], []
-    for _ in range(max_iters):
-        pair = _pick_pair(cur, c_)
-        stab = None  # cosine of each current gradient with its previous one (the stability)
-        if prev is not None:
-            stab = (coeff * prev[0]).sum(dim=1) / (pair.norms * prev[1] + eps)
-        j_wins = _j_wins(pair, ema_eps, stab, history, (w[0], w[1]), dominance, eps)
-        winner = torch.where(j_wins, pair.j, pair.i)
-        if rule == "smooth":
-            coeff = _smooth_step(coeff, pair, j_wins, remap_power, c_)
-            arbitrated = pair.active if arbitrate_weak else pair.active & (pair.c < c_.t[1])
-        else:
-            coeff, arbitrated = _zones_step(coeff, pair, j_wins, c_)
-        cur = coeff @ gram @ coeff.T
-        history = push_history(history, winner, arbitrated)
-        actives.append(pair.active)
-        ijs.append(pair.ij)
-        won.append(winner)
-        arbitrations.append(arbitrated)
+    coeff, cur, history, flats, actives, won, arbitrations = _loop(
+        gram,
+        c_,
+        max_iters,
+        rule=rule,
+        power=remap_power,
+        ema_eps=ema_eps,
+        prev=prev,
+        history=history,
+        weights=(w[0], w[1]),
+        dominance=dominance,
+        arbitrate_weak=arbitrate_weak,
+    )
 
     if max_iters:
-        active = torch.stack(actives)
+        active = torch.cat(actives)
         iterations = active.to(torch.int64).sum()
-        pairs = torch.where(active[:, None], torch.stack(ijs), minus_one)
-        winners = torch.where(torch.stack(arbitrations), torch.stack(won), minus_one)
+        pairs = torch.where(active[:, None], c_.ij[torch.cat(flats)], minus_one)
+        winners = torch.where(torch.cat(arbitrations), torch.cat(won), minus_one)
     else:
         iterations = torch.zeros((), dtype=torch.int64, device=device)
         pairs = torch.empty(0, 2, dtype=torch.int64, device=device)
