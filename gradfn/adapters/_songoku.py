@@ -11,12 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradfn._internal.checks import (
-    check_bool,
-    check_callable,
-    check_choice,
-    check_optional_int,
-)
+from gradfn._internal import checks
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import (
     check_amp,
@@ -51,9 +46,8 @@ class SonGokuScheduler:
     ``legacy_pointer``, ``strategy`` (the :class:`~gradfn.algorithms.SonGokuConfig` fields),
     ``ddp_sync`` (``"avg"`` / ``"none"``) and ``process_group`` (distributed training),
     ``autocast_dtype`` and ``scaler`` (mixed precision), ``share_forward`` (default True: tasks
-    whose ``loss_fn`` calls the model, or one of its direct submodules, on the same input objects
-    share one forward, so one dropout mask serves every task, as in a plain shared-trunk loop;
-    False: one forward per task, as the reference). ``device`` is accepted for compatibility.
+    calling the model, or a direct submodule, on the same input objects share one forward and
+    one dropout mask; False: one forward per task). ``device`` is accepted for compatibility.
     Which parameters each task touches is read from autograd during the first step (every task is
     active then): parameters two or more tasks use are shared, the others are heads.
     """
@@ -84,15 +78,15 @@ class SonGokuScheduler:
         **options: Any,
     ) -> None:
         self._module, ddp, process_group = unwrap(model, process_group)
-        self.share_forward = check_bool("share_forward", share_forward)
-        check_choice("ddp_sync", ddp_sync, ("avg", "none"))
+        self.share_forward = checks.check_bool("share_forward", share_forward)
+        checks.check_choice("ddp_sync", ddp_sync, ("avg", "none"))
         self.scaler = check_amp(autocast_dtype, scaler)
         self.tasks = check_tasks(tasks)
         if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
             raise TypeError("`optimizer` must be a torch optimizer (with step and zero_grad)")
-        check_callable("shared_param_filter", shared_param_filter, optional=True)
-        check_callable("gradient_transform", gradient_transform, optional=True)
-        check_optional_int("log_interval", log_interval, 1)
+        checks.check_callable("shared_param_filter", shared_param_filter, optional=True)
+        checks.check_callable("gradient_transform", gradient_transform, optional=True)
+        checks.check_optional_int("log_interval", log_interval, 1)
         self.model, self.optimizer, self.device, self.ddp_sync = model, optimizer, device, ddp_sync
         self.shared_param_filter, self.base_method = shared_param_filter, base_method
         self.autocast_dtype, self.dump_graph_dir = autocast_dtype, dump_graph_dir
@@ -101,15 +95,9 @@ class SonGokuScheduler:
         self._index = {n: i for i, n in enumerate(self.names)}
         self._named = trainable(self._module)
         self._reduce = reducer(ddp, process_group) if ddp_sync == "avg" else None
-        self._params, self._f = functional_loss(
-            self._module,
-            task_losses(
-                self.tasks,
-                autocast_dtype,
-                self._named[0][1].device.type,
-                share_forward=share_forward,
-            ),
-        )
+        device_type = self._named[0][1].device.type
+        losses = task_losses(self.tasks, autocast_dtype, device_type, share_forward=share_forward)
+        self._params, self._f = functional_loss(self._module, losses)
         if gradient_transform is not None:  # base_method, if given, overrides it (reference)
             options["hook"] = flat_hook_aggregator(gradient_transform, self.names)
         self._config = make_config(
