@@ -28,7 +28,8 @@ class SonGokuState(NamedTuple):
         ema: EMA of the shared gradients: task-stacked ``{name: (K, *shape)}``, or ``(K, d_sk)``
             with a sketch.
         ema_count: (K,) int64 — EMA updates received per task.
-        rho: (K, K) float32 — interference ``−cos`` at the last refresh.
+        rho: (K, K) float32 — interference ``−cos`` at the last refresh (the edge test ``ρ > τ``
+            itself is made in the EMA's precision).
         adjacency: (K, K) bool — conflict graph at the last refresh.
         tau: () float32 — threshold used at the last refresh (NaN before the first).
         losses: (K,) float32 — task losses of the last step (recorded even when it was skipped).
