@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradfn.aggregators import InverseNormState
 from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._ema import ema_like
 from gradfn.transforms import EmptyState
@@ -79,6 +80,10 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
     i64 = torch.int64
     ema = ema_like(config, params, shared_names(config, params))
     agg = EmptyState() if config.aggregator is None else config.aggregator.init(k, device=dev)
+    if isinstance(agg, InverseNormState) and any(
+        params[n].dtype == torch.float64 for n in shared_names(config, params)
+    ):  # float64 gradients keep a float64 norm EMA (its dtype is fixed from the start)
+        agg = InverseNormState(agg.norm_ema.to(torch.float64))
     return SonGokuState(
         step=torch.zeros((), dtype=i64, device=dev),
         group_index=torch.zeros((), dtype=i64, device=dev),
