@@ -164,6 +164,16 @@ def test_quick_start_runs_unchanged_apart_from_the_import():
     assert state["head_params"]["task_b"] == ["head_b.weight", "head_b.bias"]
 
 
+def test_debug_state_has_ema_norms_before_the_first_step():
+    model = Net()
+    sched = SonGokuScheduler(model, specs(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert sched.debug_state()["ema_norms"] == {f"t{i}": 0.0 for i in range(K)}
+    data = make_data(1)
+    sched.step(data[0])
+    norms = sched.debug_state()["ema_norms"]
+    assert list(norms) == [f"t{i}" for i in range(K)] and all(v > 0 for v in norms.values())
+
+
 def run(model, sched, data):
     for batch in data:
         sched.step(batch)
