@@ -174,6 +174,19 @@ def test_debug_state_has_ema_norms_before_the_first_step():
     assert list(norms) == [f"t{i}" for i in range(K)] and all(v > 0 for v in norms.values())
 
 
+@pytest.mark.parametrize(
+    "kw", [{"refresh_period": 0}, {"refresh_period": 2.7}, {"min_updates_per_cycle": 0}]
+)
+def test_out_of_range_periods_raise_where_the_reference_clamped(kw):
+    # the migration page's recipe for the reference's behaviour: max(1, int(x))
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SonGokuScheduler(model, specs(), opt, **kw)
+    sched = SonGokuScheduler(model, specs(), opt, **{n: max(1, int(v)) for n, v in kw.items()})
+    assert getattr(sched, next(iter(kw))) == max(1, int(next(iter(kw.values()))))
+
+
 def run(model, sched, data):
     for batch in data:
         sched.step(batch)
