@@ -81,8 +81,11 @@ def _check_schedule(schedule: TauSchedule) -> None:
         raise TypeError(f"`schedule` must be a TauSchedule, got {type(schedule).__name__}")
 
 
-def tau_value(schedule: TauSchedule, t: int | float | Tensor) -> float | Tensor:
-    """``τ(t)`` of ``schedule`` (formulas in the module docstring)."""
+def tau_value(
+    schedule: TauSchedule, t: int | float | Tensor, *, dtype: torch.dtype = torch.float32
+) -> float | Tensor:
+    """``τ(t)`` of ``schedule`` (formulas in the module docstring); for a tensor ``t``, a 0-d
+    tensor of ``dtype`` (computed in float64, then cast)."""
     _check_schedule(schedule)
     s = schedule
     t0, t1, w, a = s.tau_initial, s.tau_target, s.warmup_steps, s.anneal_duration
@@ -103,10 +106,10 @@ def tau_value(schedule: TauSchedule, t: int | float | Tensor) -> float | Tensor:
     tt = t.to(torch.float64)
     const = torch.full_like(tt, t1)
     if s.kind == "constant":
-        return const.to(torch.float32)
+        return const.to(dtype)
     if a <= 0:
         out = torch.where(tt < w, torch.full_like(tt, t0), const)
-        return out.to(torch.float32)
+        return out.to(dtype)
     frac: Tensor = ((tt - w) / max(1, a)).clamp(max=1.0)
     ann: Tensor
     if s.kind == "linear":
@@ -115,4 +118,4 @@ def tau_value(schedule: TauSchedule, t: int | float | Tensor) -> float | Tensor:
         ann = t0 + (t1 - t0) * (1.0 - torch.cos(math.pi * frac)) / 2.0
     else:
         ann = t0 * torch.pow(torch.full_like(tt, t1 / t0), frac)
-    return torch.where(tt < w, torch.full_like(tt, t0), ann).to(torch.float32)
+    return torch.where(tt < w, torch.full_like(tt, t0), ann).to(dtype)

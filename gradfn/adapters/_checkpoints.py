@@ -94,7 +94,8 @@ def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, An
 
 def songoku_debug_state(sched: SonGokuScheduler) -> dict[str, Any]:
     """The reference's ``debug_state()`` keys, plus ``skipped``, ``shared_params``,
-    ``head_params`` (and ``ema_norms`` once a step has run)."""
+    ``head_params``; ``ema_norms`` (``{task: ‖e_k‖}``) is there from the start (0.0: the EMAs
+    start at zero)."""
     groups = sched.schedule_snapshot()
     st = sched._state
     out: dict[str, Any] = {
@@ -110,6 +111,7 @@ def songoku_debug_state(sched: SonGokuScheduler) -> dict[str, Any]:
         "head_params": {sched.names[i]: list(h) for i, h in enumerate(sched._heads)},
     }
     if st is None:
+        out["ema_norms"] = dict.fromkeys(sched.names, 0.0)
         return out
     k = len(sched.names)
     if int(st.refreshes) > 0:

@@ -243,6 +243,7 @@ def plain_songoku_loop(
     tau: float,
     beta: float,
     eps: float = 1e-12,
+    inverse_norm: bool = False,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """The paper's training loop with one forward and backward per active task.
 
@@ -251,9 +252,12 @@ def plain_songoku_loop(
     of the flat shared gradient are updated (zero start), and the optimizer steps; every
     ``refresh_period`` steps the graph ``ρ_ij = −cos(e_i, e_j) > τ`` is coloured (Welsh–Powell)
     and the cycle restarts at its first group. Returns ``(active group per step, final groups)``.
+    ``inverse_norm``: the shared sum and each head's gradient are weighted by
+    :func:`inverse_norm_weights` of the shared gradients' norms (Python floats: float64).
     """
     k = len(task_losses)
     ema: list[torch.Tensor | None] = [None] * k
+    norm_ema: list[float | None] = [None] * k
     classes = [list(range(k))]
     ptr, t = 0, 0
     history = []
@@ -262,6 +266,7 @@ def plain_songoku_loop(
         history.append(list(active))
         shared_sum = [torch.zeros_like(p) for p in shared]
         head_grads = {}
+        shared_grads = {}
         for i in active:
             model.zero_grad(set_to_none=True)
             task_losses[i](model, batch[i]).backward()
@@ -271,6 +276,21 @@ def plain_songoku_loop(
             flat = torch.cat([x.reshape(-1) for x in g])
             prev = ema[i]
             ema[i] = (1 - beta) * flat if prev is None else beta * prev + (1 - beta) * flat
+            shared_grads[i] = g
+        if inverse_norm:
+            norms = [
+                math.sqrt(sum(float((x * x).sum()) for x in shared_grads[i]))
+                if i in active
+                else 0.0
+                for i in range(k)
+            ]
+            w = inverse_norm_weights(norms, [i in active for i in range(k)], norm_ema, 0.9)
+            shared_sum = [torch.zeros_like(p) for p in shared]
+            for i in active:
+                shared_sum = [
+                    a + w[i] * b for a, b in zip(shared_sum, shared_grads[i], strict=True)
+                ]
+                head_grads[i] = [w[i] * x for x in head_grads[i]]
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(shared, shared_sum, strict=True):
             p.grad = g

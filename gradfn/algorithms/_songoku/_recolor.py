@@ -18,11 +18,13 @@ def recolor(config: SonGokuConfig, state: SonGokuState) -> SonGokuState:
     """The state with new groups from its EMAs (pure, tensor-only; fixed-length loops).
 
     The cycle restarts at group 0 (group 1 with ``legacy_pointer``), and ``τ`` is evaluated at
-    ``t`` = completed steps.
+    ``t`` = completed steps. ``ρ > τ`` is decided in the EMAs' precision (float64 EMAs: float64).
     """
-    tau = tau_value(config.tau_schedule, state.step).to(torch.float32)  # type: ignore[union-attr]
-    rho = interference(gramian(state.ema, dtype=None), config.eps).to(torch.float32)
+    # ρ and τ are compared in the EMA's precision (float64 EMAs: float64); the state keeps float32
+    rho = interference(gramian(state.ema, dtype=None), config.eps)
+    tau = tau_value(config.tau_schedule, state.step, dtype=rho.dtype)
     adj, tau_used = config.graph.adjacency(rho, tau)
+    rho = rho.to(torch.float32)
     groups, num_groups = groups_from_colors(color(adj))
     if config.min_updates_per_cycle > 1:
         groups = duplicate_min_coverage(groups, adj, config.min_updates_per_cycle)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradfn.aggregators import InverseNormState
 from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._ema import ema_like
 from gradfn.transforms import EmptyState
@@ -28,7 +29,8 @@ class SonGokuState(NamedTuple):
         ema: EMA of the shared gradients: task-stacked ``{name: (K, *shape)}``, or ``(K, d_sk)``
             with a sketch.
         ema_count: (K,) int64 — EMA updates received per task.
-        rho: (K, K) float32 — interference ``−cos`` at the last refresh.
+        rho: (K, K) float32 — interference ``−cos`` at the last refresh (the edge test ``ρ > τ``
+            itself is made in the EMA's precision).
         adjacency: (K, K) bool — conflict graph at the last refresh.
         tau: () float32 — threshold used at the last refresh (NaN before the first).
         losses: (K,) float32 — task losses of the last step (recorded even when it was skipped).
@@ -78,6 +80,10 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
     i64 = torch.int64
     ema = ema_like(config, params, shared_names(config, params))
     agg = EmptyState() if config.aggregator is None else config.aggregator.init(k, device=dev)
+    if isinstance(agg, InverseNormState) and any(
+        params[n].dtype == torch.float64 for n in shared_names(config, params)
+    ):  # float64 gradients keep a float64 norm EMA (its dtype is fixed from the start)
+        agg = InverseNormState(agg.norm_ema.to(torch.float64))
     return SonGokuState(
         step=torch.zeros((), dtype=i64, device=dev),
         group_index=torch.zeros((), dtype=i64, device=dev),

@@ -94,6 +94,49 @@ def test_matches_a_plain_pytorch_loop_after_three_refresh_periods(optim):
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_adatask_in_float64_matches_a_float64_loop(optim):
+    # the norm EMA of the inverse-norm weighting stays in float64 for float64 gradients
+    r_period, tau, steps = 4, -0.3, 63
+    data = make_data(steps)
+
+    def opt_for(model):
+        if optim == "adam":
+            return torch.optim.Adam(model.parameters(), lr=0.05)
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    ref = Net()
+    history, _ = oracles.plain_songoku_loop(
+        ref,
+        [task_loss(i) for i in range(K)],
+        list(ref.trunk.parameters()),
+        [list(h.parameters()) for h in ref.heads],
+        opt_for(ref),
+        [[step[f"t{i}"] for i in range(K)] for step in data],
+        refresh_period=r_period,
+        tau=tau,
+        beta=0.9,
+        inverse_norm=True,
+    )
+    assert min(len(h) for h in history) < K and max(len(h) for h in history) > 1
+    model = Net()
+    sched = SonGokuScheduler(
+        model,
+        specs(),
+        opt_for(model),
+        shared_param_filter=lambda p: any(p is q for q in model.trunk.parameters()),
+        refresh_period=r_period,
+        tau_schedule=TauSchedule("constant", tau_target=tau),
+        base_method="adatask",
+    )
+    seen = [sorted(int(n[1:]) for n in sched.step(batch)) for batch in data]
+    assert seen == history
+    got, want = params_of(model), params_of(ref)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-13)
+    assert sched.state is not None and sched.state.aggregator.norm_ema.dtype == torch.float64
+
+
 def test_quick_start_runs_unchanged_apart_from_the_import():
     code = QUICK_START.replace("from son_goku import", "from gradfn import")
     scope: dict = {}
@@ -119,6 +162,29 @@ def test_quick_start_runs_unchanged_apart_from_the_import():
     ):
         assert key in state
     assert state["head_params"]["task_b"] == ["head_b.weight", "head_b.bias"]
+
+
+def test_debug_state_has_ema_norms_before_the_first_step():
+    model = Net()
+    sched = SonGokuScheduler(model, specs(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert sched.debug_state()["ema_norms"] == {f"t{i}": 0.0 for i in range(K)}
+    data = make_data(1)
+    sched.step(data[0])
+    norms = sched.debug_state()["ema_norms"]
+    assert list(norms) == [f"t{i}" for i in range(K)] and all(v > 0 for v in norms.values())
+
+
+@pytest.mark.parametrize(
+    "kw", [{"refresh_period": 0}, {"refresh_period": 2.7}, {"min_updates_per_cycle": 0}]
+)
+def test_out_of_range_periods_raise_where_the_reference_clamped(kw):
+    # the migration page's recipe for the reference's behaviour: max(1, int(x))
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SonGokuScheduler(model, specs(), opt, **kw)
+    sched = SonGokuScheduler(model, specs(), opt, **{n: max(1, int(v)) for n, v in kw.items()})
+    assert getattr(sched, next(iter(kw))) == max(1, int(next(iter(kw.values()))))
 
 
 def run(model, sched, data):

@@ -52,6 +52,8 @@ def test_tensor_t_matches_python_t(kind):
         got = tau_value(s, torch.tensor(t))
         assert isinstance(got, torch.Tensor) and got.dim() == 0
         assert float(got) == pytest.approx(s.value(t), abs=1e-6)
+        wide = tau_value(s, torch.tensor(t), dtype=torch.float64)
+        assert wide.dtype == torch.float64 and float(wide) == pytest.approx(s.value(t), abs=1e-15)
 
 
 def test_compiles_fullgraph():

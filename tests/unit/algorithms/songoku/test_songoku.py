@@ -196,10 +196,10 @@ def test_inverse_norm_weighting_matches_naive():
         state, grads = tx.update(state, params, b)
         gs = dirs + b
         w = oracles.inverse_norm_weights([float(x.norm()) for x in gs], [True] * 3, ema)
-        # the norm EMA is held in float32
+        # float64 gradients: the norm EMA is float64 too
         want = sum(w[i] * gs[i] for i in range(3))
-        torch.testing.assert_close(grads["w"], want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads["h2"], w[2] * 3 * params["h2"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads["w"], want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grads["h2"], w[2] * 3 * params["h2"], rtol=1e-12, atol=1e-14)
 
 
 def test_non_finite_loss_skips_the_step_without_touching_the_state():
@@ -343,3 +343,19 @@ def test_donated_state_is_unchanged_by_a_skipped_step():
     state2, _ = tx.step(state, params, bad)
     assert bool(state2.skipped)
     assert torch.equal(state2.ema["w"], ema_before)
+
+
+def test_threshold_is_compared_in_the_precision_of_a_float64_ema():
+    # ρ_01 = 0.30000001 > τ = 0.3 in float64; both round to the same float32 number
+    c = 0.30000001
+    dirs = torch.zeros(2, D, dtype=torch.float64)
+    dirs[0, 0] = 1.0
+    dirs[1, 0], dirs[1, 1] = -c, (1 - c * c) ** 0.5
+    tx = songoku(linear_loss(dirs), num_tasks=2, shared=["w"], refresh_period=1, tau_schedule=0.3)
+    params = make_params(2)
+    state, _ = tx.update(tx.init(params), params, torch.zeros(2, D, dtype=torch.float64))
+    e = state.ema["w"]
+    rho = -float(e[0] @ e[1]) / ((float(e[0].norm()) + 1e-12) * (float(e[1].norm()) + 1e-12))
+    assert rho > 0.3 and torch.tensor(rho, dtype=torch.float32) == torch.tensor(0.3)
+    assert partition(state) == {frozenset({0}), frozenset({1})}
+    assert state.rho.dtype == torch.float32 and state.tau.dtype == torch.float32
