@@ -143,7 +143,8 @@ class GradientConductor:
 
         ``data_provider()`` returns the next ``(x, y)``; it is called ``accumulation_steps`` times.
         Returns ``final_grad_norm``, ``step``, ``proj_iters``, ``min_cosine_sim``,
-        ``raw_norm/<k>``, ``norm_ema/<k>``, ``loss/<k>`` (the reference's stats) plus
+        ``raw_norm/<k>``, ``norm_ema/<k>`` (two losses or more), ``loss/<k>`` (the reference's
+        stats) plus
         ``min_cosine_after`` and ``skipped``.
         """
         if not callable(data_provider):
@@ -173,7 +174,8 @@ class GradientConductor:
         for i, name in enumerate(self.loss_names):
             base = len(_STATS) + i
             stats[f"raw_norm/{name}"] = values[base]
-            stats[f"norm_ema/{name}"] = values[base + k]
+            if k > 1:  # one loss: no arbitration, no norm EMA (the reference reports none)
+                stats[f"norm_ema/{name}"] = values[base + k]
             stats[f"loss/{name}"] = values[base + 2 * k]
         skipped = bool(stats["skipped"])
         touched = dict(zip(self._leaf_names, st.touched.tolist(), strict=True))

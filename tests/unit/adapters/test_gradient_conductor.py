@@ -523,3 +523,26 @@ def test_compiled_adapter_matches_eager_through_a_skipped_cycle(stochastic):
             assert same_nan or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7), key
     for p, q in zip(eager[1], compiled[1], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_one_loss_leaves_the_norm_ema_alone(reference):
+    """One loss: nothing to arbitrate, so the norm EMA (the arbitrator's strength) stays at its
+    initial 1.0 and is not reported, as the reference does (its ``N == 1`` shortcut)."""
+    gc = GradientConductor(Net(), {"fit": LOSSES["fit"]}, {"fit": 1.0}, 2, reference=reference)
+    batches = data(6)
+    for _ in range(3):
+        stats = gc.step(provider(batches[:2]))
+        batches = batches[2:]
+    assert set(stats) == {
+        "final_grad_norm",
+        "step",
+        "proj_iters",
+        "min_cosine_sim",
+        "min_cosine_after",
+        "skipped",
+        "raw_norm/fit",
+        "loss/fit",
+    }
+    assert stats["raw_norm/fit"] > 0.1  # the norm is measured, not fed to an EMA
+    assert gc.state.norm_ema.tolist() == [1.0]
