@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gradfn import tree
 from gradfn.adapters import _checkpoints
 from gradfn.adapters._common import check_amp, loss_scale, reducer, unwrap, write_grads
-from gradfn.adapters._reference_io import eval_mode, micro_batch_losses
+from gradfn.adapters._reference_io import eval_mode, micro_batch_losses, running_stats_mode
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
 from gradfn.autodiff import functional_loss
 from gradfn.integrations.distributed import sync_outputs
@@ -27,6 +27,7 @@ from gradfn.integrations.distributed import sync_outputs
 __all__ = ["GradientConductor"]
 
 _DDP_SYNC = ("avg", "broadcast", "none")
+_DEFAULT_BN: bool | str = False  # measured: docs, GCond guide, BatchNorm
 _STATS = ("final_grad_norm", "step", "proj_iters", "min_cosine_sim", "min_cosine_after", "skipped")
 
 
@@ -55,7 +56,7 @@ class GradientConductor:
         accumulation_steps: int,
         *,
         ddp_sync: str = "avg",
-        freeze_bn: bool = True,
+        freeze_bn: bool | str | None = None,
         reference: bool = False,
         untouched_grad: str | None = None,
         autocast_dtype: torch.dtype | None = None,
@@ -92,7 +93,11 @@ class GradientConductor:
                 stacklevel=2,
             )
         self.scaler = check_amp(autocast_dtype, scaler)
-        self.model, self.ddp_sync, self.freeze_bn = model, ddp_sync, bool(freeze_bn)
+        if freeze_bn is None:
+            freeze_bn = True if reference else _DEFAULT_BN
+        if not isinstance(freeze_bn, bool) and freeze_bn != "running":
+            raise ValueError(f"`freeze_bn` must be True, False or 'running', got {freeze_bn!r}")
+        self.model, self.ddp_sync, self.freeze_bn = model, ddp_sync, freeze_bn
         self.reference, self.untouched_grad = bool(reference), untouched
         self.autocast_dtype = (
             torch.bfloat16 if autocast_dtype is None and reference else autocast_dtype
@@ -143,7 +148,8 @@ class GradientConductor:
 
         ``data_provider()`` returns the next ``(x, y)``; it is called ``accumulation_steps`` times.
         Returns ``final_grad_norm``, ``step``, ``proj_iters``, ``min_cosine_sim``,
-        ``raw_norm/<k>``, ``norm_ema/<k>``, ``loss/<k>`` (the reference's stats) plus
+        ``raw_norm/<k>``, ``norm_ema/<k>`` (two losses or more), ``loss/<k>`` (the reference's
+        stats) plus
         ``min_cosine_after`` and ``skipped``.
         """
         if not callable(data_provider):
@@ -151,9 +157,13 @@ class GradientConductor:
                 f"`data_provider` must be a callable returning (x, y), got {type(data_provider)}"
             )
         scale = loss_scale(self.scaler, self._device)
-        mode = (
-            eval_mode(self.module, self.reference) if self.freeze_bn else contextlib.nullcontext()
-        )
+        mode: contextlib.AbstractContextManager[None]
+        if self.freeze_bn == "running":
+            mode = running_stats_mode(self.module)
+        elif self.freeze_bn:
+            mode = eval_mode(self.module, self.reference)
+        else:
+            mode = contextlib.nullcontext()
         with mode:
             self._state, grads = self._algo.update(
                 self._state, self._params, data_provider, loss_scale=scale
@@ -173,7 +183,8 @@ class GradientConductor:
         for i, name in enumerate(self.loss_names):
             base = len(_STATS) + i
             stats[f"raw_norm/{name}"] = values[base]
-            stats[f"norm_ema/{name}"] = values[base + k]
+            if k > 1:  # one loss: no arbitration, no norm EMA (the reference reports none)
+                stats[f"norm_ema/{name}"] = values[base + k]
             stats[f"loss/{name}"] = values[base + 2 * k]
         skipped = bool(stats["skipped"])
         touched = dict(zip(self._leaf_names, st.touched.tolist(), strict=True))

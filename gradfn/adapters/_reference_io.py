@@ -25,6 +25,7 @@ __all__ = [
     "eval_mode",
     "flat_hook_aggregator",
     "micro_batch_losses",
+    "running_stats_mode",
 ]
 
 FlatHook = Callable[[dict[str, Tensor]], Mapping[str, Tensor]]
@@ -120,6 +121,48 @@ def eval_mode(module: nn.Module, whole_model: bool) -> Iterator[None]:
     finally:
         for m, mode in zip(targets, modes, strict=True):
             m.training = mode
+
+
+def _update_running_stats(module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...]) -> None:
+    """What a train-mode BatchNorm does to its running statistics, from this input, without
+    normalising with the batch statistics."""
+    x = args[0]
+    mean_buf, var_buf, count = module.running_mean, module.running_var, module.num_batches_tracked
+    if mean_buf is None or var_buf is None or count is None:
+        return
+    with torch.no_grad():
+        dims = [0, *range(2, x.dim())]
+        xf = x.detach().float()
+        n = xf.numel() // xf.shape[1]
+        mean = xf.mean(dims)
+        var = xf.var(dims, unbiased=n > 1)
+        count.add_(1)
+        momentum = module.momentum
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(count)
+        mean_buf.lerp_(mean.to(mean_buf.dtype), momentum)
+        var_buf.lerp_(var.to(var_buf.dtype), momentum)
+
+
+@contextlib.contextmanager
+def running_stats_mode(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with their running statistics (eval mode) while each forward
+    updates those statistics from its input as train mode would: once per forward, no extra
+    pass. The layers that were in train mode only; modes restored and hooks removed after."""
+    bn = nn.modules.batchnorm._BatchNorm
+    targets = [
+        m for m in module.modules() if isinstance(m, bn) and m.training and m.track_running_stats
+    ]
+    hooks = [m.register_forward_pre_hook(_update_running_stats) for m in targets]
+    try:
+        for m in targets:
+            m.training = False
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in targets:
+            m.training = True
 
 
 def micro_batch_losses(

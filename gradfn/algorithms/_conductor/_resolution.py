@@ -3,7 +3,8 @@
 ``update(state, A, params, *, gram=G(A), cross=X)`` (``X_mk = <A_m, p_k>`` with the previous
 ``p_k``; both computed here when not given) works in ``K×K`` space on the Gramian of the ``A_k``:
 
-1. norm EMA ``e_k ← max(β e_k + (1−β)‖A_k‖, eps)`` (:func:`gradfn.transforms.ema_of_norms`);
+1. norm EMA ``e_k ← max(β e_k + (1−β)‖A_k‖, eps)`` (:func:`gradfn.transforms.ema_of_norms`),
+   with ``K ≥ 2`` only (it feeds the arbitrator; one loss leaves it at 1.0, as the reference does);
 2. per-loss cap ``s_k = cap/(‖A_k‖+eps)`` where ``‖A_k‖ > cap`` (:func:`gradfn.transforms.cap_factors`),
    applied to the Gramian as ``s sᵀ``, never to the rows;
 3. conflict resolution in coefficient space (:func:`gradfn.conflict.resolve_gramian`), the
@@ -80,7 +81,12 @@ def resolution(config: ConductorConfig) -> GradientTransform:
             gram, cross = gramian_and_cross(a, state.prev)
         gram_raw = gram
         raw_norms = torch.sqrt(torch.clamp(torch.diagonal(gram_raw), min=0.0))
-        ema = ema_of_norms(state.norm_ema, raw_norms, config.norm_ema_beta, eps)
+        # the EMAs only feed the arbitrator, which needs a pair: one loss leaves them at 1.0
+        ema = (
+            state.norm_ema
+            if k == 1
+            else ema_of_norms(state.norm_ema, raw_norms, config.norm_ema_beta, eps)
+        )
         if k == 1 and not config.cap_single_loss:
             scale = torch.ones_like(raw_norms)
         else:

@@ -278,7 +278,7 @@ def BNDrop():
 def test_freeze_bn_freezes_batchnorm_only():
     model = BNDrop().train()
     losses = {"a": LOSSES["fit"], "b": LOSSES["aux"]}
-    gc = GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2)
+    gc = GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, freeze_bn=True)
     mean0 = model.bn.running_mean.clone()
     gc.step(provider(data(2)))
     assert torch.equal(model.bn.running_mean, mean0)  # running statistics unchanged
@@ -523,3 +523,70 @@ def test_compiled_adapter_matches_eager_through_a_skipped_cycle(stochastic):
             assert same_nan or math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7), key
     for p, q in zip(eager[1], compiled[1], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_one_loss_leaves_the_norm_ema_alone(reference):
+    """One loss: nothing to arbitrate, so the norm EMA (the arbitrator's strength) stays at its
+    initial 1.0 and is not reported, as the reference does (its ``N == 1`` shortcut)."""
+    gc = GradientConductor(Net(), {"fit": LOSSES["fit"]}, {"fit": 1.0}, 2, reference=reference)
+    batches = data(6)
+    for _ in range(3):
+        stats = gc.step(provider(batches[:2]))
+        batches = batches[2:]
+    assert set(stats) == {
+        "final_grad_norm",
+        "step",
+        "proj_iters",
+        "min_cosine_sim",
+        "min_cosine_after",
+        "skipped",
+        "raw_norm/fit",
+        "loss/fit",
+    }
+    assert stats["raw_norm/fit"] > 0.1  # the norm is measured, not fed to an EMA
+    assert gc.state.norm_ema.tolist() == [1.0]
+
+
+def _bn_oracle(batches):
+    """The running statistics of ``BNDrop``'s BatchNorm after a train-mode forward of each batch."""
+    model = BNDrop().train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    return model.bn
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("freeze_bn", [None, False, "running"])
+def test_batchnorm_running_statistics_move_once_per_microbatch(stochastic, freeze_bn):
+    """Default (without ``reference``), ``False`` and ``"running"``: each micro-batch updates the
+    running statistics once, as one train-mode forward would; ``"running"`` normalises with the
+    running statistics during the passes, the others with the batch's."""
+    model = BNDrop().train()
+    losses = {"a": LOSSES["fit"], "b": LOSSES["aux"]}
+    kwargs = {} if freeze_bn is None else {"freeze_bn": freeze_bn}
+    gc = GradientConductor(
+        model, losses, {"a": 1.0, "b": 1.0}, 4, stochastic_accumulation=stochastic, **kwargs
+    )
+    batches = data(4)
+    gc.step(provider(batches))
+    want = _bn_oracle(batches)
+    assert int(model.bn.num_batches_tracked) == 4
+    torch.testing.assert_close(model.bn.running_mean, want.running_mean)
+    torch.testing.assert_close(model.bn.running_var, want.running_var)
+    batch_stats = freeze_bn != "running"
+    assert [bn for _, bn in model.seen_drop_training] == [batch_stats] * 4
+    assert model.bn.training  # mode restored
+    assert not model.bn._forward_pre_hooks  # no hook left behind
+
+
+def test_batchnorm_frozen_with_reference_by_default():
+    model = BNDrop().train()
+    losses = {"a": LOSSES["fit"], "b": LOSSES["aux"]}
+    GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, reference=True).step(
+        provider(data(2))
+    )
+    assert int(model.bn.num_batches_tracked) == 0
+    with pytest.raises(ValueError, match="freeze_bn"):
+        GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, freeze_bn="eval")
