@@ -178,7 +178,8 @@ class GradientConductor:
             ]
         ).tolist()
         stats: dict[str, float | int | bool] = dict(zip(_STATS, values, strict=False))
-        stats["step"], stats["skipped"] = int(stats["step"]), bool(stats["skipped"])
+        stats["step"], stats["proj_iters"] = int(stats["step"]), int(stats["proj_iters"])
+        stats["skipped"] = bool(stats["skipped"])
         k = len(self.loss_names)
         for i, name in enumerate(self.loss_names):
             base = len(_STATS) + i
@@ -193,6 +194,13 @@ class GradientConductor:
             write = [False] * len(self._named)
         write_grads(self._named, grads, write, scale=scale, poison=skipped)
         return stats
+
+    def backward(
+        self, data_provider: Callable[[], tuple[Any, Any]]
+    ) -> dict[str, float | int | bool]:
+        """:meth:`step` under the name :class:`SonGokuScheduler` uses for its grad-only call:
+        both only write ``p.grad``; zero_grad, clipping and the optimizer step are the caller's."""
+        return self.step(data_provider)
 
     @property
     def state(self) -> ConductorState:

@@ -192,4 +192,11 @@ def micro_batch_losses(
     )
     with ctx:
         out = _call_model(module, x)
-        return [_call_loss(loss_fns[k], out, y) for k in names]
+        losses = [_call_loss(loss_fns[k], out, y) for k in names]
+    for k, loss in zip(names, losses, strict=True):
+        if isinstance(loss, Tensor) and loss.dim() != 0:
+            raise ValueError(
+                f"loss_fns[{k!r}] must return a scalar, got shape {tuple(loss.shape)} "
+                "(reduce it, e.g. with .mean())"
+            )
+    return losses

@@ -128,7 +128,9 @@ class ConductorConfig:
         if self.stochastic and n % k != 0:
             raise ValueError(
                 f"stochastic accumulation gives each of the K={k} losses N/K micro-batches: "
-                f"`accumulation_steps` (N={n}) must be divisible by K={k}"
+                f"`accumulation_steps` (N={n}) must be divisible by K={k}; or use classic "
+                "accumulation, every loss on every micro-batch: stochastic=False "
+                "(GradientConductor: stochastic_accumulation=False)"
             )
         t = check_thresholds(self.thresholds, "conflict_thresholds")
         object.__setattr__(self, "thresholds", (t[0], t[1], t[2]))
