@@ -12,25 +12,22 @@ import torch
 from torch import Tensor, nn
 
 from gradfn._internal import checks
-from gradfn.adapters import _checkpoints
+from gradfn.adapters import _checkpoints, _songoku_step
 from gradfn.adapters._common import (
     check_amp,
-    loss_scale,
     reducer,
     trainable,
     unwrap,
-    write_grads,
 )
-from gradfn.adapters._reference_io import append_jsonl, dump_graph, flat_hook_aggregator
+from gradfn.adapters._reference_io import flat_hook_aggregator
 from gradfn.adapters._tasks import (
     TaskSpec,
-    check_batches,
     check_tasks,
     shared_and_heads,
     task_losses,
 )
 from gradfn.algorithms import SonGoku, SonGokuState, songoku
-from gradfn.algorithms._songoku import active_mask, group_lists, make_config, task_grads
+from gradfn.algorithms._songoku import group_lists, make_config, task_grads
 from gradfn.algorithms._songoku._config import from_reference
 from gradfn.autodiff import functional_loss
 from gradfn.schedules import TauSchedule
@@ -56,7 +53,7 @@ class SonGokuScheduler:
         self,
         model: nn.Module,
         tasks: Sequence[TaskSpec],
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         shared_param_filter: Callable[[nn.Parameter], bool] | None = None,
         refresh_period: int = 32,
         tau_schedule: TauSchedule | None = None,
@@ -82,8 +79,12 @@ class SonGokuScheduler:
         checks.check_choice("ddp_sync", ddp_sync, ("avg", "none"))
         self.scaler = check_amp(autocast_dtype, scaler)
         self.tasks = check_tasks(tasks)
-        if not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
-            raise TypeError("`optimizer` must be a torch optimizer (with step and zero_grad)")
+        if optimizer is not None and not (
+            hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")
+        ):
+            raise TypeError(
+                "`optimizer` must be a torch optimizer (with step and zero_grad) or None"
+            )
         checks.check_callable("shared_param_filter", shared_param_filter, optional=True)
         checks.check_callable("gradient_transform", gradient_transform, optional=True)
         checks.check_optional_int("log_interval", log_interval, 1)
@@ -120,6 +121,7 @@ class SonGokuScheduler:
         self._usage: Tensor | None = None  # (K, P) bool: task k's loss reaches parameter p
         self._shared_names: list[str] = []
         self._heads: list[list[str]] = [[] for _ in self.tasks]
+        self._pending: tuple[Tensor | None, Tensor | None] | None = None  # a deferred refresh
 
     # --- setup: shared parameters and heads, from the first step's autograd graph -------------
 
@@ -145,73 +147,23 @@ class SonGokuScheduler:
         self._state = self._algo.init(self._params)
         return first
 
-    # --- training step ----------------------------------------------------------------------
-
-    def _mask(self, names: list[str]) -> Tensor:
-        mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=self._named[0][1].device)
-        mask[[self._index[n] for n in names]] = True
-        return mask
+    # --- training step (gradfn.adapters._songoku_step) -------------------------------------
 
     def step(self, batches_by_task: Mapping[str, Any]) -> dict[str, float]:
         """One SON-GOKU step and one optimizer step; returns ``{task: loss}`` of the active tasks."""
-        check_batches(batches_by_task, self.names)
-        scale = loss_scale(self.scaler, self._named[0][1].device)
-        first = self._setup(batches_by_task, scale) if self._algo is None else None
-        algo, state = self._algo, self._state
-        assert algo is not None and state is not None
-        active = torch.nonzero(active_mask(state)).flatten().tolist()
-        missing = [self.names[i] for i in active if self.names[i] not in batches_by_task]
-        if missing:
-            raise ValueError(f"batches_by_task: missing batch for active task(s) {missing}")
-        used = {self.names[i]: batches_by_task[self.names[i]] for i in active}
-        providers = [t for t in self.tasks if t.refresh_batch_provider is not None]
-        probe = None
-        if algo.refresh_due(state) and self.ema_mode == "refresh":
-            extra = [t.name for t in self.tasks if t.name in batches_by_task and t not in providers]
-            used.update({n: batches_by_task[n] for n in extra})
-            probe = self._mask(extra)
-        refreshes = int(state.refreshes)
-        state, _ = algo.update(
-            state,
-            self._params,
-            used,
-            (lambda: {t.name: t.refresh_batch_provider() for t in providers})  # type: ignore[misc]
-            if providers
-            else None,
-            refresh_tasks=self._mask([t.name for t in providers]) if providers else None,
-            probe=probe,
-            apply=lambda st, g: self._apply(st, g, active, scale),
-            loss_scale=scale,
-            grads=first,
-        )
-        self._state = state
-        if int(state.refreshes) != refreshes and self.dump_graph_dir is not None:
-            dump_graph(self.dump_graph_dir, state)
-        losses = state.losses.tolist()
-        out = {self.names[i]: losses[i] for i in active}
-        if self.log_path is not None and self.log_interval and self.t % self.log_interval == 0:
-            record = {"t": self.t, "losses": out, "classes": self.schedule_snapshot()}
-            append_jsonl(self.log_path, {**record, "tau": self.current_tau()})
-        return out
+        if self.optimizer is None:
+            raise RuntimeError(
+                "step: this SonGokuScheduler has no optimizer (optimizer=None); call "
+                "backward(batches_by_task), then step your optimizer yourself"
+            )
+        return _songoku_step.run(self, batches_by_task, step_optimizer=True)["losses"]
 
-    def _apply(
-        self, state: SonGokuState, grads: dict[str, Tensor], active: list[int], scale: Tensor | None
-    ) -> None:
-        """Write ``p.grad`` for the parameters the active tasks reach and step the optimizer."""
-        skipped = bool(state.skipped)
-        if self.scaler is None and skipped:
-            return
-        assert self._usage is not None
-        heads = {n for i in active for n in self._heads[i]}
-        touched = self._usage[active].any(dim=0).tolist()
-        write = [hit or name in heads for (name, _), hit in zip(self._named, touched, strict=True)]
-        self.optimizer.zero_grad(set_to_none=True)
-        write_grads(self._named, grads, write, scale=scale, poison=skipped)
-        if self.scaler is None:
-            self.optimizer.step()
-        else:  # p.grad = g · scale: scaler.step unscales once; +inf on a skip backs the scale off
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+    def backward(self, batches_by_task: Mapping[str, Any]) -> dict[str, Any]:
+        """One SON-GOKU step that only writes ``p.grad`` (never steps the optimizer, never calls
+        ``zero_grad``); returns ``{"losses": {task: loss}, "active": [task], "skipped": bool,
+        "step": int}``. A skipped step leaves every ``p.grad`` None (``+inf`` with a ``scaler``,
+        for ``scaler.step`` to skip), so the caller's ``optimizer.step()`` changes nothing."""
+        return _songoku_step.run(self, batches_by_task, step_optimizer=False)
 
     # --- accessors --------------------------------------------------------------------------
 
@@ -242,9 +194,12 @@ class SonGokuScheduler:
         return _checkpoints.songoku_debug_state(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume the schedule (the optimizer has its own state_dict)."""
+        """Everything needed to resume the schedule (the optimizer has its own state_dict); after
+        :meth:`backward`, call it once the optimizer has stepped (it runs a deferred refresh)."""
+        _songoku_step.flush(self)
         return _checkpoints.songoku_state_dict(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also one saved by gradfn 0.1; the task names must match)."""
+        self._pending = None
         _checkpoints.songoku_load_state_dict(self, state_dict)

@@ -1,0 +1,139 @@
+"""One ``SonGokuScheduler`` step: run SON-GOKU, write ``p.grad``, and (``step``) step the optimizer
+or (``backward``) leave that to the caller.
+
+In ``backward`` mode a refresh that evaluates ``refresh_batch_provider`` batches is deferred to
+the start of the next call (or to ``state_dict`` / the schedule accessors): the reference
+evaluates it at the parameters after the optimizer step, which only exist once the caller has
+stepped. Every other refresh only reads the EMAs and runs at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from gradfn.adapters._common import loss_scale, write_grads
+from gradfn.adapters._reference_io import append_jsonl, dump_graph
+from gradfn.adapters._tasks import check_batches
+from gradfn.algorithms._songoku import active_mask
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from gradfn.adapters._songoku import SonGokuScheduler
+
+__all__ = ["flush", "run"]
+
+
+def _mask(sched: SonGokuScheduler, names: list[str]) -> Tensor:
+    mask = torch.zeros(len(sched.tasks), dtype=torch.bool, device=sched._named[0][1].device)
+    mask[[sched._index[n] for n in names]] = True
+    return mask
+
+
+def _providers(sched: SonGokuScheduler) -> dict[str, Any]:
+    return {t.name: t.refresh_batch_provider() for t in sched.tasks if t.refresh_batch_provider}
+
+
+def flush(sched: SonGokuScheduler) -> None:
+    """Run the refresh a ``backward`` call deferred, at the current parameters."""
+    pending, sched._pending = sched._pending, None
+    if pending is None:
+        return
+    algo, state = sched._algo, sched._state
+    assert algo is not None and state is not None
+    covered, scale = pending
+    sched._state = algo.refresh(state, sched._params, _providers(sched), covered, loss_scale=scale)
+    if sched.dump_graph_dir is not None:
+        dump_graph(sched.dump_graph_dir, sched._state)
+
+
+def run(
+    sched: SonGokuScheduler, batches: Mapping[str, Any], step_optimizer: bool
+) -> dict[str, Any]:
+    """One step; returns ``{"losses", "active", "skipped", "step"}``."""
+    check_batches(batches, sched.names)
+    flush(sched)
+    scale = loss_scale(sched.scaler, sched._named[0][1].device)
+    first = sched._setup(batches, scale) if sched._algo is None else None
+    algo, state = sched._algo, sched._state
+    assert algo is not None and state is not None
+    active = torch.nonzero(active_mask(state)).flatten().tolist()
+    missing = [sched.names[i] for i in active if sched.names[i] not in batches]
+    if missing:
+        raise ValueError(f"batches_by_task: missing batch for active task(s) {missing}")
+    used = {sched.names[i]: batches[sched.names[i]] for i in active}
+    providers = [t for t in sched.tasks if t.refresh_batch_provider is not None]
+    covered = _mask(sched, [t.name for t in providers]) if providers else None
+    due = algo.refresh_due(state)
+    probe = None
+    if due and sched.ema_mode == "refresh":
+        extra = [t.name for t in sched.tasks if t.name in batches and t not in providers]
+        used.update({n: batches[n] for n in extra})
+        probe = _mask(sched, extra)
+    refreshes = int(state.refreshes)
+
+    def apply(st: Any, grads: dict[str, Tensor]) -> None:
+        _apply(sched, st, grads, active, scale, step_optimizer)
+
+    if due and providers and not step_optimizer:  # the refresh waits for the caller's step
+        state, _ = algo.step(state, sched._params, used, probe, loss_scale=scale, grads=first)
+        apply(state, _)
+        if not bool(state.skipped):
+            sched._pending = (covered, scale)
+    else:
+        state, _ = algo.update(
+            state,
+            sched._params,
+            used,
+            (lambda: _providers(sched)) if providers else None,
+            refresh_tasks=covered,
+            probe=probe,
+            apply=apply,
+            loss_scale=scale,
+            grads=first,
+        )
+    sched._state = state
+    if int(state.refreshes) != refreshes and sched.dump_graph_dir is not None:
+        dump_graph(sched.dump_graph_dir, state)
+    losses = state.losses.tolist()
+    out = {sched.names[i]: losses[i] for i in active}
+    if sched.log_path is not None and sched.log_interval and sched.t % sched.log_interval == 0:
+        record = {"t": sched.t, "losses": out, "classes": sched.schedule_snapshot()}
+        append_jsonl(sched.log_path, {**record, "tau": sched.current_tau()})
+    names = [sched.names[i] for i in active]
+    return {"losses": out, "active": names, "skipped": bool(state.skipped), "step": sched.t}
+
+
+def _apply(
+    sched: SonGokuScheduler,
+    state: Any,
+    grads: dict[str, Tensor],
+    active: list[int],
+    scale: Tensor | None,
+    step_optimizer: bool,
+) -> None:
+    """Write ``p.grad`` for the parameters the active tasks reach (``None`` elsewhere; ``None``
+    everywhere on a skipped step without a scaler, ``+inf`` with one) and maybe step."""
+    skipped = bool(state.skipped)
+    assert sched._usage is not None
+    heads = {n for i in active for n in sched._heads[i]}
+    touched = sched._usage[active].any(dim=0).tolist()
+    write = [hit or name in heads for (name, _), hit in zip(sched._named, touched, strict=True)]
+    if skipped and sched.scaler is None:  # nothing to apply: an optimizer step leaves θ as it is
+        write = [False] * len(write)
+    optimizer = sched.optimizer if step_optimizer else None
+    if optimizer is not None:
+        if skipped and sched.scaler is None:
+            return
+        optimizer.zero_grad(set_to_none=True)
+    write_grads(sched._named, grads, write, scale=scale, poison=skipped)
+    if optimizer is None:
+        return
+    if sched.scaler is None:
+        optimizer.step()
+    else:  # p.grad = g · scale: scaler.step unscales once; +inf on a skip backs the scale off
+        sched.scaler.step(optimizer)
+        sched.scaler.update()
