@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
@@ -83,6 +84,7 @@ def task_count(
         if tasks <= 0:
             raise ValueError(f"aggregator init: the number of tasks must be positive, got {tasks}")
         return tasks, device
+    reject_per_task_sequence(tasks, "aggregator init")
     k = tree.num_tasks(tasks)
     return k, tree.leaves(tasks)[0].device if device is None else device
 
@@ -100,11 +102,56 @@ def single_leaf(grads: PyTree) -> Tensor | None:
     return grads if isinstance(grads, Tensor) else None
 
 
+def reject_per_task_sequence(grads: PyTree, fn: str) -> None:
+    """Raise on a top-level list or tuple of two or more alike entries (tensors of one shape, or
+    pytrees of one structure and leaf shapes): ``[g_1, ..., g_K]`` (``K`` task gradients) and a
+    task-stacked pytree with those leaves read differently, so neither meaning is guessed.
+
+    Only a plain ``list``/``tuple`` is checked (a NamedTuple or a dict names its entries), and only
+    the structure and shapes are read: no host syncs.
+    """
+    if type(grads) not in (list, tuple) or len(grads) < 2:
+        return
+    first = grads[0]
+    if isinstance(first, Tensor):
+        if not all(isinstance(g, Tensor) and g.shape == first.shape for g in grads):
+            return
+        stacked_k = first.shape[0] if first.dim() > 0 else None
+    else:
+        spec = optree.tree_structure(first)
+        if spec.num_leaves == 0:
+            return
+        shapes = [tuple(x.shape) for x in optree.tree_leaves(first)]
+        for g in grads[1:]:
+            if optree.tree_structure(g) != spec:
+                return
+            if [tuple(x.shape) for x in optree.tree_leaves(g)] != shapes:
+                return
+        stacked_k = shapes[0][0] if shapes[0] else None
+    kind = type(grads).__name__
+    as_tree = (
+        f"as a task-stacked pytree with K = {stacked_k} (each entry one parameter)"
+        if stacked_k is not None
+        else "as a pytree of 0-d leaves (no task axis)"
+    )
+    raise ValueError(
+        f"{fn}: `grads` is a {kind} of {len(grads)} alike entries, which is ambiguous: it reads "
+        f"as {len(grads)} task gradients or {as_tree}. "
+        "Pass K task gradients task-stacked: `torch.stack(grads)` for tensors, "
+        "`gradfn.tree.stack(grads)` for pytrees, or a dict of task-stacked leaves "
+        "({'w': w_stacked, 'b': b_stacked}) for one task-stacked pytree."
+    )
+
+
 def check_grads(grads: PyTree, fn: str) -> int:
-    """Validate a task-stacked pytree of floating tensors; return ``K``."""
+    """Validate a task-stacked pytree of floating tensors; return ``K``.
+
+    A top-level list or tuple of alike entries is rejected (:func:`reject_per_task_sequence`).
+    """
     x = single_leaf(grads)
     if x is not None and x.is_floating_point() and x.dim() > 0 and x.shape[0] > 0:
         return x.shape[0]
+    reject_per_task_sequence(grads, fn)
     ls = tree.leaves(grads)
     if not ls:
         raise ValueError(f"{fn}: `grads` must be a task-stacked pytree with at least one tensor")
