@@ -13,7 +13,8 @@ layers, each importing only those beneath it:
    ``update(state, params, batch) -> (state, grads)``.
 5. :mod:`gradfn.adapters`: :class:`SonGokuScheduler` and :class:`GradientConductor` for
    ``nn.Module`` training, with the published implementations' names.
-6. :mod:`gradfn.integrations`: ``torch.distributed`` and mixed precision.
+6. :mod:`gradfn.integrations`: ``torch.distributed``, mixed precision and logging
+   (:func:`songoku_metrics`, :func:`conductor_metrics`, :func:`aggregated_metrics`).
 """
 
 import sys as _sys
@@ -53,6 +54,7 @@ from gradfn.autodiff import (
     value_and_per_task_grads,
     value_and_weighted_grad,
 )
+from gradfn.integrations.logging import aggregated_metrics, conductor_metrics, songoku_metrics
 from gradfn.schedules import TauSchedule
 from gradfn.transforms import GradientTransform
 
@@ -72,10 +74,12 @@ __all__ = [
     "__version__",
     "accumulate_per_task_grads",
     "adapters",
+    "aggregated_metrics",
     "aggregators",
     "algorithms",
     "autodiff",
     "conductor",
+    "conductor_metrics",
     "conflict",
     "functional_loss",
     "integrations",
@@ -83,6 +87,7 @@ __all__ = [
     "reference_options",
     "schedules",
     "songoku",
+    "songoku_metrics",
     "split_module",
     "transforms",
     "tree",

@@ -309,6 +309,7 @@ PACKAGES = [
     "integrations",
     "integrations.amp",
     "integrations.distributed",
+    "integrations.logging",
     "schedules",
     "transforms",
     "tree",
