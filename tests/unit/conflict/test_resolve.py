@@ -96,7 +96,12 @@ def test_matches_vector_oracle_float64(rule, data, reference_floor, window):
     assert torch.allclose(res.weights @ torch.stack(gs), from_tree(res.grads).sum(0))
     fl = 1e-8 if reference_floor else 1e-16
     assert float(res.min_cosine_before) == pytest.approx(oracle_min_cos(gs, floor_sq=fl), abs=1e-9)
-    assert float(res.min_cosine_after) == pytest.approx(oracle_min_cos(ref, floor_sq=fl), abs=1e-6)
+    # the cosines after resolution come from C G Cᵀ: a resolved gradient far shorter than the
+    # inputs (a near-cancelling projection) loses digits there, ~ eps · (‖g‖max / ‖r‖min)²
+    scale = max(float(g.norm()) for g in gs)
+    short = min((float(r.norm()) for r in ref if float(r.norm()) ** 2 > fl), default=scale)
+    tol = 1e-6 + (1e-13 * (scale / short) ** 2 if short > 0 else 0.0)
+    assert float(res.min_cosine_after) == pytest.approx(oracle_min_cos(ref, floor_sq=fl), abs=tol)
     assert 0 <= int(res.iterations) <= 2 * k
     assert res.pairs.shape == (2 * k, 2) and res.winners.shape == (2 * k,)
 
