@@ -49,41 +49,53 @@ def params_of(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("optim", ["adam", "sgd"])
-def test_matches_a_plain_pytorch_loop_after_three_refresh_periods(optim):
-    r_period, tau = 4, -0.3
-    data = make_data(3 * r_period)
+def optimizer_for(optim, model):
+    if optim == "adam":
+        return torch.optim.Adam(model.parameters(), lr=0.05)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    def opt_for(model):
-        if optim == "adam":
-            return torch.optim.Adam(model.parameters(), lr=0.05)
-        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
+def oracle_run(optim, data, r_period, tau, **kw):
+    """``(model, history, classes)`` of the plain PyTorch loop (tests._utils.oracles)."""
     ref = Net()
-    ref_opt = opt_for(ref)
     history, classes = oracles.plain_songoku_loop(
         ref,
         [task_loss(i) for i in range(K)],
         list(ref.trunk.parameters()),
         [list(h.parameters()) for h in ref.heads],
-        ref_opt,
+        optimizer_for(optim, ref),
         [[step[f"t{i}"] for i in range(K)] for step in data],
         refresh_period=r_period,
         tau=tau,
         beta=0.9,
+        **kw,
     )
-    assert max(len(h) for h in history) == K and min(len(h) for h in history) < K  # real groups
+    return ref, history, classes
 
+
+def trunk_scheduler(optim, r_period, tau, **kw):
+    """``(model, scheduler)``: the adapter on a fresh model, its trunk shared."""
     model = Net()
     sched = SonGokuScheduler(
         model,
         specs(),
-        opt_for(model),
+        optimizer_for(optim, model),
         shared_param_filter=lambda p: any(p is q for q in model.trunk.parameters()),
         refresh_period=r_period,
         tau_schedule=TauSchedule("constant", tau_target=tau),
-        ema_beta=0.9,
+        **kw,
     )
+    return model, sched
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_matches_a_plain_pytorch_loop_after_three_refresh_periods(optim):
+    r_period, tau = 4, -0.3
+    data = make_data(3 * r_period)
+    ref, history, classes = oracle_run(optim, data, r_period, tau)
+    assert max(len(h) for h in history) == K and min(len(h) for h in history) < K  # real groups
+
+    model, sched = trunk_scheduler(optim, r_period, tau, ema_beta=0.9)
     seen = []
     for batch in data:
         seen.append(sorted(int(n[1:]) for n in sched.step(batch)))
@@ -99,36 +111,9 @@ def test_adatask_in_float64_matches_a_float64_loop(optim):
     # the norm EMA of the inverse-norm weighting stays in float64 for float64 gradients
     r_period, tau, steps = 4, -0.3, 63
     data = make_data(steps)
-
-    def opt_for(model):
-        if optim == "adam":
-            return torch.optim.Adam(model.parameters(), lr=0.05)
-        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-    ref = Net()
-    history, _ = oracles.plain_songoku_loop(
-        ref,
-        [task_loss(i) for i in range(K)],
-        list(ref.trunk.parameters()),
-        [list(h.parameters()) for h in ref.heads],
-        opt_for(ref),
-        [[step[f"t{i}"] for i in range(K)] for step in data],
-        refresh_period=r_period,
-        tau=tau,
-        beta=0.9,
-        inverse_norm=True,
-    )
+    ref, history, _ = oracle_run(optim, data, r_period, tau, inverse_norm=True)
     assert min(len(h) for h in history) < K and max(len(h) for h in history) > 1
-    model = Net()
-    sched = SonGokuScheduler(
-        model,
-        specs(),
-        opt_for(model),
-        shared_param_filter=lambda p: any(p is q for q in model.trunk.parameters()),
-        refresh_period=r_period,
-        tau_schedule=TauSchedule("constant", tau_target=tau),
-        base_method="adatask",
-    )
+    model, sched = trunk_scheduler(optim, r_period, tau, base_method="adatask")
     seen = [sorted(int(n[1:]) for n in sched.step(batch)) for batch in data]
     assert seen == history
     got, want = params_of(model), params_of(ref)
