@@ -1,5 +1,6 @@
-"""What every benchmark shares: ``--threads`` / ``--device``, the environment line of a table,
-and timing of several runners side by side (interleaved rounds, median and spread).
+"""What every benchmark shares: ``--threads`` / ``--device`` / ``--progress``, the environment
+line of a table, timing of several runners side by side (interleaved rounds, median and spread)
+and progress bars (:mod:`benchmarks._progress`: tqdm on stderr, stdout unchanged).
 
 Every script calls :func:`add_common_args` on its parser and :func:`setup` on the parsed
 arguments; ``bash benchmarks/gpu.sh`` runs each script with ``--device cuda``.
@@ -15,11 +16,15 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from benchmarks._progress import Progress, add_progress_arg, progress, set_default
+
 __all__ = [
+    "Progress",
     "Timing",
     "add_common_args",
     "environment",
     "interleave",
+    "progress",
     "ratio_spread",
     "setup",
     "sync",
@@ -27,15 +32,19 @@ __all__ = [
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """``--threads`` (torch intra-op threads, default 1) and ``--device`` (default ``cpu``)."""
+    """``--threads`` (torch intra-op threads, default 1), ``--device`` (default ``cpu``) and
+    ``--progress`` / ``--no-progress`` (default: bars when stderr is a terminal)."""
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default: 1)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    add_progress_arg(parser)
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads``; check and return ``--device`` (exits with a message when absent)."""
+    """Apply ``--threads`` and ``--progress``; check and return ``--device`` (exits with a message
+    when absent)."""
+    set_default(getattr(args, "progress", None))
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -101,23 +110,28 @@ def interleave(
     rounds: int,
     calls: int = 1,
     warmup: int = 1,
+    desc: str = "timing",
 ) -> dict[str, Timing]:
     """Time each runner side by side: every round runs each runner ``calls`` times in turn
-    (order rotated by round), after ``warmup`` untimed calls each."""
+    (order rotated by round), after ``warmup`` untimed calls each. A transient progress bar
+    (``desc``) counts the ``len(runners) × (warmup + rounds)`` batches of calls."""
     names = list(runners)
-    for name in names:
-        for _ in range(warmup):
-            runners[name]()
-    sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn = runners[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / calls)
+    with Progress(len(names) * (warmup + rounds), desc, leave=False) as bar:
+        for name in names:
+            for _ in range(warmup):
+                runners[name]()
+                bar.update()
+        sync(device)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = runners[name]
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sync(device)
+                samples[name].append((time.perf_counter() - t0) / calls)
+                bar.update()  # outside the timed region
     return {name: Timing(s) for name, s in samples.items()}

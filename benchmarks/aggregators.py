@@ -33,7 +33,7 @@ import torch
 import torchjd.aggregation as tjd
 
 import gradfn.aggregators as A
-from benchmarks._common import Timing, add_common_args, environment, interleave, setup
+from benchmarks._common import Timing, add_common_args, environment, interleave, progress, setup
 
 NO_COUNTERPART = "no TorchJD counterpart"
 
@@ -157,38 +157,37 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     medians: dict[str, list[float]] = {}
     missing: list[str] = []
-    for n in ns:
-        for k in ks:
-            j = _jacobian(k, n, device)
-            for method in methods:
-                ref = _torchjd_call(method, k, j)
-                if isinstance(ref, str) and ref != NO_COUNTERPART:
-                    missing.append(f"{method}: {ref}")
-                    if args.strict:
-                        raise SystemExit(f"{method}: {ref}")
-                runners: dict[str, Callable[[], object]] = {"gradfn": _gradfn_call(method, k, j)}
-                if not isinstance(ref, str):
-                    runners["torchjd"] = ref
-                if args.compile:
-                    runners["compiled"] = _gradfn_call(method, k, j, compiled=True)
-                cost = 1e-3 * k * n / 1e6  # rough seconds per call: fewer rounds for big cells
-                rounds = args.rounds or (5 if args.quick else max(7, min(31, int(0.5 / cost))))
-                calls = max(1, min(20, int(2e-4 / cost)))  # tiny cells: several calls a sample
-                t = interleave(runners, device, rounds=rounds, calls=calls, warmup=2)
-                ours = t["gradfn"]
-                if "torchjd" in t:
-                    rs = _ratios(t["torchjd"], ours)
-                    medians.setdefault(method, []).append(statistics.median(rs))
-                    ref_s, ratio_s = _fmt(t["torchjd"].median), _cell(rs)
-                else:
-                    ref_s, ratio_s = "—", str(ref)
-                row = f"| {method} | {k} | {n:.0e} | {_fmt(ours.median)} | {ref_s} | {ratio_s} |"
-                if args.compile:
-                    tc = t["compiled"]
-                    rc = _cell(_ratios(t["torchjd"], tc)) if "torchjd" in t else "—"
-                    row += f" {_fmt(tc.median)} | {rc} |"
-                lines.append(row)
-                print(row, flush=True)
+    for n, k in progress([(n, k) for n in ns for k in ks], "aggregators (n, K)"):
+        j = _jacobian(k, n, device)
+        for method in methods:
+            ref = _torchjd_call(method, k, j)
+            if isinstance(ref, str) and ref != NO_COUNTERPART:
+                missing.append(f"{method}: {ref}")
+                if args.strict:
+                    raise SystemExit(f"{method}: {ref}")
+            runners: dict[str, Callable[[], object]] = {"gradfn": _gradfn_call(method, k, j)}
+            if not isinstance(ref, str):
+                runners["torchjd"] = ref
+            if args.compile:
+                runners["compiled"] = _gradfn_call(method, k, j, compiled=True)
+            cost = 1e-3 * k * n / 1e6  # rough seconds per call: fewer rounds for big cells
+            rounds = args.rounds or (5 if args.quick else max(7, min(31, int(0.5 / cost))))
+            calls = max(1, min(20, int(2e-4 / cost)))  # tiny cells: several calls a sample
+            t = interleave(runners, device, rounds=rounds, calls=calls, warmup=2)
+            ours = t["gradfn"]
+            if "torchjd" in t:
+                rs = _ratios(t["torchjd"], ours)
+                medians.setdefault(method, []).append(statistics.median(rs))
+                ref_s, ratio_s = _fmt(t["torchjd"].median), _cell(rs)
+            else:
+                ref_s, ratio_s = "—", str(ref)
+            row = f"| {method} | {k} | {n:.0e} | {_fmt(ours.median)} | {ref_s} | {ratio_s} |"
+            if args.compile:
+                tc = t["compiled"]
+                rc = _cell(_ratios(t["torchjd"], tc)) if "torchjd" in t else "—"
+                row += f" {_fmt(tc.median)} | {rc} |"
+            lines.append(row)
+            print(row, flush=True)
     lines += ["", "| method | min median ratio | max median ratio |", "|---|---|---|"]
     for method, rs in medians.items():
         lines.append(f"| {method} | {min(rs):.2f}× | {max(rs):.2f}× |")

@@ -45,7 +45,14 @@ from torchjd.autojac import backward as tjd_backward
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 import gradfn.aggregators as A
-from benchmarks._common import add_common_args, environment, interleave, ratio_spread, setup
+from benchmarks._common import (
+    add_common_args,
+    environment,
+    interleave,
+    progress,
+    ratio_spread,
+    setup,
+)
 from benchmarks.per_task_grads import CNNHeads, MLPHeads
 
 TJD = {"upgrad": tjd.UPGrad, "mgda": tjd.MGDA, "pcgrad": tjd.PCGrad}
@@ -299,30 +306,29 @@ def main() -> None:
     )
     print(header)
     print("|---" * 10 + "|")
-    for model_name in ("MLP", "CNN"):
-        for k in ks:
-            y = torch.randint(0, 10, (batch_size, k), device=device)
-            if model_name == "MLP":
-                model: nn.Module = MLPHeads(k).to(device)
-                x = torch.randn(batch_size, 256, device=device)
-            else:
-                model = CNNHeads(k).to(device)
-                x = torch.randn(batch_size, 1, 16, 16, device=device)
-            for method in ("upgrad", "mgda", "pcgrad"):
-                run = runners(model, (x, y), method)
-                t = interleave(run, device, rounds=rounds, warmup=2)
-                mem = {name: peak_mib(fn, model, device) for name, fn in run.items()}
-                lib = ratio_spread(t["libmtl"], t["gradfn"]) if "libmtl" in t else "—"
-                lib_mem = f"{mem['libmtl']:.1f}" if "libmtl" in mem else "—"
-                print(
-                    f"| {model_name} | {k} | {method} | {t['gradfn'].ms()} "
-                    f"| {ratio_spread(t['torchjd'], t['gradfn'])} | {lib} "
-                    f"| {ratio_spread(t['gradfn-feat'], t['gradfn'])} "
-                    f"| {ratio_spread(t['torchjd-full'], t['gradfn-full'])} "
-                    f"| {mem['gradfn']:.1f} / {mem['gradfn-feat']:.1f} / {mem['torchjd']:.1f} / "
-                    f"{lib_mem} | {mem['gradfn-full']:.1f} / {mem['torchjd-full']:.1f} |",
-                    flush=True,
-                )
+    for model_name, k in progress([(m, k) for m in ("MLP", "CNN") for k in ks], "backward"):
+        y = torch.randint(0, 10, (batch_size, k), device=device)
+        if model_name == "MLP":
+            model: nn.Module = MLPHeads(k).to(device)
+            x = torch.randn(batch_size, 256, device=device)
+        else:
+            model = CNNHeads(k).to(device)
+            x = torch.randn(batch_size, 1, 16, 16, device=device)
+        for method in ("upgrad", "mgda", "pcgrad"):
+            run = runners(model, (x, y), method)
+            t = interleave(run, device, rounds=rounds, warmup=2)
+            mem = {name: peak_mib(fn, model, device) for name, fn in run.items()}
+            lib = ratio_spread(t["libmtl"], t["gradfn"]) if "libmtl" in t else "—"
+            lib_mem = f"{mem['libmtl']:.1f}" if "libmtl" in mem else "—"
+            print(
+                f"| {model_name} | {k} | {method} | {t['gradfn'].ms()} "
+                f"| {ratio_spread(t['torchjd'], t['gradfn'])} | {lib} "
+                f"| {ratio_spread(t['gradfn-feat'], t['gradfn'])} "
+                f"| {ratio_spread(t['torchjd-full'], t['gradfn-full'])} "
+                f"| {mem['gradfn']:.1f} / {mem['gradfn-feat']:.1f} / {mem['torchjd']:.1f} / "
+                f"{lib_mem} | {mem['gradfn-full']:.1f} / {mem['torchjd-full']:.1f} |",
+                flush=True,
+            )
     print(
         "\nratios > 1: gradfn faster (median [min–max] over the rounds). feat / gradfn: the "
         "`features=` form over the `shared=` form (> 1: `shared=` faster)."

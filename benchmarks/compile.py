@@ -30,7 +30,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import optree
 import torch
 
-from benchmarks._common import add_common_args, environment, setup, sync
+from benchmarks._common import add_common_args, environment, progress, setup, sync
 from gradfn import conductor, songoku
 
 D = 32
@@ -156,7 +156,7 @@ def main() -> None:
     repeats = 5 if args.quick else args.repeats
     sizes = [(4, 128)] if args.quick else [(4, 128), (8, 256)]
     rows = []
-    for k, h in sizes:
+    for k, h in progress(sizes, "compile"):
         n = h * D + h * h
         for mode in ("active", "refresh"):
             rows.append((k, h, n, *bench_songoku(k, h, mode, args.backend, repeats)))

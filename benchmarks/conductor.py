@@ -40,6 +40,7 @@ from benchmarks._common import (
     add_common_args,
     environment,
     interleave,
+    progress,
     ratio_spread,
     setup,
 )
@@ -419,7 +420,7 @@ def main() -> None:
     stochastic = ["1.1k", "0.1M"] if args.quick else ["1.1k", "0.1M", "1.6M", "10.5M"]
     classic = ["1.1k", "0.1M"] if args.quick else ["1.1k", "0.1M", "1.6M"]
     rows: list[Row] = []
-    for key in stochastic:
+    for key in progress(stochastic, "conductor"):
         pb = Problem(MODELS[key], args.batch, device)
         name = f"{key} ({pb.size:,} params)"
         rows += stochastic_rows(name, pb, device, rounds)

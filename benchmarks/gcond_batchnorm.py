@@ -28,7 +28,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import add_common_args, environment, setup
+from benchmarks._common import add_common_args, environment, progress, setup
 from gradfn.adapters import GradientConductor
 
 MODES: tuple[bool | str, ...] = (True, False, "running")
@@ -120,7 +120,7 @@ def main() -> None:
         "mean running var | ms / step |"
     )
     print("|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in progress(MODES, "gcond_batchnorm"):
         rows = [run(mode, seed, args.steps, device) for seed in range(args.seeds)]
         accs = [r["acc"] for r in rows]
         print(

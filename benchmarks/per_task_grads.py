@@ -37,6 +37,7 @@ from benchmarks._common import (
     add_common_args,
     environment,
     interleave,
+    progress,
     ratio_spread,
     setup,
 )
@@ -154,7 +155,7 @@ def main() -> None:
         "| auto / bound | auto / bound+J | vmap / auto | loop / auto | auto / summed |"
     )
     print("|---" * 11 + "|")
-    for name, k in configs:
+    for name, k in progress(configs, "per_task_grads"):
         bs = 256 if name == "MLP-L" else 64
         y = torch.randint(0, 10, (bs, k), device=device)
         if name == "MLP":

@@ -38,6 +38,7 @@ from benchmarks._common import (
     add_common_args,
     environment,
     interleave,
+    progress,
     ratio_spread,
     setup,
     sync,
@@ -283,7 +284,7 @@ def bench_modes(ema_mode: str, device, quick: bool, names: list[str]) -> list[st
         "adapter / (bound + EMA) | reference / adapter |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name in names:
+    for name in progress(names, f"songoku ema_mode={ema_mode}"):
         widths = CONFIGS[name]
         batches = make_batches(widths, K, 2 * R, device)
         warm, timed = batches[:R], batches[R:]
@@ -347,7 +348,7 @@ def bench_refresh_vs_k(quick: bool, device) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ks = (3, 6, 16) if quick else (3, 6, 16, 40)
-    for k in ks:
+    for k in progress(ks, "songoku refresh vs K"):
         model = SeedNet((64, hidden, hidden), k).to(device)
         params = {n: p.detach() for n, p in model.named_parameters()}
         d = sum(p.numel() for n, p in params.items() if n.startswith("trunk"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._progress import Progress, add_progress_arg
 from benchmarks.quality import figures, report
 from benchmarks.quality.methods import ADAM_BETAS, METHODS, SONGOKU_FAMILY, MethodConfig
 from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: rewrite results.md and the figures from --out/results.json",
     )
+    add_progress_arg(p)
     return p
 
 
@@ -144,11 +146,11 @@ def _run(args, table, problems, methods, seeds, cfg, jobs) -> dict[str, Any]:
                     )
                 )
     t0 = time.perf_counter()
-    records = run_sweep(specs, jobs=jobs)
+    records = run_sweep(specs, jobs=jobs, progress=args.progress)
     toy: list[dict[str, Any]] = []
     toy_steps = args.toy_steps or (10 if args.quick else 400)
     if args.toy:
-        toy = _run_toys(methods, toy_steps, jobs)
+        toy = _run_toys(methods, toy_steps, jobs, args.progress)
     total = time.perf_counter() - t0
 
     settings = {
@@ -269,15 +271,23 @@ def _toy_one(args: tuple[str, int]) -> dict[str, Any]:
     return run_toy(method, steps=steps)
 
 
-def _run_toys(methods: list[str], steps: int, jobs: int) -> list[dict[str, Any]]:
+def _run_toys(
+    methods: list[str], steps: int, jobs: int, progress: bool | None = None
+) -> list[dict[str, Any]]:
     work = [(m, steps) for m in methods]
-    if jobs <= 1:
-        results = [_toy_one(w) for w in work]
-    else:
-        from concurrent.futures import ProcessPoolExecutor
+    results: list[dict[str, Any]] = []
+    with Progress(len(work), "quality toy", enable=progress) as bar:
+        if jobs <= 1:
+            for w in work:
+                results.append(_toy_one(w))
+                bar.update()
+        else:
+            from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=jobs, initializer=single_thread) as pool:
-            results = list(pool.map(_toy_one, work))
+            with ProcessPoolExecutor(max_workers=jobs, initializer=single_thread) as pool:
+                for t in pool.map(_toy_one, work):
+                    results.append(t)
+                    bar.update()
     for t in results:
         print(f"toy {t['method']:<15} on front {t['reached']}/5  ({t['time_s']:.2f} s)")
     return results

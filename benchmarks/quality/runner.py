@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._progress import Progress
 from benchmarks.quality.methods import SONGOKU_FAMILY, MethodConfig, build_method
 from benchmarks.quality.problems import Problem, build_problem
 from gradfn import tree, value_and_per_task_grads
@@ -135,9 +136,17 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return record
 
 
-def run_sweep(specs: Iterable[RunSpec], jobs: int = 1, log: Any = print) -> list[dict[str, Any]]:
-    """Run every spec (in ``jobs`` worker processes when ``jobs > 1``), in order."""
+def run_sweep(
+    specs: Iterable[RunSpec], jobs: int = 1, log: Any = print, progress: bool | None = None
+) -> list[dict[str, Any]]:
+    """Run every spec (in ``jobs`` worker processes when ``jobs > 1``), in order; a progress bar
+    on stderr counts the runs (``progress``: None, when stderr is a terminal)."""
     specs = list(specs)
+    with Progress(len(specs), "quality runs", enable=progress) as bar:
+        return _sweep(specs, jobs, log, bar)
+
+
+def _sweep(specs: list[RunSpec], jobs: int, log: Any, bar: Progress) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
 
     def report(i: int, rec: dict[str, Any]) -> None:
@@ -152,11 +161,13 @@ def run_sweep(specs: Iterable[RunSpec], jobs: int = 1, log: Any = print) -> list
             rec = run_one(spec)
             report(i, rec)
             results.append(rec)
+            bar.update()
         return results
     with ProcessPoolExecutor(max_workers=jobs, initializer=single_thread) as pool:
         for i, rec in enumerate(pool.map(run_one, specs)):
             report(i, rec)
             results.append(rec)
+            bar.update()
     return results
 
 

@@ -1,16 +1,28 @@
 """Integrations (layer 6): :mod:`~gradfn.integrations.distributed` (averaging pytrees across
 ranks, the reducers both algorithms take), :mod:`~gradfn.integrations.amp` (loss scaling for
-``torch.amp.GradScaler``) and :mod:`~gradfn.integrations.logging` (the algorithms' states as flat
-``{key: float}`` dicts for any logger)."""
+``torch.amp.GradScaler``), :mod:`~gradfn.integrations.logging` (the algorithms' states as flat
+``{key: float}`` dicts for any logger) and :mod:`~gradfn.integrations.tensorboard` (images of
+SON-GOKU's interference matrix and schedule; optional extra ``tensorboard``)."""
 
-from gradfn.integrations import amp, distributed, logging
+from gradfn.integrations import amp, distributed, logging, tensorboard
 from gradfn.integrations.logging import aggregated_metrics, conductor_metrics, songoku_metrics
+from gradfn.integrations.tensorboard import (
+    ScheduleRecorder,
+    interference_image,
+    log_to_tensorboard,
+    schedule_image,
+)
 
 __all__ = [
+    "ScheduleRecorder",
     "aggregated_metrics",
     "amp",
     "conductor_metrics",
     "distributed",
+    "interference_image",
+    "log_to_tensorboard",
     "logging",
+    "schedule_image",
     "songoku_metrics",
+    "tensorboard",
 ]

@@ -1,4 +1,4 @@
-"""Every speed benchmark takes ``--threads`` (default 1) and ``--device``, and ``benchmarks/gpu.sh``
+"""Every speed benchmark takes ``--threads`` (default 1), ``--device`` and ``--[no-]progress``, and ``benchmarks/gpu.sh``
 runs each of them; a device that is not there is a clear message, not a traceback."""
 
 import re
@@ -27,7 +27,7 @@ def _help(name: str) -> str:
 @pytest.mark.parametrize("name", SPEED)
 def test_every_speed_benchmark_takes_threads_and_device(name):
     text = _help(name)
-    assert "--device" in text
+    assert "--device" in text and "--no-progress" in text
     assert re.search(r"--threads.*default: 1", text.replace("\n", " "))
 
 

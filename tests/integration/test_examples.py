@@ -30,6 +30,7 @@ RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
     ("functional_loop.py", None, ["--quick", "--method", "songoku"], "colour groups (task"),
     ("compile.py", None, ["--quick"], "compiled results match eager"),
     ("plot_interference.py", None, ["--quick", "--out", "{tmp}/rho.png"], "wrote"),
+    ("tensorboard_songoku.py", None, ["--quick", "--logdir", "{tmp}/tb"], "refreshes; wrote"),
     ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
     ("amp.py", None, ["--quick"], "amp run finished"),
 ]
