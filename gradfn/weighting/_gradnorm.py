@@ -1,0 +1,115 @@
+"""GradNorm (Chen et al. 2018, *GradNorm: Gradient Normalization for Adaptive Loss Balancing*,
+arXiv:1711.02257, Algorithm 1), at one chosen shared layer ``W`` (the paper uses the last shared
+layer).
+
+Per step, with weights ``w(t)`` (start at 1, sum ``K``): ``G_k = ‖∇_W w_k L_k‖ = w_k n_k``
+(``n_k = ‖∇_W L_k‖``, one ``autograd.grad`` per task w.r.t. ``W`` only, not a full per-task
+gradient), ``Ḡ = mean_k G_k``, the inverse training rates ``L̃_k = L_k(t) / L_k(0)``,
+``r_k = L̃_k / mean_j L̃_j`` and ``L_grad = Σ_k |G_k − Ḡ r_k^α|`` with the target ``Ḡ r_k^α`` held
+constant (Eq. 2). The step's loss is ``Σ_k w_k(t) L_k``; then ``w`` takes one gradient step
+``w_k ← w_k − lr · sign(G_k − Ḡ r_k^α) n_k`` (plain gradient descent here; the paper uses the
+network's optimizer), is floored at ``1e-6`` and renormalised to ``Σ_k w_k = K``. ``α`` sets
+the asymmetry: 0 pulls every ``G_k`` to the same norm, larger values favour slow tasks.
+``L(0)`` is the first finite call's losses. A non-finite or non-positive loss, or a non-finite gradient
+norm, leaves the state as it is (the weights of the step are ``w(t)``). Calls ``autograd.grad`` (eager, not for ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gradfn._internal.checks import check_nonnegative, check_positive
+from gradfn.weighting._base import LossWeighting, check_losses, task_count
+
+__all__ = ["GradNormState", "gradnorm", "gradnorm_init", "layer_grad_norms"]
+
+_FLOOR = 1e-6
+
+
+class GradNormState(NamedTuple):
+    """``weights`` ``w(t)`` (``(K,)``, sum ``K``), ``initial`` ``L(0)`` (``(K,)``) and ``count``
+    (0-d int64, finite steps taken)."""
+
+    weights: Tensor
+    initial: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
+
+
+def gradnorm_init(
+    num_tasks: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> GradNormState:
+    """``w = 1``, no initial losses yet."""
+    ones = torch.ones(num_tasks, dtype=dtype, device=device)
+    return GradNormState(ones, ones.clone(), torch.zeros((), dtype=torch.int64, device=device))
+
+
+def _layer_params(params: Any) -> list[Tensor]:
+    out: list[Tensor]
+    if isinstance(params, nn.Module):
+        out = [p for p in params.parameters() if p.requires_grad]
+    elif isinstance(params, Tensor):
+        out = [params]
+    elif isinstance(params, dict):
+        out = list(params.values())
+    elif isinstance(params, Iterable):
+        out = list(params)
+    else:
+        out = []
+    if not out or not all(isinstance(p, Tensor) and p.requires_grad for p in out):
+        raise TypeError(
+            "gradnorm: `params` must be the shared layer (an nn.Module, a tensor or tensors "
+            f"that require grad), got {type(params).__name__}"
+        )
+    return out
+
+
+def layer_grad_norms(losses: Sequence[Tensor] | Tensor, params: Any) -> Tensor:
+    """``(K,)``: ``n_k = ‖∇_W L_k‖`` over the layer's parameters ``W`` (the graph is kept)."""
+    layer = _layer_params(params)
+    items = list(losses.unbind(0)) if isinstance(losses, Tensor) else list(losses)
+    zero = layer[0].new_zeros(())
+    norms = []
+    for loss in items:
+        if not loss.requires_grad:  # a loss that does not reach the layer
+            norms.append(zero)
+            continue
+        grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
+        sq = [g.detach().pow(2).sum().to(zero.dtype) for g in grads if g is not None]
+        norms.append(torch.stack(sq).sum().sqrt() if sq else zero)
+    return torch.stack(norms)
+
+
+def gradnorm(*, alpha: float = 1.5, lr: float = 0.025) -> LossWeighting:
+    """The GradNorm :class:`LossWeighting`; ``update(state, losses, params)``: ``losses`` with
+    their graph (a sequence of ``K`` scalars is cheapest), ``params`` the shared layer."""
+    alpha = check_nonnegative("alpha", alpha)
+    lr = check_positive("lr", lr)
+
+    def init(tasks: int | Tensor, *, device: torch.device | str | None = None) -> GradNormState:
+        k, device = task_count(tasks, device)
+        return gradnorm_init(k, device=device)
+
+    def update(
+        state: GradNormState, losses: Sequence[Tensor] | Tensor, params: Any = None
+    ) -> tuple[GradNormState, Tensor]:
+        k = state.weights.shape[0]
+        values = check_losses(losses, k, "gradnorm").detach().to(state.weights.dtype)
+        n = layer_grad_norms(losses, params).to(state.weights.dtype)
+        w = state.weights
+        ok = bool(torch.isfinite(values).all() & torch.isfinite(n).all() & (values > 0).all())
+        if not ok:
+            return state, w
+        initial = values if int(state.count) == 0 else state.initial
+        big_g = w * n
+        ratio = values / initial
+        r = ratio / ratio.mean()
+        target = big_g.mean() * r.pow(alpha)
+        new = (w - lr * torch.sign(big_g - target) * n).clamp_min(_FLOOR)
+        new = new * (k / new.sum())
+        return GradNormState(new, initial, state.count + 1), w
+
+    return LossWeighting(init, update, "gradnorm")

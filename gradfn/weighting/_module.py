@@ -1,0 +1,51 @@
+"""``WeightedLoss``: a loss weighting for an ``nn.Module`` training loop (a thin stateful shell)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradfn.weighting._base import LossWeighting, weighted_loss
+
+__all__ = ["WeightedLoss"]
+
+
+class WeightedLoss(nn.Module):
+    """Holds a :class:`LossWeighting`'s state (and, for a learned one, its ``(K,)`` parameter
+    ``s`` as ``nn.Parameter``: pass ``WeightedLoss.parameters()`` to the optimizer with the
+    model's). ``forward(losses) -> Σ_k w_k L_k (+ penalty)``; ``weights``: the last step's.
+
+    Args:
+        weighting: e.g. ``weighting.famo()``.
+        num_tasks: ``K``.
+        layer: GradNorm's shared layer (an ``nn.Module`` or its parameters); else None.
+        device: where the state lives.
+    """
+
+    def __init__(
+        self,
+        weighting: LossWeighting,
+        num_tasks: int,
+        *,
+        layer: Any = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(weighting, LossWeighting):
+            raise TypeError(f"WeightedLoss: `weighting` must be a LossWeighting, got {weighting!r}")
+        self.weighting = weighting
+        self.state = weighting.init(num_tasks, device=device)
+        self.layer = layer
+        self.s: nn.Parameter | None = None
+        if weighting.init_params is not None:
+            self.s = nn.Parameter(weighting.init_params(num_tasks, device=device).detach())
+        self.weights: Tensor | None = None
+
+    def forward(self, losses: Tensor | Sequence[Tensor]) -> Tensor:
+        params = self.s if self.s is not None else self.layer
+        self.state, total, w = weighted_loss(self.weighting, self.state, losses, params)
+        self.weights = w.detach()
+        return total
