@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gradfn._internal.checks import check_beta, check_float, check_nonnegative, check_positive
+from gradfn.weighting._adam import AdamMoments, adam_step
 from gradfn.weighting._base import LossWeighting, check_losses, task_count
 
 __all__ = ["FAMOState", "famo", "famo_init", "famo_update_logits", "famo_weights"]
@@ -97,14 +98,16 @@ def famo_update_logits(
     delta = torch.where(go, delta, 0.0)
     xi = state.logits
     z = torch.softmax(xi, dim=0)
-    g = z * (delta - (z * delta).sum()) + gamma * xi
-    b1, b2 = betas
-    t = state.step + 1
-    m = b1 * state.exp_avg + (1 - b1) * g
-    v = b2 * state.exp_avg_sq + (1 - b2) * g * g
-    tf = t.to(xi.dtype)
-    denom = torch.sqrt(v) / torch.sqrt(1 - b2**tf) + eps
-    new_xi = xi - (lr / (1 - b1**tf)) * m / denom
+    moments = AdamMoments(state.exp_avg, state.exp_avg_sq, state.step)
+    new_xi, (m, v, t) = adam_step(
+        xi,
+        z * (delta - (z * delta).sum()),
+        moments,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=gamma,
+    )
     return FAMOState(
         torch.where(go, new_xi, xi),
         torch.where(go, m, state.exp_avg),

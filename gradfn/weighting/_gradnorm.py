@@ -6,9 +6,11 @@ Per step, with weights ``w(t)`` (start at 1, sum ``K``): ``G_k = ‖∇_W w_k L_
 (``n_k = ‖∇_W L_k‖``, one ``autograd.grad`` per task w.r.t. ``W`` only, not a full per-task
 gradient), ``Ḡ = mean_k G_k``, the inverse training rates ``L̃_k = L_k(t) / L_k(0)``,
 ``r_k = L̃_k / mean_j L̃_j`` and ``L_grad = Σ_k |G_k − Ḡ r_k^α|`` with the target ``Ḡ r_k^α`` held
-constant (Eq. 2). The step's loss is ``Σ_k w_k(t) L_k``; then ``w`` takes one gradient step
-``w_k ← w_k − lr · sign(G_k − Ḡ r_k^α) n_k`` (plain gradient descent here; the paper uses the
-network's optimizer), is floored at ``1e-6`` and renormalised to ``Σ_k w_k = K``. ``α`` sets
+constant (Eq. 2). The step's loss is ``Σ_k w_k(t) L_k``; then ``w`` takes one Adam step (lr
+``lr``; the paper leaves the optimizer open) on ``∂L_grad/∂w_k = sign(G_k − Ḡ r_k^α) n_k``, is
+floored at ``1e-6`` and renormalised to ``Σ_k w_k = K`` (Adam's moments carry over). Adam makes
+the step size independent of the gradient norms' scale, which differs by orders of magnitude
+between tasks whose losses do. ``α`` sets
 the asymmetry: 0 pulls every ``G_k`` to the same norm, larger values favour slow tasks.
 ``L(0)`` is the first finite call's losses. A non-finite or non-positive loss, or a non-finite gradient
 norm, leaves the state as it is (the weights of the step are ``w(t)``). Calls ``autograd.grad`` (eager, not for ``torch.compile``).
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfn._internal.checks import check_nonnegative, check_positive
+from gradfn.weighting._adam import AdamMoments, adam_step
 from gradfn.weighting._base import LossWeighting, check_losses, task_count
 
 __all__ = ["GradNormState", "gradnorm", "gradnorm_init", "layer_grad_norms"]
@@ -31,12 +34,13 @@ _FLOOR = 1e-6
 
 
 class GradNormState(NamedTuple):
-    """``weights`` ``w(t)`` (``(K,)``, sum ``K``), ``initial`` ``L(0)`` (``(K,)``) and ``count``
-    (0-d int64, finite steps taken)."""
+    """``weights`` ``w(t)`` (``(K,)``, sum ``K``), ``initial`` ``L(0)`` (``(K,)``), ``count``
+    (0-d int64, finite steps taken) and the weights' Adam moments."""
 
     weights: Tensor
     initial: Tensor
     count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
+    moments: AdamMoments
 
 
 def gradnorm_init(
@@ -44,7 +48,9 @@ def gradnorm_init(
 ) -> GradNormState:
     """``w = 1``, no initial losses yet."""
     ones = torch.ones(num_tasks, dtype=dtype, device=device)
-    return GradNormState(ones, ones.clone(), torch.zeros((), dtype=torch.int64, device=device))
+    i = torch.zeros((), dtype=torch.int64, device=device)
+    moments = AdamMoments(torch.zeros_like(ones), torch.zeros_like(ones), i)
+    return GradNormState(ones, ones.clone(), i.clone(), moments)
 
 
 def _layer_params(params: Any) -> list[Tensor]:
@@ -108,8 +114,9 @@ def gradnorm(*, alpha: float = 1.5, lr: float = 0.025) -> LossWeighting:
         ratio = values / initial
         r = ratio / ratio.mean()
         target = big_g.mean() * r.pow(alpha)
-        new = (w - lr * torch.sign(big_g - target) * n).clamp_min(_FLOOR)
+        stepped, moments = adam_step(w, torch.sign(big_g - target) * n, state.moments, lr=lr)
+        new = stepped.clamp_min(_FLOOR)
         new = new * (k / new.sum())
-        return GradNormState(new, initial, state.count + 1), w
+        return GradNormState(new, initial, state.count + 1, moments), w
 
     return LossWeighting(init, update, "gradnorm")

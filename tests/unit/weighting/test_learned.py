@@ -20,7 +20,9 @@ def test_uncertainty_loss_by_hand(kind, c, d):
     s = torch.tensor([0.3, -0.7], requires_grad=True)
     losses = torch.tensor([2.0, 5.0])
     _, total, w = W.weighted_loss(u, u.init(2), losses, s)
-    want = sum(c * math.exp(-sv) * lv + d * sv for sv, lv in zip([0.3, -0.7], [2.0, 5.0]))
+    want = sum(
+        c * math.exp(-sv) * lv + d * sv for sv, lv in zip([0.3, -0.7], [2.0, 5.0], strict=True)
+    )
     assert math.isclose(float(total.detach()), want, rel_tol=1e-6)
     torch.testing.assert_close(w.detach(), c * torch.exp(-s.detach()))
     total.backward()  # ∂/∂s_k = −c e^{−s_k} L_k + d
