@@ -12,7 +12,10 @@ floored at ``1e-6`` and renormalised to ``Σ_k w_k = K`` (Adam's moments carry o
 the step size independent of the gradient norms' scale, which differs by orders of magnitude
 between tasks whose losses do. ``α`` sets
 the asymmetry: 0 pulls every ``G_k`` to the same norm, larger values favour slow tasks.
-``L(0)`` is the first finite call's losses. A non-finite or non-positive loss, or a non-finite gradient
+``L(0)`` is the first finite call's losses. ``params`` may also be the shared
+representation ``h`` of the step (a non-leaf tensor; LibMTL's ``rep_grad`` mode): the
+``autograd.grad`` passes then stop at ``h`` and ``n_k = ‖∂L_k/∂h‖``, much cheaper than a layer's
+weights when the heads are small. A non-finite or non-positive loss, or a non-finite gradient
 norm, leaves the state as it is (the weights of the step are ``w(t)``). Calls ``autograd.grad`` (eager, not for ``torch.compile``).
 """
 
@@ -68,16 +71,32 @@ def _layer_params(params: Any) -> list[Tensor]:
     if not out or not all(isinstance(p, Tensor) and p.requires_grad for p in out):
         raise TypeError(
             "gradnorm: `params` must be the shared layer (an nn.Module, a tensor or tensors "
-            f"that require grad), got {type(params).__name__}"
+            f"that require grad, e.g. the shared features), got {type(params).__name__}"
         )
     return out
 
 
 def layer_grad_norms(losses: Sequence[Tensor] | Tensor, params: Any) -> Tensor:
-    """``(K,)``: ``n_k = ‖∇_W L_k‖`` over the layer's parameters ``W`` (the graph is kept)."""
+    """``(K,)``: ``n_k = ‖∇_W L_k‖`` over the layer's parameters ``W`` (the graph is kept).
+
+    A sequence: one ``autograd.grad`` per task, each from its own loss. A ``(K,)`` tensor: one
+    batched ``autograd.grad`` (its elements all lead back through every task's graph)."""
     layer = _layer_params(params)
-    items = list(losses.unbind(0)) if isinstance(losses, Tensor) else list(losses)
     zero = layer[0].new_zeros(())
+    if isinstance(losses, Tensor) and losses.requires_grad:
+        eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+        try:
+            grads = torch.autograd.grad(
+                losses, layer, eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:  # an op without a batching rule: one task at a time below
+            pass
+        else:
+            sq = [
+                g.detach().flatten(1).pow(2).sum(1).to(zero.dtype) for g in grads if g is not None
+            ]
+            return torch.stack(sq).sum(0).sqrt() if sq else zero.expand(losses.shape[0])
+    items = list(losses.unbind(0)) if isinstance(losses, Tensor) else list(losses)
     norms = []
     for loss in items:
         if not loss.requires_grad:  # a loss that does not reach the layer

@@ -21,7 +21,8 @@ class WeightedLoss(nn.Module):
     Args:
         weighting: e.g. ``weighting.famo()``.
         num_tasks: ``K``.
-        layer: GradNorm's shared layer (an ``nn.Module`` or its parameters); else None.
+        layer: GradNorm's shared layer (an ``nn.Module`` or its parameters); else None. Or
+            pass ``layer=`` to each call, e.g. the shared features of the step.
         device: where the state lives.
     """
 
@@ -44,8 +45,9 @@ class WeightedLoss(nn.Module):
             self.s = nn.Parameter(weighting.init_params(num_tasks, device=device).detach())
         self.weights: Tensor | None = None
 
-    def forward(self, losses: Tensor | Sequence[Tensor]) -> Tensor:
-        params = self.s if self.s is not None else self.layer
+    def forward(self, losses: Tensor | Sequence[Tensor], layer: Any = None) -> Tensor:
+        """``layer``: GradNorm's layer for this step only (e.g. this step's shared features)."""
+        params = self.s if self.s is not None else self.layer if layer is None else layer
         self.state, total, w = weighted_loss(self.weighting, self.state, losses, params)
         self.weights = w.detach()
         return total

@@ -108,3 +108,19 @@ def test_in_a_training_loop_and_checks():
         W.gradnorm().update(W.gradnorm().init(3), losses(), None)
     with pytest.raises(ValueError, match="alpha"):
         W.gradnorm(alpha=-1.0)
+
+
+def test_stacked_losses_and_shared_features_give_the_same_norms():
+    layer, heads, _, norms = _model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    h = layer(x)
+    ls = [((h @ heads[i] - y[:, i]) ** 2).mean() for i in range(3)]
+    by_list = W.layer_grad_norms(ls, layer)
+    torch.testing.assert_close(W.layer_grad_norms(torch.stack(ls), layer), by_list)
+    # at the features h: ‖∂L_k/∂h‖ = ‖(2/N) r_k a_kᵀ‖ = (2/N) ‖r_k‖ ‖a_k‖
+    with torch.no_grad():
+        r = h @ heads.T - y
+        want = torch.stack([2 / 16 * r[:, i].norm() * heads[i].norm() for i in range(3)])
+    torch.testing.assert_close(W.layer_grad_norms(ls, h), want)
