@@ -111,7 +111,7 @@ def test_in_a_training_loop_and_checks():
 
 
 def test_stacked_losses_and_shared_features_give_the_same_norms():
-    layer, heads, _, norms = _model()
+    layer, heads, _, _ = _model()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 4, generator=g, dtype=torch.float64)
     y = torch.randn(16, 3, generator=g, dtype=torch.float64)
