@@ -82,6 +82,20 @@ def _runner(method: str, k: int, device: torch.device, batch: int) -> Callable[[
     return step
 
 
+def _own_work(method: str, k: int, device: torch.device) -> Callable[[], object]:
+    """The method's own work alone: weights (+ penalty) and the backward of ``Σ_k w_k L_k`` into
+    a ``(K,)`` leaf of losses (``sum``: ``Σ_k L_k``)."""
+    leaf = torch.rand(k, device=device, requires_grad=True)
+    wl = None if method == "sum" else W.WeightedLoss(W.weighting(method), k, device=device)
+
+    def call() -> object:
+        losses = leaf * 1.0
+        (losses.sum() if wl is None else wl(losses)).backward()
+        return None
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
@@ -109,14 +123,41 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+    steps: dict[int, float] = {}
     for k in ks:
         names = ("sum", *W.METHODS, "gradnorm-features")
         runners = {m: _runner(m, k, device, args.batch) for m in names}
         t = interleave(runners, device, rounds=rounds, calls=args.calls, warmup=3)
+        steps[k] = t["sum"].median
         for m in runners:
             ratio = "—" if m == "sum" else ratio_spread(t[m], t["sum"])
             target = "—" if m == "sum" else f"≤ {TARGET.get(m, 1.1)}×"
             row = f"| {k} | `{m}` | {t[m].ms()} | {ratio} | {target} |"
+            lines.append(row)
+            print(row, flush=True)
+    own = [m for m in W.METHODS if m != "gradnorm"]
+    extra = [
+        "",
+        "The same methods' own work alone (weights, penalty, the backward of `Σ_k w_k L_k` into a "
+        "`(K,)` leaf of losses; `sum`: `Σ_k L_k`), interleaved, in µs per call; estimate = "
+        "`1 + (own − own(sum)) / step(sum)`: the step ratio with the timing noise of the whole step taken out.",
+        "",
+        "| K | method | own work µs [min–max] | estimated step ratio |",
+        "|---|---|---|---|",
+    ]
+    print("\n".join(extra), flush=True)
+    lines += extra
+    for k in ks:
+        step_sum = steps[k]
+        runners = {m: _own_work(m, k, device) for m in ("sum", *own)}
+        t = interleave(runners, device, rounds=rounds, calls=50, warmup=20)
+        for m in own:
+            lo, hi = t[m].spread
+            estimate = 1 + (t[m].median - t["sum"].median) / step_sum
+            row = (
+                f"| {k} | `{m}` | {t[m].median * 1e6:.0f} [{lo * 1e6:.0f}–{hi * 1e6:.0f}] "
+                f"| {estimate:.3f}× |"
+            )
             lines.append(row)
             print(row, flush=True)
     if args.out:
