@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +18,7 @@ class WeightedLoss(nn.Module):
     """Holds a :class:`LossWeighting`'s state (and, for a learned one, its ``(K,)`` parameter
     ``s`` as ``nn.Parameter``: pass ``WeightedLoss.parameters()`` to the optimizer with the
     model's). ``forward(losses) -> Σ_k w_k L_k (+ penalty)``; ``weights``: the last step's.
+    ``state_dict()`` holds the state's tensors too (``load_state_dict`` restores them).
 
     Args:
         weighting: e.g. ``weighting.famo()``.
@@ -51,3 +53,17 @@ class WeightedLoss(nn.Module):
         self.state, total, w = weighted_loss(self.weighting, self.state, losses, params)
         self.weights = w.detach()
         return total
+
+    def get_extra_state(self) -> Any:
+        """The state's tensors, as a list (plain tensors load with ``weights_only=True``)."""
+        return list(optree.tree_leaves(self.state, none_is_leaf=False))
+
+    def set_extra_state(self, state: Any) -> None:
+        leaves, spec = optree.tree_flatten(self.state, none_is_leaf=False)
+        if not isinstance(state, list) or len(state) != len(leaves):
+            raise ValueError(
+                f"WeightedLoss: a saved state of {len(leaves)} tensors was expected, got {state!r}"
+            )
+        self.state = optree.tree_unflatten(
+            spec, [t.to(x.device) for t, x in zip(state, leaves, strict=True)]
+        )

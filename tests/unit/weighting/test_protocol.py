@@ -74,3 +74,24 @@ def test_update_compiles_fullgraph():
         torch.testing.assert_close(got, want)
         for x, y in zip(state, ref, strict=True):
             torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("method", ("famo", "gradnorm", "uncertainty"))
+def test_weighted_loss_module_checkpoints_its_state(method, tmp_path):
+    k = 3
+    layer = torch.nn.Linear(2, 2)
+    a = W.WeightedLoss(W.weighting(method), k, layer=layer)
+    x = torch.randn(4, 2)
+    for _ in range(3):
+        out = layer(x)
+        a([(out[:, 0] ** 2).mean(), (out[:, 1] ** 2).mean(), out.abs().mean()]).backward()
+    torch.save(a.state_dict(), tmp_path / "w.pt")
+    b = W.WeightedLoss(W.weighting(method), k, layer=layer)
+    b.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    assert type(b.state) is type(a.state)
+    for x_, y_ in zip(
+        torch.utils._pytree.tree_leaves(b.state),
+        torch.utils._pytree.tree_leaves(a.state),
+        strict=True,
+    ):
+        torch.testing.assert_close(x_, y_)
