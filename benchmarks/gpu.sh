@@ -14,7 +14,7 @@ PY
 
 out=benchmarks/results/gpu
 mkdir -p "$out"
-for name in per_task_grads backward aggregators songoku conductor; do
+for name in per_task_grads backward aggregators weighting songoku conductor; do
     echo "== benchmarks.$name" >&2
     {
         echo "# benchmarks.$name on a GPU"

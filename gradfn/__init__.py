@@ -8,7 +8,8 @@ layers, each importing only those beneath it:
 3. :mod:`gradfn.transforms` (the ``(init, update)`` gradient-transform protocol),
    :mod:`gradfn.aggregators` (PCGrad, MGDA, UPGrad, CAGrad, Nash-MTL, …),
    :mod:`gradfn.conflict` (interference, colouring, sketches, GCond's resolution),
-   :mod:`gradfn.schedules` (``τ(t)``).
+   :mod:`gradfn.schedules` (``τ(t)``), :mod:`gradfn.weighting` (loss weighting: DWA, RLW,
+   uncertainty, IMTL-L, FAMO, GradNorm).
 4. :mod:`gradfn.algorithms`: :func:`songoku` (SON-GOKU) and :func:`conductor` (GradientConductor),
    ``update(state, params, batch) -> (state, grads)``.
 5. :mod:`gradfn.adapters`: :class:`SonGokuScheduler` and :class:`GradientConductor` for
@@ -30,6 +31,7 @@ from gradfn import (
     schedules,
     transforms,
     tree,
+    weighting,
 )
 from gradfn._deprecated import MODULE_NAMES as _MODULE_NAMES
 from gradfn._deprecated import TOP_LEVEL as _TOP_LEVEL
@@ -93,6 +95,7 @@ __all__ = [
     "tree",
     "value_and_per_task_grads",
     "value_and_weighted_grad",
+    "weighting",
 ]
 
 _install_deprecated()

@@ -12,7 +12,7 @@ tensor-only (fixed-iteration solvers, masks instead of branches) and compiles wi
 ``torch.compile(fullgraph=True)``.
 
 Methods: mean, sum, pcgrad, graddrop, cagrad, mgda, upgrad, dualproj, imtl_g, aligned_mtl,
-gradvac, nash_mtl, config, gcond (GCond's resolution), inverse_norm.
+gradvac, nash_mtl, config, gcond (GCond's resolution), fairgrad, inverse_norm.
 """
 
 from gradfn.aggregators._adapters import (
@@ -27,6 +27,7 @@ from gradfn.aggregators._base import Aggregated, Aggregator, CounterState, Empty
 from gradfn.aggregators._cagrad import cagrad, cagrad_weights
 from gradfn.aggregators._config import config, config_weights
 from gradfn.aggregators._dualproj import dualproj, dualproj_weights
+from gradfn.aggregators._fairgrad import fairgrad, fairgrad_weights
 from gradfn.aggregators._gcond import gcond, gcond_weights
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import GradVacState, gradvac, gradvac_init, gradvac_weights
@@ -74,6 +75,8 @@ __all__ = [
     "dual_cone_project",
     "dualproj",
     "dualproj_weights",
+    "fairgrad",
+    "fairgrad_weights",
     "gcond",
     "gcond_weights",
     "graddrop",

@@ -11,6 +11,7 @@ from gradfn.aggregators._base import Aggregated, Aggregator, seeded, stateless
 from gradfn.aggregators._cagrad import cagrad
 from gradfn.aggregators._config import config
 from gradfn.aggregators._dualproj import dualproj
+from gradfn.aggregators._fairgrad import fairgrad
 from gradfn.aggregators._gcond import gcond
 from gradfn.aggregators._graddrop import graddrop
 from gradfn.aggregators._gradvac import gradvac
@@ -35,6 +36,7 @@ _STATELESS: dict[str, Callable[..., Aggregated]] = {
     "aligned_mtl": aligned_mtl,
     "config": config,
     "gcond": gcond,
+    "fairgrad": fairgrad,
 }
 _SEEDED: dict[str, Callable[..., Aggregated]] = {"pcgrad": pcgrad, "graddrop": graddrop}
 _FACTORIES: dict[str, Callable[..., Aggregator]] = {

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEED = ["per_task_grads", "backward", "aggregators", "songoku", "conductor", "compile"]
+SPEED = [
+    "per_task_grads",
+    "backward",
+    "aggregators",
+    "weighting",
+    "songoku",
+    "conductor",
+    "compile",
+]
 
 
 def _help(name: str) -> str:

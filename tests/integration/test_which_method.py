@@ -22,6 +22,7 @@ NAMES = {  # registry name -> how the page writes it
     "gradvac": "GradVac",
     "nash_mtl": "Nash-MTL",
     "inverse_norm": "inverse-norm weighting",
+    "fairgrad": "FairGrad",
 }
 
 

@@ -94,8 +94,8 @@ def test_single_task_returns_that_gradient(method, dtype):
     expected = g[0]
     if method == "cagrad":
         expected = 1.5 * g[0]  # (1 + c)·g with c = 0.5
-    elif method == "nash_mtl":
-        expected = g[0] / 5.0  # α = 1/‖g‖
+    elif method in ("nash_mtl", "fairgrad"):
+        expected = g[0] / 5.0  # α = 1/‖g‖ (FairGrad: ‖g‖² w = w^{−1/α}, α = 1)
     torch.testing.assert_close(out.grad["w"], expected)
 
 
