@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,9 @@ class AggregatorBackward:
                 f"`params` must be an nn.Module or a name -> tensor dict, got {type(params).__name__}"
             )
         if not isinstance(agg, (Aggregator, str)):
-            raise TypeError(f"`agg` must be an Aggregator or a method name, got {type(agg).__name__}")
+            raise TypeError(
+                f"`agg` must be an Aggregator or a method name, got {type(agg).__name__}"
+            )
         hparams = {k: v for k, v in options.items() if k not in ("shared", "strategy")}
         self.params, self.task_names = params, None if task_names is None else list(task_names)
         self.agg = as_aggregator(agg, hparams)
@@ -100,14 +102,17 @@ class AggregatorBackward:
             self.state, self.tasks = None, None
             return
         tasks = int(state_dict["tasks"])
-        values = self.params.parameters() if isinstance(self.params, nn.Module) else None
-        first = next(iter(values if values is not None else self.params.values()))
+        params = self.params
+        first = next(
+            iter(params.parameters() if isinstance(params, nn.Module) else params.values())
+        )
         template = self.agg.init(tasks, device=first.device)
         self.state = from_plain(template, state_dict["state"], "aggregator state")
         self.tasks = tasks
 
 
-Method = Union[SonGokuScheduler, GradientConductor, AggregatorBackward]
+Method = SonGokuScheduler | GradientConductor | AggregatorBackward
+"""What :meth:`GradfnModule.configure_gradfn` returns."""
 
 
 def precision_kwargs(trainer: Any) -> dict[str, Any]:
@@ -152,9 +157,7 @@ def _provider(inputs: Any, n: int) -> Callable[[], Any]:
             f"(x, y)) or a list of accumulation_steps={n} micro-batches, got {type(inputs).__name__}"
         )
     if len(inputs) != n:
-        raise ValueError(
-            f"gradfn_step: {len(inputs)} micro-batches for accumulation_steps={n}"
-        )
+        raise ValueError(f"gradfn_step: {len(inputs)} micro-batches for accumulation_steps={n}")
     batches: Iterator[Any] = iter(inputs)
     return lambda: next(batches)
 
@@ -226,7 +229,9 @@ class GradfnModule(pl.LightningModule):
         (non-finite) leaves the parameters unchanged (no gradient, or ``+inf`` for the scaler).
         """
         if self.automatic_optimization:
-            raise RuntimeError("gradfn_step needs manual optimisation: automatic_optimization=False")
+            raise RuntimeError(
+                "gradfn_step needs manual optimisation: automatic_optimization=False"
+            )
         method = self.gradfn
         opt = self.optimizers()
         if isinstance(opt, list):

@@ -32,6 +32,7 @@ RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
     ("plot_interference.py", None, ["--quick", "--out", "{tmp}/rho.png"], "wrote"),
     ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
     ("amp.py", None, ["--quick"], "amp run finished"),
+    ("lightning_multitask.py", None, ["--quick"], "resumed run equals the uninterrupted run: True"),
 ]
 
 
