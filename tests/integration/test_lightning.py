@@ -4,6 +4,7 @@ GradientConductor and an aggregator, in float32 and under ``precision="bf16-mixe
 checkpointed by the Trainer and resumed by a new one equals an uninterrupted run bit for bit."""
 
 import importlib
+import subprocess
 import sys
 
 import lightning.pytorch as L
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gradfn import aggregators
 from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
 from gradfn.integrations.lightning import AggregatorBackward, GradfnModule, precision_kwargs
+from tests._utils import ROOT
 from tests._utils.asserts import tree_equal
 from tests._utils.models import TrunkHeads
 
@@ -314,3 +316,12 @@ def test_clipping_in_on_before_optimizer_step_is_the_plain_loops_clipping():
         opt.step()
     assert min(unclipped) > 1e-2  # the clip did act
     assert tree_equal(dict(module.net.named_parameters()), dict(net.named_parameters()))
+
+
+def test_gradfn_imports_without_lightning():
+    """Lightning is an optional extra: ``import gradfn`` (integrations included) never loads it."""
+    code = (
+        "import sys, gradfn, gradfn.integrations, gradfn.adapters; "
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
