@@ -27,7 +27,12 @@ from gradfn.integrations.logging import aggregated_metrics, conductor_metrics, s
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+    from lightning.pytorch.plugins.precision import (
+        DoublePrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
 except ImportError as err:  # pragma: no cover - exercised in a test that hides lightning
     raise ImportError(
         "gradfn.integrations.lightning needs PyTorch Lightning (the `lightning` package): "
@@ -130,7 +135,7 @@ def precision_kwargs(trainer: Any) -> dict[str, Any]:
     if isinstance(plugin, MixedPrecision):
         dtype = torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.float16
         return {"autocast_dtype": dtype, "scaler": plugin.scaler}
-    if type(plugin) in (Precision, HalfPrecision):
+    if type(plugin) in (Precision, DoublePrecision, HalfPrecision):
         return {"autocast_dtype": None, "scaler": None}
     raise ValueError(
         f"gradfn's Lightning integration supports the Trainer precisions '32-true', '64-true', "

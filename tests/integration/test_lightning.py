@@ -180,6 +180,22 @@ def test_bf16_mixed_matches_the_plain_loop_under_autocast(kind):
         assert all(t.dtype != torch.bfloat16 and bool(torch.isfinite(t).all()) for t in floats)
 
 
+@pytest.mark.parametrize(
+    ("kind", "precision", "dtype"),
+    [("songoku", "bf16-true", torch.bfloat16), ("gcond", "64-true", torch.float64),
+     ("upgrad", "bf16-true", torch.bfloat16)],
+)  # fmt: skip
+def test_true_precisions_train_in_the_parameters_dtype(kind, precision, dtype):
+    module = Multi(kind)
+    _fit(module, 1, precision=precision)
+    assert module.amp == (None, None) and next(module.parameters()).dtype == dtype
+    first, last = module.logged[0], module.logged[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in last.items() if "loss" in k)
+    start = TrunkHeads(6, 8, 3, seed=0).to(dtype)
+    pairs = zip(module.net.parameters(), start.parameters(), strict=True)
+    assert not all(torch.equal(p, q) for p, q in pairs) and first != last
+
+
 def _leaves(tree):
     if isinstance(tree, torch.Tensor):
         return [tree]
