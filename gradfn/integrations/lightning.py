@@ -25,18 +25,27 @@ from gradfn.aggregators import Aggregated, Aggregator, as_aggregator
 from gradfn.aggregators import backward as aggregators_backward
 from gradfn.integrations.logging import aggregated_metrics, conductor_metrics, songoku_metrics
 
+_FLOOR = "2.2"  # the precision plugins' names (MixedPrecision, …) since Lightning 2.2
+
 try:
+    import lightning
     import lightning.pytorch as pl
+except ImportError as err:  # a test hides lightning to check this message
+    raise ImportError(
+        "gradfn.integrations.lightning needs PyTorch Lightning (the `lightning` package): "
+        'pip install "gradfn[lightning]"'
+    ) from err
+try:
     from lightning.pytorch.plugins.precision import (
         DoublePrecision,
         HalfPrecision,
         MixedPrecision,
         Precision,
     )
-except ImportError as err:  # a test hides lightning to check this message
+except ImportError as err:
     raise ImportError(
-        "gradfn.integrations.lightning needs PyTorch Lightning (the `lightning` package): "
-        'pip install "gradfn[lightning]"'
+        f"gradfn.integrations.lightning needs lightning>={_FLOOR}, found "
+        f'{getattr(lightning, "__version__", "?")}: pip install "gradfn[lightning]"'
     ) from err
 
 __all__ = ["AggregatorBackward", "GradfnModule", "Method", "precision_kwargs"]

@@ -6,6 +6,7 @@ checkpointed by the Trainer and resumed by a new one equals an uninterrupted run
 import importlib
 import subprocess
 import sys
+import types
 
 import lightning.pytorch as L
 import pytest
@@ -305,9 +306,14 @@ def test_precision_kwargs_and_misuse():
 
 
 def test_the_import_error_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     monkeypatch.delitem(sys.modules, "gradfn.integrations.lightning")
-    with pytest.raises(ImportError, match=r'pip install "gradfn\[lightning\]"'):
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "lightning.pytorch", None)
+        with pytest.raises(ImportError, match=r'pip install "gradfn\[lightning\]"'):
+            importlib.import_module("gradfn.integrations.lightning")
+    # a Lightning older than the floor (no MixedPrecision, … under their 2.2 names)
+    monkeypatch.setitem(sys.modules, "lightning.pytorch.plugins.precision", types.ModuleType("old"))
+    with pytest.raises(ImportError, match=r"needs lightning>=2\.2, found 2\."):
         importlib.import_module("gradfn.integrations.lightning")
 
 
