@@ -2,7 +2,9 @@
 ranks, the reducers both algorithms take), :mod:`~gradfn.integrations.amp` (loss scaling for
 ``torch.amp.GradScaler``), :mod:`~gradfn.integrations.logging` (the algorithms' states as flat
 ``{key: float}`` dicts for any logger) and :mod:`~gradfn.integrations.tensorboard` (images of
-SON-GOKU's interference matrix and schedule; optional extra ``tensorboard``)."""
+SON-GOKU's interference matrix and schedule; optional extra ``tensorboard``).
+:mod:`gradfn.integrations.lightning` (PyTorch Lightning, the ``lightning`` extra) is imported on
+its own: ``from gradfn.integrations.lightning import GradfnModule``."""
 
 from gradfn.integrations import amp, distributed, logging, tensorboard
 from gradfn.integrations.logging import aggregated_metrics, conductor_metrics, songoku_metrics

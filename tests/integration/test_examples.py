@@ -33,6 +33,7 @@ RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
     ("tensorboard_songoku.py", None, ["--quick", "--logdir", "{tmp}/tb"], "refreshes; wrote"),
     ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
     ("amp.py", None, ["--quick"], "amp run finished"),
+    ("lightning_multitask.py", None, ["--quick"], "resumed run equals the uninterrupted run: True"),
 ]
 
 
