@@ -1,10 +1,68 @@
-"""Small compatibility helpers across the supported torch versions (≥ 2.1)."""
+"""Compatibility across torch versions: the minimum torch of each feature, in one place.
+
+The eager library needs torch ≥ 2.1 (``pyproject.toml``). Some features need more; each entry
+point that uses one calls :func:`require_torch` with its floor from :data:`TORCH_FLOORS`, so an
+older torch fails at once with a message naming the feature and the version, instead of an
+obscure error deep inside torch. The README's "Supported versions" table says the same (a test
+keeps the two in step).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 
-__all__ = ["is_compiling"]
+__all__ = ["TORCH_FLOORS", "is_compiling", "require_torch", "torch_version"]
+
+TORCH_FLOORS: Mapping[str, str] = MappingProxyType(
+    {
+        # the eager library: the functional core, both adapters, the aggregators, DDP helpers
+        "library": "2.1",
+        # torch.compile(fullgraph=True) of the per-step paths: older dynamo cannot trace optree's
+        # C++ tree functions (every fullgraph test fails on 2.8, all pass on 2.10)
+        "compile": "2.10",
+        # the adapters' `scaler=`: torch.amp.GradScaler (device-generic, CPU included) is 2.3+
+        "scaler": "2.3",
+    }
+)
+
+
+def torch_version(version: str | None = None) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of ``version`` (default: the installed ``torch.__version__``).
+
+    Local and pre-release tags are ignored: ``"2.10.0a0+git1234"`` → ``(2, 10, 0)``.
+
+    Raises:
+        ValueError: ``version`` does not start with ``MAJOR.MINOR``.
+    """
+    text = str(torch.__version__ if version is None else version)
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise ValueError(f"`version` must start with MAJOR.MINOR, got {text!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def require_torch(minimum: str, *, feature: str, hint: str = "") -> None:
+    """Raise if the installed torch is older than ``minimum`` (``"2.3"``, ``"2.10"``).
+
+    ``feature`` names what the caller asked for (``"SonGokuScheduler(scaler=...)"``); ``hint``
+    (optional) says what to do instead on the older torch.
+
+    Raises:
+        RuntimeError: torch is older than ``minimum``; the message names the feature, the minimum
+            and the installed version.
+    """
+    if torch_version() >= torch_version(minimum):
+        return
+    message = (
+        f"{feature} needs torch >= {minimum}, but torch {torch.__version__} is installed "
+        f"(see 'Supported versions' in gradfn's README)"
+    )
+    raise RuntimeError(f"{message}; {hint}" if hint else message)
 
 
 def is_compiling() -> bool:
