@@ -1,8 +1,8 @@
 """Compatibility across torch versions: the minimum torch of each feature, in one place.
 
-The eager library needs torch ≥ 2.1 (``pyproject.toml``). Some features need more; each entry
-point that uses one calls :func:`require_torch` with its floor from :data:`TORCH_FLOORS`, so an
-older torch fails at once with a message naming the feature and the version, instead of an
+The eager library needs torch ≥ 2.1 and optree ≥ 0.11 (``pyproject.toml``). Some features need
+more; each entry point that uses one calls :func:`require_torch` (or :func:`require_compile`) with
+its floor from :data:`TORCH_FLOORS` / :data:`OPTREE_FLOORS`, so an older version fails at once with a message naming the feature and the version, instead of an
 obscure error deep inside torch. The README's "Supported versions" table says the same (a test
 keeps the two in step).
 """
@@ -13,9 +13,18 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
+import optree
 import torch
 
-__all__ = ["TORCH_FLOORS", "is_compiling", "require_torch", "torch_version"]
+__all__ = [
+    "OPTREE_FLOORS",
+    "TORCH_FLOORS",
+    "is_compiling",
+    "require_compile",
+    "require_optree",
+    "require_torch",
+    "torch_version",
+]
 
 TORCH_FLOORS: Mapping[str, str] = MappingProxyType(
     {
@@ -29,9 +38,18 @@ TORCH_FLOORS: Mapping[str, str] = MappingProxyType(
     }
 )
 
+OPTREE_FLOORS: Mapping[str, str] = MappingProxyType(
+    {
+        "library": "0.11",
+        # torch's dynamo traces optree's tree functions only from optree 0.13 (below it, torch
+        # treats optree as absent and a fullgraph compile fails on its C++ flatten)
+        "compile": "0.13",
+    }
+)
+
 
 def torch_version(version: str | None = None) -> tuple[int, int, int]:
-    """``(major, minor, patch)`` of ``version`` (default: the installed ``torch.__version__``).
+    """``(major, minor, patch)`` of a version string (default: the installed ``torch.__version__``).
 
     Local and pre-release tags are ignored: ``"2.10.0a0+git1234"`` → ``(2, 10, 0)``.
 
@@ -46,6 +64,16 @@ def torch_version(version: str | None = None) -> tuple[int, int, int]:
     return int(major), int(minor), int(patch or 0)
 
 
+def _require(package: str, installed: str, minimum: str, feature: str, hint: str) -> None:
+    if torch_version(installed) >= torch_version(minimum):
+        return
+    message = (
+        f"{feature} needs {package} >= {minimum}, but {package} {installed} is installed "
+        f"(see 'Supported versions' in gradfn's README)"
+    )
+    raise RuntimeError(f"{message}; {hint}" if hint else message)
+
+
 def require_torch(minimum: str, *, feature: str, hint: str = "") -> None:
     """Raise if the installed torch is older than ``minimum`` (``"2.3"``, ``"2.10"``).
 
@@ -56,13 +84,23 @@ def require_torch(minimum: str, *, feature: str, hint: str = "") -> None:
         RuntimeError: torch is older than ``minimum``; the message names the feature, the minimum
             and the installed version.
     """
-    if torch_version() >= torch_version(minimum):
-        return
-    message = (
-        f"{feature} needs torch >= {minimum}, but torch {torch.__version__} is installed "
-        f"(see 'Supported versions' in gradfn's README)"
-    )
-    raise RuntimeError(f"{message}; {hint}" if hint else message)
+    _require("torch", str(torch.__version__), minimum, feature, hint)
+
+
+def require_optree(minimum: str, *, feature: str, hint: str = "") -> None:
+    """:func:`require_torch` for the installed optree."""
+    _require("optree", str(optree.__version__), minimum, feature, hint)
+
+
+def require_compile(feature: str, hint: str = "") -> None:
+    """Raise unless torch and optree are new enough for ``torch.compile(fullgraph=True)`` of
+    gradfn's functions (:data:`TORCH_FLOORS` and :data:`OPTREE_FLOORS` ``["compile"]``).
+
+    Raises:
+        RuntimeError: naming ``feature``, the package, its minimum and the installed version.
+    """
+    require_torch(TORCH_FLOORS["compile"], feature=feature, hint=hint)
+    require_optree(OPTREE_FLOORS["compile"], feature=feature, hint=hint)
 
 
 def is_compiling() -> bool:

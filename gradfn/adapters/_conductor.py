@@ -46,7 +46,7 @@ class GradientConductor:
     reaches get ``p.grad = None``; ``"zeros"``), ``autocast_dtype``, ``scaler`` (a
     ``torch.amp.GradScaler``, torch ≥ 2.3: ``p.grad`` = output × scale, then call ``scaler.step``
     and ``scaler.update``), ``process_group`` and ``compile`` (compile the resolve + momentum
-    half; torch ≥ 2.10).
+    half; torch ≥ 2.10, optree ≥ 0.13).
     """
 
     def __init__(
