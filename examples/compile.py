@@ -10,6 +10,9 @@ What compiles (the whole function traced into one graph, no graph break):
   cycle (``conductor(...).process``: Gramian, norm EMA, cap, conflict resolution,
   momentum). The accumulation over micro-batches stays eager.
 
+Needs torch ≥ 2.10 and optree ≥ 0.13 (dynamo must trace optree's tree functions; see "Supported
+versions" in the README).
+
 Both are timed eagerly and compiled on the same inputs (median of repeated calls, after a
 warm-up that includes the compilation), and the compiled results are checked against eager.
 Run:

@@ -10,6 +10,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
+from gradfn._internal.compat import TORCH_FLOORS, require_torch
 from gradfn.integrations.amp import poison_like
 from gradfn.integrations.distributed import is_distributed, make_reducer
 from gradfn.typing import Reducer
@@ -46,8 +47,9 @@ def reducer(ddp: bool, process_group: Any) -> Reducer | None:
     return make_reducer(process_group) if ddp or is_distributed(process_group) else None
 
 
-def check_amp(autocast_dtype: Any, scaler: Any) -> Any:
-    """Validate the mixed-precision arguments; return the scaler if it is enabled, else None."""
+def check_amp(autocast_dtype: Any, scaler: Any, owner: str) -> Any:
+    """Validate the mixed-precision arguments of ``owner`` (the adapter's name); return the
+    scaler if it is enabled, else None."""
     if autocast_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(
             "`autocast_dtype` must be None, torch.bfloat16 or torch.float16, got "
@@ -57,7 +59,14 @@ def check_amp(autocast_dtype: Any, scaler: Any) -> Any:
         hasattr(scaler, a) for a in ("scale", "step", "update", "is_enabled")
     ):
         raise TypeError("`scaler` must be a torch.amp.GradScaler or None")
-    return scaler if scaler is not None and scaler.is_enabled() else None
+    if scaler is None or not scaler.is_enabled():
+        return None
+    require_torch(
+        TORCH_FLOORS["scaler"],
+        feature=f"{owner}(scaler=...)",
+        hint="leave scaler=None (autocast_dtype= works without one)",
+    )
+    return scaler
 
 
 def loss_scale(scaler: Any, device: torch.device) -> Tensor | None:

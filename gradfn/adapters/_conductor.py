@@ -44,8 +44,9 @@ class GradientConductor:
     ``stability_source``, ``min_cosine``, ``arbitrate_weak``, ``norm_floor``, ``cap_single_loss``,
     ``strategy``; ``None`` keeps the default), ``untouched_grad`` (``"none"``: parameters no loss
     reaches get ``p.grad = None``; ``"zeros"``), ``autocast_dtype``, ``scaler`` (a
-    ``torch.amp.GradScaler``: ``p.grad`` = output × scale, then call ``scaler.step`` and
-    ``scaler.update``), ``process_group`` and ``compile`` (compile the resolve + momentum half).
+    ``torch.amp.GradScaler``, torch ≥ 2.3: ``p.grad`` = output × scale, then call ``scaler.step``
+    and ``scaler.update``), ``process_group`` and ``compile`` (compile the resolve + momentum
+    half; torch ≥ 2.10, optree ≥ 0.13).
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class GradientConductor:
                 UserWarning,
                 stacklevel=2,
             )
-        self.scaler = check_amp(autocast_dtype, scaler)
+        self.scaler = check_amp(autocast_dtype, scaler, "GradientConductor")
         if freeze_bn is None:
             freeze_bn = True if reference else _DEFAULT_BN
         if not isinstance(freeze_bn, bool) and freeze_bn != "running":

@@ -42,7 +42,7 @@ class SonGokuScheduler:
     ``graph_quantile``, ``graph_knn_k``, ``graph_density``, ``sketch_dim``, ``seed``,
     ``legacy_pointer``, ``strategy`` (the :class:`~gradfn.algorithms.SonGokuConfig` fields),
     ``ddp_sync`` (``"avg"`` / ``"none"``) and ``process_group`` (distributed training),
-    ``autocast_dtype`` and ``scaler`` (mixed precision), ``share_forward`` (default True: tasks
+    ``autocast_dtype`` and ``scaler`` (mixed precision; a ``scaler`` needs torch ≥ 2.3), ``share_forward`` (default True: tasks
     calling the model, or a direct submodule, on the same input objects share one forward and
     one dropout mask; False: one forward per task). ``device`` is accepted for compatibility.
     Which parameters each task touches is read from autograd during the first step (every task is
@@ -77,7 +77,7 @@ class SonGokuScheduler:
         self._module, ddp, process_group = unwrap(model, process_group)
         self.share_forward = checks.check_bool("share_forward", share_forward)
         checks.check_choice("ddp_sync", ddp_sync, ("avg", "none"))
-        self.scaler = check_amp(autocast_dtype, scaler)
+        self.scaler = check_amp(autocast_dtype, scaler, "SonGokuScheduler")
         self.tasks = check_tasks(tasks)
         if optimizer is not None and not (
             hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gradfn import tree
 from gradfn._internal.checks import check_callable
+from gradfn._internal.compat import require_compile
 from gradfn.algorithms._base import Algorithm
 from gradfn.algorithms._conductor._accumulate import Cycle, accumulate, new_buffers
 from gradfn.algorithms._conductor._config import ConductorConfig, reference_options
@@ -178,6 +179,7 @@ def conductor(
         compile: compile ``process`` with ``torch.compile(fullgraph=True)``: ``True`` for
             inductor, or a backend name (``"aot_eager"``). With ``donate_state`` the resolution
             and momentum are compiled and the skip decision stays eager (no state copies).
+            Needs torch ≥ 2.10 and optree ≥ 0.13.
         donate_state: the caller never reuses a state it passed in: a skipped cycle is decided
             with one host read instead of ``torch.where`` copies of the previous gradients and
             the momentum (eager; compiled code keeps the copies), and (without ``compile``) the
@@ -189,12 +191,15 @@ def conductor(
         ValueError: at construction, for a bad value (naming the argument), including
             ``N % K != 0`` in stochastic mode.
         TypeError: at construction, for an argument of the wrong type or an unknown option.
+        RuntimeError: at construction, ``compile`` with torch < 2.10 or optree < 0.13.
     """
     check_callable("loss_fn", loss_fn)
     check_callable("reduce", reduce, optional=True)
     check_callable("sync_outputs", sync_outputs, optional=True)
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"`compile` must be a bool or a backend name, got {compile!r}")
+    if compile:
+        require_compile(f"compile={compile!r}", hint="leave compile=False")
     if "skip_guard" in options:
         warnings.warn(
             "conductor(skip_guard=...) is deprecated: use donate_state=True, which decides a "
