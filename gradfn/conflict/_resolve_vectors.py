@@ -122,7 +122,8 @@ def resolve_vectors(
         float32 on the coefficient matrix (the vectors differ from ``combine(C, g⁰)`` by the
         rounding).
     """
-    t = check_thresholds(thresholds)
+    t_ = check_thresholds(thresholds)
+    t = (t_[0], t_[1], t_[2])
     if rule not in ("smooth", "zones"):
         raise ValueError(f"resolve_vectors: `rule` must be 'smooth' or 'zones', got {rule!r}")
     if dominance not in ("loses", "wins"):
