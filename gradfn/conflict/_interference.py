@@ -50,6 +50,9 @@ def interference(gram: Tensor, eps: float = 1e-12) -> Tensor:
     if eps < 0:
         raise ValueError(f"`eps` must be ≥ 0, got {eps}")
     g = gram if gram.dtype in (torch.float32, torch.float64) else gram.to(torch.float32)
+    # the symmetric part: ``E @ E.T`` is not always exactly symmetric (some BLAS kernels round the
+    # two triangles differently); exact for a symmetric input
+    g = g * 0.5 + g.T * 0.5
     sq = torch.diagonal(g)
     valid = torch.isfinite(sq) & (sq > 0)
     norms = torch.sqrt(torch.where(valid, sq, torch.ones_like(sq))) + eps

@@ -4,8 +4,11 @@ Checkpoints go through ``torch.save`` / ``torch.load(weights_only=True)`` into a
 model instance holding the same weights) and must continue bit-identically; a saved dict must not
 change when training goes on. Checkpoints written by gradfn 0.1 (``tests/data``, made by
 ``tests/data/make_v01_checkpoints.py``) load into the 0.2 adapters: the converted state equals the
-0.1 state field by field, and training continues exactly as a 0.2 adapter that ran every step
-(except SON-GOKU's in-group PCGrad, whose random orders 0.2 draws differently, as documented).
+0.1 state field by field, and training continues as a 0.2 adapter that ran every step (except
+SON-GOKU's in-group PCGrad, whose random orders 0.2 draws differently, as documented). The stored
+0.1 trajectories were computed on another CPU, whose kernels round differently in the last bits, so
+runs are compared with them to ``V01_TOL`` (observed: ≤ 5e-7 relative); the conversion itself is
+compared bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from gradfn import adapters
 from gradfn.adapters import GradientConductor, SonGokuScheduler, TauSchedule
 from gradfn.aggregators import CounterState, InverseNormState
 from gradfn.transforms import EmptyState
-from tests._utils.asserts import clone_tree, tree_equal
+from tests._utils.asserts import assert_trees_close, clone_tree, tree_equal
 from tests._utils.models import TrunkHeads
 from tests.data import make_v01_checkpoints as v01
 from tests.unit.adapters._problems import (
@@ -27,6 +30,16 @@ from tests.unit.adapters._problems import (
     abc_specs,
     gc_provider,
 )
+
+V01_TOL = 1e-5  # float32 runs of a few steps, recomputed on another CPU than the stored one
+
+
+def _assert_runs_close(a, b):
+    """Two trajectories (lists of step stats, dicts of numbers) agree to ``V01_TOL``."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=V01_TOL, abs=V01_TOL)
+
 
 # ---------------------------------------------------------------------------------------------
 # SonGokuScheduler
@@ -227,12 +240,13 @@ def test_v01_songoku_checkpoint_continues_like_a_02_run(config):
     assert tree_equal(ref_model.state_dict(), ckpt["model_init"])
     for t in range(n):
         ref.step(v01.songoku_batch(t))
-    assert tree_equal(ref_model.state_dict(), ckpt["model"])  # 0.1 and 0.2 trained alike
+    # 0.1 and 0.2 trained alike
+    assert_trees_close(ref_model.state_dict(), ckpt["model"], V01_TOL)
     expected = [ref.step(v01.songoku_batch(t)) for t in range(n, n + more)]
-    assert resumed == expected
-    assert tree_equal(model.state_dict(), ref_model.state_dict())
-    assert tree_equal(opt.state_dict(), ref_opt.state_dict())
-    assert tree_equal(sched.state, ref.state)
+    _assert_runs_close(resumed, expected)
+    assert_trees_close(model.state_dict(), ref_model.state_dict(), V01_TOL)
+    assert_trees_close(opt.state_dict()["state"], ref_opt.state_dict()["state"], V01_TOL)
+    assert_trees_close(sched.state, ref.state, V01_TOL)
     assert sched.schedule_snapshot() == ref.schedule_snapshot()
 
 
@@ -285,9 +299,10 @@ def test_v01_conductor_checkpoint_continues_like_a_02_run(config):
     assert tree_equal(ref_model.state_dict(), ckpt["model_init"])
     for c in range(n):
         v01.conductor_cycle(ref_model, ref_opt, ref, c)
-    assert tree_equal(ref_model.state_dict(), ckpt["model"])  # 0.1 and 0.2 trained alike
+    # 0.1 and 0.2 trained alike
+    assert_trees_close(ref_model.state_dict(), ckpt["model"], V01_TOL)
     expected = [v01.conductor_cycle(ref_model, ref_opt, ref, c) for c in range(n, n + more)]
-    assert resumed == expected
-    assert tree_equal(model.state_dict(), ref_model.state_dict())
-    assert tree_equal(opt.state_dict(), ref_opt.state_dict())
-    assert tree_equal(gc.state, ref.state)
+    _assert_runs_close(resumed, expected)
+    assert_trees_close(model.state_dict(), ref_model.state_dict(), V01_TOL)
+    assert_trees_close(opt.state_dict()["state"], ref_opt.state_dict()["state"], V01_TOL)
+    assert_trees_close(gc.state, ref.state, V01_TOL)
