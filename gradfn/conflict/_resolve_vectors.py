@@ -17,11 +17,12 @@ docstring) on the vectors themselves, with the reference's operations:
   pre-update vectors, ``α_w = −s_w·d/(n_l+eps)``, ``α_l = −s_l·d/(n_w+eps)`` in float32);
 * zones rule: critical zeroes the loser; main ``g_l ← round(g_l − β·g_w)``; weak
   ``g_i ← g_i + round(−a_ij·g_j)``, ``g_j ← round(g_j − a_ji·g_i)`` (``round``: to the vectors' dtype;
-  PyTorch's vectorised CPU kernel of the reference's ``add_(…, alpha=β)`` rounds ``β`` itself to
-  bfloat16, which this float32 ``β`` does not copy, see the GCond guide).
+  PyTorch's vectorised CPU kernel behind the reference's ``add_(…, alpha=β)`` rounds ``β`` itself
+  to bfloat16 first, which this float32 ``β`` does not copy: the migration guide's list of what
+  still differs).
 
 Only the two rows of the treated pair are read and rewritten per iteration (``O(K·n)``); no host
-syncs, no Python branch on tensor values.
+syncs, no Python branch on tensor values (it compiles with ``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations
