@@ -5,7 +5,8 @@
   :func:`color`, :func:`groups_from_colors`, :func:`duplicate_min_coverage`, and :func:`sketch`
   (CountSketch / Rademacher projections for the sketched EMA).
 * GCond (arXiv:2509.07252): :func:`resolve_gramian` / :func:`resolve` (smooth and three-zone rules in
-  coefficient space) and its arbitrator (:func:`second_wins`, :func:`stability`, the winner ring).
+  coefficient space), :func:`resolve_vectors` (the same loop as the reference's in-place vector
+  passes, for bfloat16 gradients) and its arbitrator (:func:`second_wins`, :func:`stability`, the winner ring).
 """
 
 from gradfn.conflict._arbitrator import (
@@ -42,6 +43,7 @@ from gradfn.conflict._resolve import (
     resolve_gramian,
     true_min_cosine,
 )
+from gradfn.conflict._resolve_vectors import resolve_vectors, vector_dots
 from gradfn.conflict._sketch import SKETCH_METHODS, count_sketch_hashes, projection_block, sketch
 
 __all__ = [
@@ -70,9 +72,11 @@ __all__ = [
     "push_history",
     "resolve",
     "resolve_gramian",
+    "resolve_vectors",
     "second_wins",
     "sketch",
     "stability",
     "true_min_cosine",
+    "vector_dots",
     "welsh_powell_order",
 ]

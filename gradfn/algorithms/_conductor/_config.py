@@ -86,6 +86,10 @@ class ConductorConfig:
         arbitrate_weak: record weak-zone pairs in the history (reference: True).
         norm_floor: skip gradients below this norm (None: ``eps``; reference: ``sqrt(eps)``).
         cap_single_loss: apply the cap with one loss too (reference: False).
+        resolution: ``"gramian"`` (exact arithmetic on the ``K×K`` Gramian), ``"vectors"`` (the
+            reference's vector passes, each projection rounded to the accumulation dtype:
+            :func:`gradfn.conflict.resolve_vectors`) or ``"auto"``: ``"vectors"`` for bfloat16
+            accumulators, where rounding moves the reference's decisions, else ``"gramian"``.
         strategy: per-task gradient strategy of the classic mode (:mod:`gradfn.autodiff`).
 
     :func:`reference_options` gives the values that reproduce the reference implementation.
@@ -115,6 +119,7 @@ class ConductorConfig:
     arbitrate_weak: bool = False
     norm_floor: float | None = None
     cap_single_loss: bool = True
+    resolution: Literal["auto", "gramian", "vectors"] = "auto"
     strategy: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self) -> None:
@@ -161,11 +166,19 @@ class ConductorConfig:
             if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
                 raise ValueError(f"`norm_floor` must be None or a number >= 0, got {floor!r}")
         check_choice("strategy", self.strategy, ("auto", "vmap", "loop"))
+        check_choice("resolution", self.resolution, ("auto", "gramian", "vectors"))
 
     @property
     def num_tasks(self) -> int:
         """``K``, the number of losses."""
         return len(self.lambdas)
+
+    @property
+    def resolves_vectors(self) -> bool:
+        """Whether the resolution runs as vector passes (``resolution``, ``"auto"`` resolved)."""
+        if self.resolution == "auto":
+            return self.accumulation_dtype == torch.bfloat16
+        return self.resolution == "vectors"
 
     @classmethod
     def from_reference(

@@ -302,3 +302,37 @@ def test_donated_state_reuses_two_buffer_sets_bit_identically(source):
     s_again, g_again = donated.update(plain.init(params), params, make_batches(2, seed=9))
     s_ref, g_ref = plain.update(plain.init(params), params, make_batches(2, seed=9))
     assert tree_equal(g_again, g_ref) and tree_equal(s_ref, clone_tree(s_again))
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_cap": 0.5, "stability_source": "processed"}])
+def test_float32_vector_passes_take_the_gramian_decisions(options):
+    # away from the cosine-0 residual of a projection (weak threshold -0.05: at 0 any rounding,
+    # float32 too, decides whether the pair is projected again) the float32 vector passes and
+    # the Gramian agree; the conductor does not mutate its input accumulators
+    params = make_params(scale=0.1)  # outputs near 0: the two losses pull apart
+    runs = {}
+    for resolution in ("gramian", "vectors"):
+        t = conductor(
+            conflicting_losses,
+            LAMBDAS,
+            accumulation_steps=2,
+            stochastic=False,
+            thresholds=(-0.8, -0.5, -0.05),
+            resolution=resolution,
+            arbitrate_weak=True,
+            **options,
+        )
+        state, outs, iters = t.init(params), [], []
+        for step in range(4):
+            cycle = t.accumulate(params, make_batches(2, seed=30 + step))
+            before = clone_tree(cycle.grads)
+            state, out = t.process(state, cycle.grads, cycle.losses, cycle.raw_losses, params)
+            assert tree_equal(cycle.grads, before)
+            outs.append(out)
+            iters.append((int(state.proj_iters), state.winners.tolist()))
+        runs[resolution] = (outs, iters)
+    assert runs["gramian"][1] == runs["vectors"][1]
+    assert sum(i for i, _ in runs["gramian"][1]) > 0
+    for a, b in zip(runs["gramian"][0], runs["vectors"][0], strict=True):
+        for x, y in zip(tree.leaves(a), tree.leaves(b), strict=True):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -59,6 +59,7 @@ BAD = [
     ("norm_floor", float("nan"), ValueError, "norm_floor"),
     ("norm_floor", "x", ValueError, "norm_floor"),
     ("strategy", "vamp", ValueError, "strategy"),
+    ("resolution", "vector", ValueError, "resolution"),
 ]
 
 
@@ -118,6 +119,17 @@ def test_from_reference_maps_the_reference_names():
     assert override.accumulation_dtype == torch.float32 and override.arbitrate_weak is True
     with pytest.raises(TypeError, match="projection_max_itres"):
         ConductorConfig.from_reference([1.0, 1.0], 4, projection_max_itres=3)
+
+
+def test_resolution_auto_takes_vector_passes_for_bfloat16_only():
+    def mode(**options):
+        return ConductorConfig(**BASE, **options).resolves_vectors
+
+    assert mode() is False and mode(accumulation_dtype=torch.float64) is False
+    assert mode(accumulation_dtype=torch.bfloat16) is True
+    assert ConductorConfig.from_reference([1.0, 1.0], 4, reference=True).resolves_vectors
+    assert mode(accumulation_dtype=torch.bfloat16, resolution="gramian") is False
+    assert mode(resolution="vectors") is True
 
 
 def test_conductor_takes_a_config_or_options_not_both():
