@@ -66,7 +66,8 @@ def momentum(
 ) -> GradientTransform:
     """First-moment EMA: ``t ← t+1``, ``M ← β·M + (1−β)·u``, output ``M/(1−β^t)`` (``M``
     without ``bias_correction``). ``M`` is stored in ``dtype`` (``torch.bfloat16`` reproduces
-    GCond's reference storage); the output has that dtype too."""
+    GCond's reference storage and its two roundings per update, ``β·M`` then ``+ (1−β)·u``); the
+    output has that dtype too."""
     beta = check_beta("beta", beta)
 
     def init(params: PyTree) -> MomentumState:
@@ -75,6 +76,10 @@ def momentum(
         return MomentumState(count, tree.tree_zeros_like(params, dtype=dtype))
 
     def _ema(m: Tensor, u: Tensor) -> Tensor:
+        if dtype in (torch.bfloat16, torch.float16) and m.dtype == dtype:
+            # reduced-precision storage: β·M rounded, then + (1−β)·u rounded, as GCond's
+            # reference updates its bfloat16 momentum (``M.mul_(β).add_(G, alpha=1−β)``)
+            return m.mul(beta).add_(u, alpha=1.0 - beta)
         # β·m + (1−β)·u in one pass (lerp from u towards m by β)
         if m.dtype == u.dtype == dtype:
             return torch.lerp(u, m, beta)
