@@ -16,8 +16,8 @@ from torch import Tensor
 
 from gradfn.adapters._common import loss_scale, write_grads
 from gradfn.adapters._reference_io import append_jsonl, dump_graph
-from gradfn.adapters._tasks import check_batches
-from gradfn.algorithms._songoku import active_mask
+from gradfn.adapters._tasks import check_batches, heads_of
+from gradfn.algorithms._songoku import active_mask, task_grads
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -73,6 +73,8 @@ def run(
         extra = [t.name for t in sched.tasks if t.name in batches and t not in providers]
         used.update({n: batches[n] for n in extra})
         probe = _mask(sched, extra)
+    if first is None:
+        first = _learn(sched, active, used, probe, scale)
     refreshes = int(state.refreshes)
 
     def apply(st: Any, grads: dict[str, Tensor]) -> None:
@@ -107,6 +109,37 @@ def run(
     return {"losses": out, "active": names, "skipped": bool(state.skipped), "step": sched.t}
 
 
+def _learn(
+    sched: SonGokuScheduler,
+    active: list[int],
+    used: Mapping[str, Any],
+    probe: Tensor | None,
+    scale: Tensor | None,
+) -> Any:
+    """This step's per-task gradients with which parameters each reaches, when an active task's
+    reach is not known yet (its loss was constant at every earlier step: e.g. no labels); its
+    usage row and the heads are updated. None (nothing to learn) otherwise: no extra cost."""
+    assert sched._usage is not None
+    blind = [i for i in active if not bool(sched._usage[i].any())]
+    if not blind:
+        return None
+    mask = _mask(sched, [sched.names[i] for i in active])
+    if probe is not None:
+        mask = mask | probe
+    config = sched._algo.config if sched._algo is not None else sched._config
+    out = task_grads(
+        config, sched._f, sched._params, used, mask, loss_scale=scale, return_usage=True
+    )
+    rows = torch.stack([out.usage[n].cpu() for n, _ in sched._named], dim=1)
+    usage = sched._usage.clone()
+    for r, i in enumerate(out.idx.tolist()):
+        if i in blind:
+            usage[i] = rows[r]
+    sched._usage = usage
+    sched._heads = heads_of(sched._named, usage, sched.tasks, sched._shared_names)
+    return out
+
+
 def _apply(
     sched: SonGokuScheduler,
     state: Any,
@@ -120,8 +153,15 @@ def _apply(
     skipped = bool(state.skipped)
     assert sched._usage is not None
     heads = {n for i in active for n in sched._heads[i]}
+    # another task's head that an active task's graph reaches (e.g. every head computed in one
+    # forward): a zero gradient, and a stateful optimizer would still move it, so none
+    idle = {n for i, h in enumerate(sched._heads) if i not in active for n in h}
+    idle -= heads | set(sched._shared_names)
     touched = sched._usage[active].any(dim=0).tolist()
-    write = [hit or name in heads for (name, _), hit in zip(sched._named, touched, strict=True)]
+    write = [
+        (hit and name not in idle) or name in heads
+        for (name, _), hit in zip(sched._named, touched, strict=True)
+    ]
     if skipped and sched.scaler is None:  # nothing to apply: an optimizer step leaves θ as it is
         write = [False] * len(write)
     optimizer = sched.optimizer if step_optimizer else None

@@ -1,0 +1,129 @@
+"""The adapters on a user's bad day: partially labelled batches, NaN batches, failing refreshes,
+foreign checkpoints, a task that is always NaN (docs: Reliability)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
+from gradfn.schedules import TauSchedule
+from tests._utils.models import TrunkHeads
+
+X = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+Y = torch.randn(16, generator=torch.Generator().manual_seed(4))
+
+
+def labelled_loss(k: int):
+    """Task ``k``'s MSE on head ``k``; a constant 0 when its batch has no labels (``None``)."""
+
+    def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        if y is None:
+            return torch.zeros(())
+        return nn.functional.mse_loss(model(x, k), y)
+
+    return loss_fn
+
+
+def trunk_filter(model: TrunkHeads):
+    return lambda p: any(p is q for q in model.trunk.parameters())
+
+
+# --- defect: parameters frozen from the first batch -----------------------------------------
+
+
+def test_songoku_a_head_the_first_batch_does_not_reach_trains_later():
+    model = TrunkHeads(4, 8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    sched = SonGokuScheduler(model, tasks, opt, refresh_period=4)
+    before = model.heads[2].weight.detach().clone()
+    sched.step({"t0": (X, Y), "t1": (X, Y), "t2": (X, None)})  # no labels for t2 yet
+    assert torch.equal(model.heads[2].weight, before)
+    for _ in range(3):
+        sched.step({"t0": (X, Y), "t1": (X, Y), "t2": (X, Y)})
+    assert not torch.equal(model.heads[2].weight, before)
+    assert sched.debug_state()["head_params"]["t2"] == ["heads.2.weight", "heads.2.bias"]
+
+
+def test_songoku_a_constant_first_loss_with_two_tasks_names_the_task():
+    model = TrunkHeads(4, 8, 2)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(2)]
+    sched = SonGokuScheduler(model, tasks, torch.optim.SGD(model.parameters(), lr=0.1))
+    try:
+        sched.step({"t0": (X, Y), "t1": (X, None)})
+    except ValueError as err:
+        assert "['t1'] reached no parameter" in str(err) and "shared_param_filter" in str(err)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def column_loss(k: int):
+    """Every head in one forward, the loss reads column ``k``: every head is in every graph."""
+
+    def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(model(x)[:, k], y)
+
+    return loss_fn
+
+
+def test_songoku_declared_heads_of_inactive_tasks_get_none_even_when_reached():
+    model = TrunkHeads(4, 8, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    heads = [set(map(id, model.heads[k].parameters())) for k in range(3)]
+    tasks = [
+        TaskSpec(f"t{k}", column_loss(k), head_param_filter=lambda p, k=k: id(p) in heads[k])
+        for k in range(3)
+    ]
+    sched = SonGokuScheduler(
+        model,
+        tasks,
+        opt,
+        shared_param_filter=trunk_filter(model),
+        refresh_period=1,
+        tau_schedule=TauSchedule("constant", tau_target=-1.0),  # every task alone
+    )
+    batch = {f"t{k}": (X, Y) for k in range(3)}
+    sched.step(batch)  # every task: Adam has moments for every head
+    for _ in range(3):
+        before = [model.heads[k].weight.detach().clone() for k in range(3)]
+        active = {int(n[1:]) for n in sched.step(batch)}
+        for k in range(3):
+            moved = not torch.equal(model.heads[k].weight, before[k])
+            assert moved == (k in active), (k, active)
+            assert (model.heads[k].weight.grad is None) == (k not in active)
+
+
+class ListHeads(TrunkHeads):
+    """``model(x)`` is the list of the heads' ``(B,)`` outputs: a loss reads only its own."""
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> list[torch.Tensor]:  # type: ignore[override]
+        return [y.squeeze(-1) for y in self.head_outputs(x)]
+
+
+def test_gcond_a_head_first_reached_in_a_later_cycle_trains():
+    model = ListHeads(4, 8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(k: int):
+        def fn(out: list[torch.Tensor], y: tuple) -> torch.Tensor:
+            target, has = y
+            return nn.functional.mse_loss(out[k], target) if has[k] else torch.zeros(())
+
+        return fn
+
+    gc = GradientConductor(
+        model, {"a": loss(0), "b": loss(1)}, {"a": 1.0, "b": 1.0}, 2, stochastic_accumulation=False
+    )
+    before = model.heads[1].weight.detach().clone()
+    for labels in [(True, False), (True, True), (True, True)]:
+        opt.zero_grad()
+        gc.step(lambda labels=labels: (X, (Y, labels)))
+        if labels[1]:
+            assert model.heads[1].weight.grad is not None
+        else:
+            assert model.heads[1].weight.grad is None
+        opt.step()
+    assert not torch.equal(model.heads[1].weight, before)
