@@ -149,6 +149,12 @@ class SonGokuScheduler:
 
     # --- training step (gradfn.adapters._songoku_step) -------------------------------------
 
+    def _refresh_due(self) -> bool:
+        """Does the next step refresh (recolour)?"""
+        return self._algo is not None and self._state is not None and self._algo.refresh_due(
+            self._state
+        )
+
     def step(self, batches_by_task: Mapping[str, Any]) -> dict[str, float]:
         """One SON-GOKU step and one optimizer step; returns ``{task: loss}`` of the active tasks."""
         if self.optimizer is None:

@@ -9,12 +9,13 @@ stepped. Every other refresh only reads the EMAs and runs at once.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from gradfn.adapters._common import loss_scale, write_grads
+from gradfn.adapters._common import copy_tree, loss_scale, write_grads
 from gradfn.adapters._reference_io import append_jsonl, dump_graph
 from gradfn.adapters._tasks import check_batches, heads_of
 from gradfn.algorithms._songoku import active_mask, task_grads
@@ -39,13 +40,15 @@ def _providers(sched: SonGokuScheduler) -> dict[str, Any]:
 
 def flush(sched: SonGokuScheduler) -> None:
     """Run the refresh a ``backward`` call deferred, at the current parameters."""
-    pending, sched._pending = sched._pending, None
+    pending = sched._pending
     if pending is None:
         return
     algo, state = sched._algo, sched._state
     assert algo is not None and state is not None
     covered, scale = pending
-    sched._state = algo.refresh(state, sched._params, _providers(sched), covered, loss_scale=scale)
+    fresh = _providers(sched)  # a provider that raises leaves the refresh pending
+    sched._pending = None
+    sched._state = algo.refresh(state, sched._params, fresh, covered, loss_scale=scale)
     if sched.dump_graph_dir is not None:
         dump_graph(sched.dump_graph_dir, sched._state)
 
@@ -56,6 +59,49 @@ def run(
     """One step; returns ``{"losses", "active", "skipped", "step"}``."""
     check_batches(batches, sched.names)
     flush(sched)
+    # a step that refreshes is all or nothing: what it would change is kept until it returns
+    saved = _snapshot(sched) if sched._state is None or sched._refresh_due() else None
+    try:
+        return _run(sched, batches, step_optimizer)
+    except BaseException:
+        if saved is not None:
+            _restore(sched, saved)
+        raise
+
+
+def _snapshot(sched: SonGokuScheduler) -> tuple[Any, ...]:
+    """Copies of what a step changes: the schedule, the parameters, the optimizer's and the
+    scaler's states."""
+    opt = sched.optimizer
+    return (
+        sched._algo,
+        None if sched._state is None else copy_tree(sched._state),
+        sched._usage,
+        list(sched._shared_names),
+        [list(h) for h in sched._heads],
+        [p.detach().clone() for _, p in sched._named],
+        None if opt is None else copy.deepcopy(opt.state_dict()),
+        None if sched.scaler is None else copy.deepcopy(sched.scaler.state_dict()),
+    )
+
+
+def _restore(sched: SonGokuScheduler, saved: tuple[Any, ...]) -> None:
+    algo, state, usage, shared, heads, params, opt_state, scaler_state = saved
+    sched._algo, sched._state, sched._usage = algo, state, usage
+    sched._shared_names, sched._heads, sched._pending = shared, heads, None
+    with torch.no_grad():
+        for (_, p), value in zip(sched._named, params, strict=True):
+            p.copy_(value)
+            p.grad = None
+    if opt_state is not None and sched.optimizer is not None:
+        sched.optimizer.load_state_dict(opt_state)
+    if scaler_state is not None and sched.scaler is not None:
+        sched.scaler.load_state_dict(scaler_state)
+
+
+def _run(
+    sched: SonGokuScheduler, batches: Mapping[str, Any], step_optimizer: bool
+) -> dict[str, Any]:
     scale = loss_scale(sched.scaler, sched._named[0][1].device)
     first = sched._setup(batches, scale) if sched._algo is None else None
     algo, state = sched._algo, sched._state

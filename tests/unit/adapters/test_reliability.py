@@ -127,3 +127,64 @@ def test_gcond_a_head_first_reached_in_a_later_cycle_trains():
             assert model.heads[1].weight.grad is None
         opt.step()
     assert not torch.equal(model.heads[1].weight, before)
+
+
+# --- defect: a step whose refresh raises was half applied -------------------------------------
+
+
+def songoku_run(provider, **kw):
+    model = TrunkHeads(4, 8, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    tasks = [
+        TaskSpec(f"t{k}", labelled_loss(k), refresh_batch_provider=provider if k == 0 else None)
+        for k in range(3)
+    ]
+    tau = TauSchedule("constant", tau_target=-0.5)
+    return model, opt, SonGokuScheduler(model, tasks, opt, refresh_period=2, tau_schedule=tau, **kw)
+
+
+def test_songoku_a_refresh_that_raises_applies_nothing_and_a_retry_is_one_step():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second refresh fails once
+            raise OSError("data source unavailable")
+        return (X, Y)
+
+    model_a, opt_a, a = songoku_run(flaky)
+    model_b, opt_b, b = songoku_run(lambda: (X, Y))
+    batch = {f"t{k}": (X * (1 + k), Y) for k in range(3)}
+    for t in range(6):
+        b.step(batch)
+        try:
+            a.step(batch)
+        except OSError:
+            assert t == 3 and a.t == 3
+            a.step(batch)  # the retry
+    assert a.t == b.t == 6 and a.schedule_snapshot() == b.schedule_snapshot()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+        assert torch.equal(opt_a.state[pa]["exp_avg"], opt_b.state[pb]["exp_avg"])
+        assert int(opt_a.state[pa]["step"]) == int(opt_b.state[pb]["step"])
+
+
+def test_songoku_an_unwritable_graph_dump_applies_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    model, opt, sched = songoku_run(None, dump_graph_dir=str(blocker / "graphs"))
+    batch = {f"t{k}": (X, Y) for k in range(3)}
+    sched.step(batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = sched.state_dict()
+    try:
+        sched.step(batch)  # refresh due: the dump fails
+    except OSError:
+        pass
+    else:
+        raise AssertionError("expected an OSError")
+    assert sched.t == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(int(s["step"]) == 1 for s in opt.state.values())
+    after = sched.state_dict()
+    assert torch.equal(after["core"]["ema"]["trunk.0.weight"], state["core"]["ema"]["trunk.0.weight"])
