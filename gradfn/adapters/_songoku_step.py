@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gradfn.adapters._common import copy_tree, loss_scale, write_grads
+from gradfn.adapters._common import (
+    copy_tree,
+    loss_scale,
+    norm_buffers,
+    restore_buffers,
+    write_grads,
+)
 from gradfn.adapters._reference_io import append_jsonl, dump_graph
 from gradfn.adapters._tasks import check_batches, heads_of
 from gradfn.algorithms._songoku import active_mask, task_grads
@@ -71,7 +77,7 @@ def run(
 
 def _snapshot(sched: SonGokuScheduler) -> tuple[Any, ...]:
     """Copies of what a step changes: the schedule, the parameters, the optimizer's and the
-    scaler's states."""
+    scaler's states, the normalisation layers' running statistics."""
     opt = sched.optimizer
     return (
         sched._algo,
@@ -82,11 +88,13 @@ def _snapshot(sched: SonGokuScheduler) -> tuple[Any, ...]:
         [p.detach().clone() for _, p in sched._named],
         None if opt is None else copy.deepcopy(opt.state_dict()),
         None if sched.scaler is None else copy.deepcopy(sched.scaler.state_dict()),
+        norm_buffers(sched._module),
     )
 
 
 def _restore(sched: SonGokuScheduler, saved: tuple[Any, ...]) -> None:
-    algo, state, usage, shared, heads, params, opt_state, scaler_state = saved
+    algo, state, usage, shared, heads, params, opt_state, scaler_state, stats = saved
+    restore_buffers(stats)
     sched._algo, sched._state, sched._usage = algo, state, usage
     sched._shared_names, sched._heads, sched._pending = shared, heads, None
     with torch.no_grad():
@@ -103,6 +111,7 @@ def _run(
     sched: SonGokuScheduler, batches: Mapping[str, Any], step_optimizer: bool
 ) -> dict[str, Any]:
     scale = loss_scale(sched.scaler, sched._named[0][1].device)
+    stats = norm_buffers(sched._module)  # a skipped step leaves the running statistics as well
     first = sched._setup(batches, scale) if sched._algo is None else None
     algo, state = sched._algo, sched._state
     assert algo is not None and state is not None
@@ -144,6 +153,8 @@ def _run(
             grads=first,
         )
     sched._state = state
+    if bool(state.skipped):
+        restore_buffers(stats)
     if int(state.refreshes) != refreshes and sched.dump_graph_dir is not None:
         dump_graph(sched.dump_graph_dir, state)
     losses = state.losses.tolist()

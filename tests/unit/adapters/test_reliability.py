@@ -188,3 +188,46 @@ def test_songoku_an_unwritable_graph_dump_applies_nothing(tmp_path):
     assert all(int(s["step"]) == 1 for s in opt.state.values())
     after = sched.state_dict()
     assert torch.equal(after["core"]["ema"]["trunk.0.weight"], state["core"]["ema"]["trunk.0.weight"])
+
+
+# --- defect: a skipped step still moved BatchNorm's running statistics -----------------------
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def assert_eval_finite_and_buffers_kept(model: nn.Module, before: list[torch.Tensor]) -> None:
+    assert all(torch.equal(b, a) for b, a in zip(model.buffers(), before, strict=True))
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(X)).all()
+
+
+def test_songoku_a_skipped_step_leaves_batchnorm_statistics():
+    model = TrunkHeads(4, 8, 3, batchnorm=True)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    sched = SonGokuScheduler(model, tasks, torch.optim.SGD(model.parameters(), lr=0.1))
+    sched.step({f"t{k}": (X, Y) for k in range(3)})
+    before = buffers(model)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    assert sched.backward({f"t{k}": (bad, Y) for k in range(3)})["skipped"]
+    assert_eval_finite_and_buffers_kept(model, before)
+
+
+def test_gcond_a_skipped_cycle_leaves_batchnorm_statistics():
+    model = TrunkHeads(4, 8, 2, batchnorm=True)
+    mse = nn.functional.mse_loss
+    gc = GradientConductor(
+        model,
+        {"a": lambda out, y: mse(out[:, 0], y), "b": lambda out, y: mse(out[:, 1], y)},
+        {"a": 1.0, "b": 1.0},
+        2,
+    )
+    gc.step(lambda: (X, Y))
+    before = buffers(model)
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    assert gc.step(lambda: (bad, Y))["skipped"]
+    assert_eval_finite_and_buffers_kept(model, before)
