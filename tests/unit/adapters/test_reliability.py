@@ -231,3 +231,77 @@ def test_gcond_a_skipped_cycle_leaves_batchnorm_statistics():
     bad[0, 0] = float("nan")
     assert gc.step(lambda: (bad, Y))["skipped"]
     assert_eval_finite_and_buffers_kept(model, before)
+
+
+# --- defects: load_state_dict checked only the task names --------------------------------------
+
+
+def raises(fn, *words: str) -> None:
+    try:
+        fn()
+    except ValueError as err:
+        assert all(w in str(err) for w in words), str(err)
+    else:
+        raise AssertionError(f"expected a ValueError mentioning {words}")
+
+
+def trained_songoku(**kw):
+    model = TrunkHeads(4, 8, 3, **kw)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    sched = SonGokuScheduler(model, tasks, torch.optim.SGD(model.parameters(), lr=0.1))
+    sched.step({f"t{k}": (X, Y) for k in range(3)})
+    return model, sched
+
+
+def test_songoku_load_rejects_a_checkpoint_of_another_model():
+    _, sched = trained_songoku()
+    _, other = trained_songoku(unused=True)  # two more trainable parameters
+    raises(lambda: sched.load_state_dict(other.state_dict()), "usage", "another model")
+
+
+def test_songoku_load_rejects_another_shared_set():
+    model = TrunkHeads(4, 8, 3)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = SonGokuScheduler(model, tasks, opt, shared_param_filter=trunk_filter(model))
+    _, other = trained_songoku()  # its shared set: the trunk found from the graph ...
+    ckpt = other.state_dict()
+    ckpt["shared_params"] = ckpt["shared_params"] + ["heads.0.bias"]  # ... and one more
+    raises(lambda: sched.load_state_dict(ckpt), "shared parameters differ", "heads.0.bias")
+
+
+def test_songoku_load_rejects_another_configuration():
+    _, sched = trained_songoku()
+    model = TrunkHeads(4, 8, 3)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = SonGokuScheduler(model, tasks, opt, ema_mode="refresh")
+    raises(lambda: other.load_state_dict(sched.state_dict()), "ema_mode", "configuration")
+
+
+def test_songoku_load_rejects_a_nan_ema_and_changes_nothing():
+    _, sched = trained_songoku()
+    good = sched.state_dict()
+    bad = sched.state_dict()
+    bad["core"]["ema"]["trunk.0.weight"][1, 0, 0] = float("nan")
+    raises(lambda: sched.load_state_dict(bad), "ema", "NaN")
+    after = sched.state_dict()
+    assert torch.equal(after["core"]["ema"]["trunk.0.weight"], good["core"]["ema"]["trunk.0.weight"])
+    assert after["shared_params"] == good["shared_params"]
+
+
+def conductor(model: nn.Module, **kw) -> GradientConductor:
+    mse = nn.functional.mse_loss
+    losses = {"a": lambda out, y: mse(out[:, 0], y), "b": lambda out, y: mse(out[:, 1], y)}
+    return GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2, **kw)
+
+
+def test_gcond_load_rejects_a_nan_momentum_and_another_configuration():
+    model = TrunkHeads(4, 8, 2)
+    gc = conductor(model)
+    gc.step(lambda: (X, Y))
+    bad = gc.state_dict()
+    bad["state"]["inner"]["inner"][1]["mu"]["trunk.0.weight"][0, 0] = float("nan")
+    raises(lambda: gc.load_state_dict(bad), "NaN", "post/1/trunk.0.weight")
+    classic = conductor(TrunkHeads(4, 8, 2), stochastic_accumulation=False)
+    raises(lambda: classic.load_state_dict(gc.state_dict()), "stochastic", "configuration")
