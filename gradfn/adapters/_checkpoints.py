@@ -12,6 +12,7 @@ import torch
 from gradfn import tree
 from gradfn.adapters import _state_checks as checks
 from gradfn.adapters._common import copy_tree, from_plain, plain_state
+from gradfn.adapters._quarantine import Quarantine
 from gradfn.aggregators import CounterState, InverseNormState
 from gradfn.algorithms import ConductorState, SonGokuState
 from gradfn.transforms import ApplyIfFiniteState, MomentumState
@@ -47,6 +48,7 @@ def songoku_state_dict(sched: SonGokuScheduler) -> dict[str, Any]:
         "usage": None if sched._usage is None else sched._usage.clone(),
         "shared_params": list(sched._shared_names),
         "head_params": [list(h) for h in sched._heads],
+        "quarantined": sched.quarantined,
     }
 
 
@@ -78,15 +80,16 @@ def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, An
         )
     if list(state_dict.get("task_names", [])) != sched.names:
         raise ValueError(
-            f"load_state_dict: task names {state_dict.get('task_names')} do not match "
-            f"{sched.names}"
+            f"load_state_dict: task names {state_dict.get('task_names')} do not match {sched.names}"
         )
     checks.check_fingerprint(
         state_dict.get("config"), checks.songoku_fingerprint(sched._config), "SonGokuScheduler"
     )
+    Quarantine(sched.names, None).load(state_dict.get("quarantined"))  # checked
     core = state_dict.get("core")
     if core is None:
         sched._algo, sched._state, sched._usage = None, None, None
+        sched._quarantine.load(state_dict.get("quarantined"))
         return
     usage, shared, heads = checks.check_songoku_split(sched, state_dict)
     old = (sched._algo, sched._state, sched._usage, sched._shared_names, sched._heads)
@@ -103,6 +106,7 @@ def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, An
         sched._algo, sched._state, sched._usage, sched._shared_names, sched._heads = old
         raise
     sched._state = state
+    sched._quarantine.load(state_dict.get("quarantined"))
 
 
 def songoku_debug_state(sched: SonGokuScheduler) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from gradfn.adapters._common import (
     unwrap,
     write_grads,
 )
+from gradfn.adapters._quarantine import Quarantine
 from gradfn.adapters._reference_io import eval_mode, micro_batch_losses, running_stats_mode
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
 from gradfn.autodiff import functional_loss
@@ -150,6 +151,7 @@ class GradientConductor:
             donate_state=True,
         )
         self._state: ConductorState = self._algo.init(self._params)
+        self._stall = Quarantine(self.loss_names, None, "cycle")  # warns when every cycle skips
 
     def step(self, data_provider: Callable[[], tuple[Any, Any]]) -> dict[str, float | int | bool]:
         """One optimizer step's worth of accumulation and resolution; writes ``p.grad``.
@@ -197,6 +199,7 @@ class GradientConductor:
                 stats[f"norm_ema/{name}"] = values[base + k]
             stats[f"loss/{name}"] = values[base + 2 * k]
         skipped = bool(stats["skipped"])
+        self._stall.observe(range(k), [stats[f"loss/{n}"] for n in self.loss_names], skipped)
         if skipped:
             restore_buffers(stats_before)
         touched = dict(zip(self._leaf_names, st.touched.tolist(), strict=True))

@@ -115,7 +115,8 @@ def _run(
     first = sched._setup(batches, scale) if sched._algo is None else None
     algo, state = sched._algo, sched._state
     assert algo is not None and state is not None
-    active = torch.nonzero(active_mask(state)).flatten().tolist()
+    group = torch.nonzero(active_mask(state)).flatten().tolist()
+    active = sched._quarantine.live(group)  # a quarantined task is left out
     missing = [sched.names[i] for i in active if sched.names[i] not in batches]
     if missing:
         raise ValueError(f"batches_by_task: missing batch for active task(s) {missing}")
@@ -125,7 +126,11 @@ def _run(
     due = algo.refresh_due(state)
     probe = None
     if due and sched.ema_mode == "refresh":
-        extra = [t.name for t in sched.tasks if t.name in batches and t not in providers]
+        extra = [
+            t.name
+            for t in sched.tasks
+            if t.name in batches and t not in providers and t.name not in sched.quarantined
+        ]
         used.update({n: batches[n] for n in extra})
         probe = _mask(sched, extra)
     if first is None:
@@ -158,6 +163,7 @@ def _run(
     if int(state.refreshes) != refreshes and sched.dump_graph_dir is not None:
         dump_graph(sched.dump_graph_dir, state)
     losses = state.losses.tolist()
+    sched._quarantine.observe(active, losses, bool(state.skipped))
     out = {sched.names[i]: losses[i] for i in active}
     if sched.log_path is not None and sched.log_interval and sched.t % sched.log_interval == 0:
         record = {"t": sched.t, "losses": out, "classes": sched.schedule_snapshot()}

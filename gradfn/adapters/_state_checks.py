@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from gradfn.adapters._songoku import SonGokuScheduler
 
 __all__ = [
-    "check_finite",
     "check_fingerprint",
+    "check_finite",
     "check_songoku_split",
     "conductor_fingerprint",
     "conductor_running_values",
@@ -63,7 +63,9 @@ def check_fingerprint(saved: Any, own: Mapping[str, Any], what: str) -> None:
         raise ValueError(f"load_state_dict: the checkpoint's `config` is not a dict: {saved!r:.80}")
     diff = {k: (saved.get(k), v) for k, v in own.items() if saved.get(k) != v}
     if diff:
-        listed = ", ".join(f"{k}: checkpoint {a!r}, this {what} {b!r}" for k, (a, b) in diff.items())
+        listed = ", ".join(
+            f"{k}: checkpoint {a!r}, this {what} {b!r}" for k, (a, b) in diff.items()
+        )
         raise ValueError(
             f"load_state_dict: the checkpoint was saved with another configuration ({listed}); "
             f"build the {what} with the checkpoint's settings"
@@ -74,8 +76,10 @@ def check_finite(tree: Any, what: str) -> None:
     """Every floating tensor of ``tree`` is finite (else a ValueError naming the entry)."""
     paths, leaves, _ = optree.tree_flatten_with_path(tree)
     for path, leaf in zip(paths, leaves, strict=True):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(
-            torch.isfinite(leaf).all()
+        if (
+            isinstance(leaf, Tensor)
+            and leaf.is_floating_point()
+            and not bool(torch.isfinite(leaf).all())
         ):
             where = "/".join(str(p) for p in path)
             raise ValueError(

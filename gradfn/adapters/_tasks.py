@@ -111,7 +111,9 @@ def task_losses(
                 )
             loss = loss.reshape(())
             out.append(loss.float() if autocast_dtype is not None else loss)
-        ref = next(x for x in out if x is not None)
+        ref = next((x for x in out if x is not None), None)
+        if ref is None:  # no task runs (every active task quarantined): nothing to differentiate
+            ref = next(module.parameters())
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         return [zero if x is None else x for x in out]
 
@@ -166,9 +168,7 @@ def heads_of(
         [n for n, p in named if spec.head_param_filter(p)]
         if spec.head_param_filter is not None
         else [
-            n
-            for j, n in enumerate(names)
-            if usage[i, j] and counts[j] == 1 and n not in shared_set
+            n for j, n in enumerate(names) if usage[i, j] and counts[j] == 1 and n not in shared_set
         ]
         for i, spec in enumerate(tasks)
     ]

@@ -63,9 +63,7 @@ def weighted_impl(
         raise ValueError("weights must be a 1-D tensor (K,)")
     selected, rest = _select(params, wrt)
 
-    def weighted(
-        sel: PyTree, keep: list[int] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Any]]:
+    def weighted(sel: PyTree, keep: list[int] | None = None) -> tuple[Tensor, tuple[Tensor, Any]]:
         out, aux = split_aux(loss_fn(_merge(sel, rest), batch), has_aux)
         parts = loss_list(out, num_tasks)
         losses = stack_losses(parts)

@@ -3,6 +3,7 @@ foreign checkpoints, a task that is always NaN (docs: Reliability)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -187,7 +188,9 @@ def test_songoku_an_unwritable_graph_dump_applies_nothing(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert all(int(s["step"]) == 1 for s in opt.state.values())
     after = sched.state_dict()
-    assert torch.equal(after["core"]["ema"]["trunk.0.weight"], state["core"]["ema"]["trunk.0.weight"])
+    assert torch.equal(
+        after["core"]["ema"]["trunk.0.weight"], state["core"]["ema"]["trunk.0.weight"]
+    )
 
 
 # --- defect: a skipped step still moved BatchNorm's running statistics -----------------------
@@ -286,7 +289,9 @@ def test_songoku_load_rejects_a_nan_ema_and_changes_nothing():
     bad["core"]["ema"]["trunk.0.weight"][1, 0, 0] = float("nan")
     raises(lambda: sched.load_state_dict(bad), "ema", "NaN")
     after = sched.state_dict()
-    assert torch.equal(after["core"]["ema"]["trunk.0.weight"], good["core"]["ema"]["trunk.0.weight"])
+    assert torch.equal(
+        after["core"]["ema"]["trunk.0.weight"], good["core"]["ema"]["trunk.0.weight"]
+    )
     assert after["shared_params"] == good["shared_params"]
 
 
@@ -305,3 +310,54 @@ def test_gcond_load_rejects_a_nan_momentum_and_another_configuration():
     raises(lambda: gc.load_state_dict(bad), "NaN", "post/1/trunk.0.weight")
     classic = conductor(TrunkHeads(4, 8, 2), stochastic_accumulation=False)
     raises(lambda: classic.load_state_dict(gc.state_dict()), "stochastic", "configuration")
+
+
+# --- defect: one always-NaN task stalled every task --------------------------------------------
+
+NAN_Y = torch.full_like(Y, float("nan"))
+
+
+def test_songoku_quarantine_lets_the_healthy_tasks_train():
+    model = TrunkHeads(4, 8, 3)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = SonGokuScheduler(model, tasks, opt, refresh_period=2, quarantine_after=2)
+    batch = {"t0": (X, Y), "t1": (X, Y), "t2": (X, NAN_Y)}
+    with pytest.warns(RuntimeWarning, match="'t2' is quarantined"):
+        for _ in range(2):
+            assert sched.backward(batch)["skipped"]
+    assert sched.quarantined == ["t2"] and sched.t == 0
+    before = [model.heads[k].weight.detach().clone() for k in range(3)]
+    for _ in range(4):
+        sched.step(batch)
+    assert sched.t == 4
+    assert not torch.equal(model.heads[0].weight, before[0])
+    assert not torch.equal(model.heads[1].weight, before[1])
+    assert torch.equal(model.heads[2].weight, before[2]) and model.heads[2].weight.grad is None
+    resumed = SonGokuScheduler(
+        TrunkHeads(4, 8, 3), tasks, None, refresh_period=2, quarantine_after=2
+    )
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.quarantined == ["t2"]
+    sched.release("t2")
+    assert sched.quarantined == []
+
+
+def test_both_adapters_warn_when_every_step_is_skipped():
+    model = TrunkHeads(4, 8, 3)
+    tasks = [TaskSpec(f"t{k}", labelled_loss(k)) for k in range(3)]
+    sched = SonGokuScheduler(model, tasks, torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = {"t0": (X, Y), "t1": (X, Y), "t2": (X, NAN_Y)}
+    with pytest.warns(RuntimeWarning, match=r"10 consecutive steps were skipped .*t2"):
+        for _ in range(10):
+            sched.step(batch)
+    mse = nn.functional.mse_loss
+    gc = GradientConductor(
+        TrunkHeads(4, 8, 2),
+        {"a": lambda out, y: mse(out[:, 0], y[0]), "b": lambda out, y: mse(out[:, 1], y[1])},
+        {"a": 1.0, "b": 1.0},
+        2,
+    )
+    with pytest.warns(RuntimeWarning, match=r"10 consecutive cycles were skipped .*'b'"):
+        for _ in range(10):
+            gc.step(lambda: (X, (Y, NAN_Y)))
