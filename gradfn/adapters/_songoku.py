@@ -156,11 +156,9 @@ class SonGokuScheduler:
 
     def _refresh_due(self) -> bool:
         """Does the next step refresh (recolour)?"""
-        return (
-            self._algo is not None
-            and self._state is not None
-            and self._algo.refresh_due(self._state)
-        )
+        if self._algo is None or self._state is None:
+            return self._config.refresh_period == 1
+        return self._algo.refresh_due(self._state)
 
     def step(self, batches_by_task: Mapping[str, Any]) -> dict[str, float]:
         """One SON-GOKU step and one optimizer step; returns ``{task: loss}`` of the active tasks."""

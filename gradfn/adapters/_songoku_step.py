@@ -65,8 +65,11 @@ def run(
     """One step; returns ``{"losses", "active", "skipped", "step"}``."""
     check_batches(batches, sched.names)
     flush(sched)
-    # a step that refreshes is all or nothing: what it would change is kept until it returns
-    saved = _snapshot(sched) if sched._state is None or sched._refresh_due() else None
+    # a step whose refresh can raise (it calls the batch providers or writes the graph) is all
+    # or nothing: what it would change is copied first (on those steps only, every R steps)
+    providers = step_optimizer and any(t.refresh_batch_provider for t in sched.tasks)
+    can_fail = providers or sched.dump_graph_dir is not None
+    saved = _snapshot(sched) if can_fail and sched._refresh_due() else None
     try:
         return _run(sched, batches, step_optimizer)
     except BaseException:

@@ -170,6 +170,32 @@ def test_songoku_a_refresh_that_raises_applies_nothing_and_a_retry_is_one_step()
         assert int(opt_a.state[pa]["step"]) == int(opt_b.state[pb]["step"])
 
 
+def test_songoku_backward_keeps_a_deferred_refresh_whose_provider_raises():
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("data source unavailable")
+        return (X, Y)
+
+    model_a, opt_a, a = songoku_run(flaky)
+    model_b, opt_b, b = songoku_run(lambda: (X, Y))
+    batch = {f"t{k}": (X * (1 + k), Y) for k in range(3)}
+    for t in range(5):
+        for sched, opt in ((a, opt_a), (b, opt_b)):
+            try:
+                sched.backward(batch)
+            except OSError:  # the refresh deferred from step 2 fails at the start of step 3
+                assert t == 2 and sched is a
+                sched.backward(batch)
+            opt.step()
+    assert a.schedule_snapshot() == b.schedule_snapshot()
+    assert all(
+        torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True)
+    )
+
+
 def test_songoku_an_unwritable_graph_dump_applies_nothing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
