@@ -10,7 +10,9 @@ import optree
 import torch
 
 from gradfn import tree
+from gradfn.adapters import _state_checks as checks
 from gradfn.adapters._common import copy_tree, from_plain, plain_state
+from gradfn.adapters._quarantine import Quarantine
 from gradfn.aggregators import CounterState, InverseNormState
 from gradfn.algorithms import ConductorState, SonGokuState
 from gradfn.transforms import ApplyIfFiniteState, MomentumState
@@ -35,15 +37,18 @@ VERSION = 2
 
 
 def songoku_state_dict(sched: SonGokuScheduler) -> dict[str, Any]:
-    """``{"version", "task_names", "core": the state's fields | None, "usage", "shared_params",
-    "head_params"}``: copies in plain containers (``torch.load(weights_only=True)`` reads them)."""
+    """``{"version", "task_names", "config", "core": the state's fields | None, "usage",
+    "shared_params", "head_params"}``: copies in plain containers
+    (``torch.load(weights_only=True)`` reads them)."""
     return {
         "version": VERSION,
         "task_names": list(sched.names),
+        "config": checks.songoku_fingerprint(sched._config),
         "core": None if sched._state is None else plain_state(sched._state),
         "usage": None if sched._usage is None else sched._usage.clone(),
         "shared_params": list(sched._shared_names),
         "head_params": [list(h) for h in sched._heads],
+        "quarantined": sched.quarantined,
     }
 
 
@@ -65,31 +70,43 @@ def _songoku_from_v1(core: Mapping[str, Any], template: SonGokuState) -> SonGoku
 
 
 def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, Any]) -> None:
+    """Checked in full before anything changes (:mod:`._state_checks`): the task names, the
+    configuration, the model's parameters, the shared set, the running values' finiteness."""
     version = state_dict.get("version") if isinstance(state_dict, Mapping) else None
     if version not in (1, VERSION):
         raise ValueError(
             "load_state_dict: not a SonGokuScheduler state_dict (version 1 from gradfn 0.1, or "
             f"version {VERSION})"
         )
-    if list(state_dict["task_names"]) != sched.names:
+    if list(state_dict.get("task_names", [])) != sched.names:
         raise ValueError(
-            f"load_state_dict: task names {state_dict['task_names']} do not match {sched.names}"
+            f"load_state_dict: task names {state_dict.get('task_names')} do not match {sched.names}"
         )
-    core = state_dict["core"]
+    checks.check_fingerprint(
+        state_dict.get("config"), checks.songoku_fingerprint(sched._config), "SonGokuScheduler"
+    )
+    Quarantine(sched.names, None).load(state_dict.get("quarantined"))  # checked
+    core = state_dict.get("core")
     if core is None:
         sched._algo, sched._state, sched._usage = None, None, None
+        sched._quarantine.load(state_dict.get("quarantined"))
         return
-    sched._build(
-        state_dict["usage"].clone(),
-        list(state_dict["shared_params"]),
-        [list(h) for h in state_dict["head_params"]],
-    )
-    assert sched._algo is not None
-    template = sched._algo.init(sched._params)
-    if version == 1:
-        sched._state = _songoku_from_v1(core, template)
-    else:
-        sched._state = from_plain(template, core, "SON-GOKU state")
+    usage, shared, heads = checks.check_songoku_split(sched, state_dict)
+    old = (sched._algo, sched._state, sched._usage, sched._shared_names, sched._heads)
+    try:
+        sched._build(usage, shared, heads)
+        assert sched._algo is not None
+        template = sched._algo.init(sched._params)
+        if version == 1:
+            state = _songoku_from_v1(core, template)
+        else:
+            state = from_plain(template, core, "SON-GOKU state")
+        checks.check_finite(checks.songoku_running_values(state), "SON-GOKU state")
+    except BaseException:
+        sched._algo, sched._state, sched._usage, sched._shared_names, sched._heads = old
+        raise
+    sched._state = state
+    sched._quarantine.load(state_dict.get("quarantined"))
 
 
 def songoku_debug_state(sched: SonGokuScheduler) -> dict[str, Any]:
@@ -134,8 +151,14 @@ def songoku_debug_state(sched: SonGokuScheduler) -> dict[str, Any]:
 
 
 def conductor_state_dict(gc: GradientConductor) -> dict[str, Any]:
-    """``{"version", "loss_names", "state": the state's fields}`` (copies, plain containers)."""
-    return {"version": VERSION, "loss_names": list(gc.loss_names), "state": plain_state(gc._state)}
+    """``{"version", "loss_names", "config", "state": the state's fields}`` (copies, plain
+    containers)."""
+    return {
+        "version": VERSION,
+        "loss_names": list(gc.loss_names),
+        "config": checks.conductor_fingerprint(gc._algo.config),
+        "state": plain_state(gc._state),
+    }
 
 
 def _conductor_from_v1(saved: Mapping[str, Any], template: ConductorState) -> ConductorState:
@@ -180,6 +203,8 @@ def _conductor_from_v1(saved: Mapping[str, Any], template: ConductorState) -> Co
 
 
 def conductor_load_state_dict(gc: GradientConductor, state_dict: Mapping[str, Any]) -> None:
+    """Checked in full before the state is replaced: the loss names, the configuration, the
+    shapes, the running values' finiteness."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict:
         raise ValueError("load_state_dict: expected a dict from GradientConductor.state_dict()")
     names = list(state_dict.get("loss_names", []))
@@ -187,10 +212,15 @@ def conductor_load_state_dict(gc: GradientConductor, state_dict: Mapping[str, An
         raise ValueError(
             f"load_state_dict: the checkpoint has losses {names}, this conductor {gc.loss_names}"
         )
+    checks.check_fingerprint(
+        state_dict.get("config"), checks.conductor_fingerprint(gc._algo.config), "GradientConductor"
+    )
     version = state_dict.get("version", 1)  # gradfn 0.1 wrote no version
     if version == 1:
-        gc._state = _conductor_from_v1(state_dict["state"], gc._state)
+        state = _conductor_from_v1(state_dict["state"], gc._state)
     elif version == VERSION:
-        gc._state = from_plain(gc._state, state_dict["state"], "GradientConductor state")
+        state = from_plain(gc._state, state_dict["state"], "GradientConductor state")
     else:
         raise ValueError(f"load_state_dict: unknown GradientConductor state_dict version {version}")
+    checks.check_finite(checks.conductor_running_values(state), "GradientConductor state")
+    gc._state = state

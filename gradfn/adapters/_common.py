@@ -20,8 +20,10 @@ __all__ = [
     "copy_tree",
     "from_plain",
     "loss_scale",
+    "norm_buffers",
     "plain_state",
     "reducer",
+    "restore_buffers",
     "trainable",
     "unwrap",
     "write_grads",
@@ -102,6 +104,26 @@ def write_grads(
         elif scale is not None:
             g = g.to(torch.promote_types(g.dtype, torch.float32)) * scale
         p.grad = g.to(p.dtype)
+
+
+def norm_buffers(module: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """``(buffer, copy)`` for the running statistics of every normalisation layer (BatchNorm,
+    InstanceNorm with ``track_running_stats``): what a forward in train mode changes in place.
+    Other buffers are not copied."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return [
+        (b, b.detach().clone())
+        for m in module.modules()
+        if isinstance(m, norms)
+        for b in m.buffers(recurse=False)
+    ]
+
+
+def restore_buffers(saved: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Write the copies of :func:`norm_buffers` back (a skipped step changes no statistic)."""
+    with torch.no_grad():
+        for buf, value in saved:
+            buf.copy_(value)
 
 
 def copy_tree(tree: Any) -> Any:

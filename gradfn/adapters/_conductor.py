@@ -18,7 +18,16 @@ from torch import Tensor, nn
 
 from gradfn import tree
 from gradfn.adapters import _checkpoints
-from gradfn.adapters._common import check_amp, loss_scale, reducer, unwrap, write_grads
+from gradfn.adapters._common import (
+    check_amp,
+    loss_scale,
+    norm_buffers,
+    reducer,
+    restore_buffers,
+    unwrap,
+    write_grads,
+)
+from gradfn.adapters._quarantine import Quarantine
 from gradfn.adapters._reference_io import eval_mode, micro_batch_losses, running_stats_mode
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
 from gradfn.autodiff import functional_loss
@@ -143,6 +152,7 @@ class GradientConductor:
             donate_state=True,
         )
         self._state: ConductorState = self._algo.init(self._params)
+        self._stall = Quarantine(self.loss_names, None, "cycle")  # warns when every cycle skips
 
     def step(self, data_provider: Callable[[], tuple[Any, Any]]) -> dict[str, float | int | bool]:
         """One optimizer step's worth of accumulation and resolution; writes ``p.grad``.
@@ -165,6 +175,7 @@ class GradientConductor:
             mode = eval_mode(self.module, self.reference)
         else:
             mode = contextlib.nullcontext()
+        stats_before = norm_buffers(self.module)  # restored when the cycle is skipped
         with mode:
             self._state, grads = self._algo.update(
                 self._state, self._params, data_provider, loss_scale=scale
@@ -189,6 +200,9 @@ class GradientConductor:
                 stats[f"norm_ema/{name}"] = values[base + k]
             stats[f"loss/{name}"] = values[base + 2 * k]
         skipped = bool(stats["skipped"])
+        self._stall.observe(range(k), [stats[f"loss/{n}"] for n in self.loss_names], skipped)
+        if skipped:
+            restore_buffers(stats_before)
         touched = dict(zip(self._leaf_names, st.touched.tolist(), strict=True))
         write = [touched[n] or self.untouched_grad == "zeros" for n, _ in self._named]
         if skipped and scale is None:  # nothing to apply: optimizer.step() leaves the parameters

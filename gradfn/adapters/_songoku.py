@@ -19,6 +19,7 @@ from gradfn.adapters._common import (
     trainable,
     unwrap,
 )
+from gradfn.adapters._quarantine import Quarantine
 from gradfn.adapters._reference_io import flat_hook_aggregator
 from gradfn.adapters._tasks import (
     TaskSpec,
@@ -44,7 +45,9 @@ class SonGokuScheduler:
     ``ddp_sync`` (``"avg"`` / ``"none"``) and ``process_group`` (distributed training),
     ``autocast_dtype`` and ``scaler`` (mixed precision; a ``scaler`` needs torch ≥ 2.3), ``share_forward`` (default True: tasks
     calling the model, or a direct submodule, on the same input objects share one forward and
-    one dropout mask; False: one forward per task). ``device`` is accepted for compatibility.
+    one dropout mask; False: one forward per task), ``quarantine_after`` (None: off; ``n``: a task
+    whose loss is non-finite at ``n`` consecutive active steps is left out from then on, so the
+    others keep training; docs: Reliability). ``device`` is accepted for compatibility.
     Which parameters each task touches is read from autograd during the first step (every task is
     active then): parameters two or more tasks use are shared, the others are heads.
     """
@@ -72,6 +75,7 @@ class SonGokuScheduler:
         autocast_dtype: torch.dtype | None = None,
         scaler: Any = None,
         share_forward: bool = True,
+        quarantine_after: int | None = None,
         **options: Any,
     ) -> None:
         self._module, ddp, process_group = unwrap(model, process_group)
@@ -93,6 +97,7 @@ class SonGokuScheduler:
         self.autocast_dtype, self.dump_graph_dir = autocast_dtype, dump_graph_dir
         self.log_interval, self.log_path = log_interval, log_path
         self.names = [t.name for t in self.tasks]
+        self._quarantine = Quarantine(self.names, quarantine_after)
         self._index = {n: i for i, n in enumerate(self.names)}
         self._named = trainable(self._module)
         self._reduce = reducer(ddp, process_group) if ddp_sync == "avg" else None
@@ -149,6 +154,12 @@ class SonGokuScheduler:
 
     # --- training step (gradfn.adapters._songoku_step) -------------------------------------
 
+    def _refresh_due(self) -> bool:
+        """Does the next step refresh (recolour)?"""
+        if self._algo is None or self._state is None:
+            return self._config.refresh_period == 1
+        return self._algo.refresh_due(self._state)
+
     def step(self, batches_by_task: Mapping[str, Any]) -> dict[str, float]:
         """One SON-GOKU step and one optimizer step; returns ``{task: loss}`` of the active tasks."""
         if self.optimizer is None:
@@ -166,6 +177,15 @@ class SonGokuScheduler:
         return _songoku_step.run(self, batches_by_task, step_optimizer=False)
 
     # --- accessors --------------------------------------------------------------------------
+
+    @property
+    def quarantined(self) -> list[str]:
+        """The tasks left out after ``quarantine_after`` consecutive non-finite losses."""
+        return list(self._quarantine.quarantined)
+
+    def release(self, name: str) -> None:
+        """Take a quarantined task back into training."""
+        self._quarantine.release(name)
 
     def current_groups(self) -> list[list[int]]:
         """The groups in cycle order, as lists of task indices."""

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from gradfn.adapters._shared_forward import shared_forward
 
-__all__ = ["TaskSpec", "check_batches", "check_tasks", "shared_and_heads", "task_losses"]
+__all__ = [
+    "TaskSpec",
+    "check_batches",
+    "check_tasks",
+    "heads_of",
+    "shared_and_heads",
+    "task_losses",
+]
 
 
 @dataclass
@@ -104,7 +111,9 @@ def task_losses(
                 )
             loss = loss.reshape(())
             out.append(loss.float() if autocast_dtype is not None else loss)
-        ref = next(x for x in out if x is not None)
+        ref = next((x for x in out if x is not None), None)
+        if ref is None:  # no task runs (every active task quarantined): nothing to differentiate
+            ref = next(module.parameters())
         zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
         return [zero if x is None else x for x in out]
 
@@ -120,22 +129,46 @@ def shared_and_heads(
     """``(shared, heads)`` from ``usage`` (K × P bool: task ``k`` reaches parameter ``p``):
     shared parameters are those ``shared_filter`` selects, or else those two or more tasks reach;
     task ``k``'s head is what its ``head_param_filter`` selects, or else the parameters only it
-    reaches."""
+    reaches. A task whose row is empty (its loss was a constant, e.g. no labels in the batch)
+    does not count: its reach is learned at its first non-constant step (:func:`heads_of`)."""
     names = [n for n, _ in named]
+    known = int(usage.any(dim=1).sum())
     counts = usage.sum(dim=0)
     if shared_filter is not None:
         shared = [n for n, p in named if shared_filter(p)]
     else:
         shared = [n for j, n in enumerate(names) if counts[j] >= min(2, len(tasks))]
     if not shared:
+        blind = [t.name for t, row in zip(tasks, usage.tolist(), strict=True) if not any(row)]
+        hint = (
+            f"; tasks {blind} reached no parameter at the first step (a constant loss, e.g. no "
+            "labels in its batch)"
+            if blind and known < len(tasks)
+            else ""
+        )
         raise ValueError(
             "no shared parameter: no parameter is used by two or more tasks (or "
-            "shared_param_filter selects none); pass a shared_param_filter"
+            f"shared_param_filter selects none){hint}; pass a shared_param_filter"
         )
-    heads = [
+    return shared, heads_of(named, usage, tasks, shared)
+
+
+def heads_of(
+    named: list[tuple[str, nn.Parameter]],
+    usage: Tensor,
+    tasks: list[TaskSpec],
+    shared: list[str],
+) -> list[list[str]]:
+    """Each task's head: its ``head_param_filter``'s parameters, or else the non-shared
+    parameters only it reaches (``usage``: K × P bool)."""
+    names = [n for n, _ in named]
+    counts = usage.sum(dim=0)
+    shared_set = set(shared)
+    return [
         [n for n, p in named if spec.head_param_filter(p)]
         if spec.head_param_filter is not None
-        else [n for j, n in enumerate(names) if usage[i, j] and counts[j] == 1 and n not in shared]
+        else [
+            n for j, n in enumerate(names) if usage[i, j] and counts[j] == 1 and n not in shared_set
+        ]
         for i, spec in enumerate(tasks)
     ]
-    return shared, heads

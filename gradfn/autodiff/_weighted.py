@@ -33,7 +33,9 @@ def value_and_weighted_grad(
     grads)`` where ``grads`` has the structure of the selected ``params`` (no task axis); with
     ``has_aux``: ``((losses, aux), grads)``; with ``return_usage`` a third element, a pytree of
     0-d bools: which parameters ``Σ_k w_k L_k`` reaches (``None`` while compiling). Parameters it
-    does not reach get zeros. Traces under ``torch.compile``.
+    does not reach get zeros. Traces under ``torch.compile``. Eagerly, losses of weight 0 that
+    ``loss_fn`` returns as separate tensors (a list, tuple or dict) are left out of the backward,
+    so a NaN there cannot reach the gradient (as ``0 × NaN``); one stacked tensor is one graph.
     """
     losses, aux, grads, reached = weighted_impl(
         loss_fn, params, batch, weights, wrt, has_aux, num_tasks
@@ -61,15 +63,24 @@ def weighted_impl(
         raise ValueError("weights must be a 1-D tensor (K,)")
     selected, rest = _select(params, wrt)
 
-    def weighted(sel: PyTree) -> tuple[Tensor, tuple[Tensor, Any]]:
+    def weighted(sel: PyTree, keep: list[int] | None = None) -> tuple[Tensor, tuple[Tensor, Any]]:
         out, aux = split_aux(loss_fn(_merge(sel, rest), batch), has_aux)
-        losses = stack_losses(loss_list(out, num_tasks))
+        parts = loss_list(out, num_tasks)
+        losses = stack_losses(parts)
         if losses.shape[0] != weights.shape[0]:
             raise ValueError(
                 f"weights has {weights.shape[0]} entries but loss_fn returned "
                 f"{losses.shape[0]} losses"
             )
-        return (weights.to(losses.dtype) * losses).sum(), (losses.detach(), aux)
+        if keep is None or len(keep) == len(parts):
+            return (weights.to(losses.dtype) * losses).sum(), (losses.detach(), aux)
+        # losses of weight 0 stay out of the graph: their NaN would reach the gradient as 0 × NaN
+        # (given as separate tensors; a stacked 1-D tensor shares one graph)
+        if not keep:
+            return torch.zeros((), dtype=losses.dtype, device=losses.device), (losses.detach(), aux)
+        sub = stack_losses([parts[i] for i in keep]).to(losses.dtype)
+        w = weights.index_select(0, torch.tensor(keep, device=weights.device))
+        return (w.to(losses.dtype) * sub).sum(), (losses.detach(), aux)
 
     reached: Tensor | None = None
     if is_compiling():
@@ -83,8 +94,9 @@ def weighted_impl(
     else:
         flat, spec = optree.tree_flatten(selected)
         leaves = [x.detach().requires_grad_(True) for x in flat]
+        keep = [i for i, w in enumerate(weights.tolist()) if w != 0]
         with torch.enable_grad():
-            total, (losses, aux) = weighted(optree.tree_unflatten(spec, leaves))
+            total, (losses, aux) = weighted(optree.tree_unflatten(spec, leaves), keep)
             g = (
                 torch.autograd.grad(total, leaves, allow_unused=True)
                 if total.requires_grad
