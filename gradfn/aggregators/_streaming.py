@@ -139,7 +139,7 @@ def streaming_backward(
     reached = [n for n, r in zip(shared_names, out.reached, strict=True) if r]
     grads: dict[str, Tensor] = {}
     if reached and live:
-        weighted = sum(w[i].to(losses[i].dtype) * losses[i] for i in live)
+        weighted = torch.stack([w[i].to(losses[i].dtype) * losses[i] for i in live]).sum()
         got = torch.autograd.grad(weighted, [named[n] for n in reached], allow_unused=True)
         grads = {
             n: torch.zeros_like(named[n]) if g is None else g
