@@ -21,7 +21,7 @@ parameter copy + ``K`` × the largest parameter + the forward's own peak (the ac
 
 Usage::
 
-    python -m benchmarks.gramian            # K in {2, 8, 32}
+    python -m benchmarks.gramian            # K in {2, 8, 32}, and the 1.8 M-parameter MLP at K = 8
     python -m benchmarks.gramian --quick    # a smoke run
 """
 
@@ -39,7 +39,7 @@ from torchjd.autogram import Engine
 import gradfn.aggregators as A
 from benchmarks._common import add_common_args, environment, interleave, ratio_spread, setup
 from benchmarks.backward import peak_mib
-from benchmarks.per_task_grads import CNNHeads, MLPHeads
+from benchmarks.per_task_grads import CNNHeads, LargeMLPHeads, MLPHeads
 
 
 def losses_of(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
@@ -83,6 +83,17 @@ def forward_peak(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.d
     return mib
 
 
+def build(
+    name: str, k: int, batch_size: int, device: torch.device
+) -> tuple[nn.Module, Tensor, Tensor]:
+    y = torch.randint(0, 10, (batch_size, k), device=device)
+    if name == "MLP":
+        return MLPHeads(k).to(device), torch.randn(batch_size, 256, device=device), y
+    if name == "MLP-1.8M":
+        return LargeMLPHeads(k).to(device), torch.randn(batch_size, 512, device=device), y
+    return CNNHeads(k).to(device), torch.randn(batch_size, 1, 16, 16, device=device), y
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K in {2, 8}, few rounds")
@@ -100,31 +111,25 @@ def main() -> None:
         "| peak MiB rows / rows-vmap / streaming / autogram | bound MiB (params + K·leaf + fwd) |"
     )
     print("|---" * 7 + "|")
-    for model_name in ("MLP", "CNN"):
-        for k in ks:
-            y = torch.randint(0, 10, (batch_size, k), device=device)
-            if model_name == "MLP":
-                model: nn.Module = MLPHeads(k).to(device)
-                x = torch.randn(batch_size, 256, device=device)
-            else:
-                model = CNNHeads(k).to(device)
-                x = torch.randn(batch_size, 1, 16, 16, device=device)
-            run = runners(model, (x, y))
-            t = interleave(run, device, rounds=rounds, warmup=2)
-            mem = {name: peak_mib(fn, model, device) for name, fn in run.items()}
-            params = list(model.parameters())
-            one = sum(p.numel() * p.element_size() for p in params) / 2**20
-            leaf = max(p.numel() * p.element_size() for p in params) / 2**20
-            bound = one + k * leaf + forward_peak(model, (x, y), device)
-            print(
-                f"| {model_name} | {k} | {t['rows'].ms()} "
-                f"| {ratio_spread(t['rows'], t['streaming'])} "
-                f"| {ratio_spread(t['rows-vmap'], t['streaming'])} "
-                f"| {ratio_spread(t['autogram'], t['streaming'])} "
-                f"| {mem['rows']:.1f} / {mem['rows-vmap']:.1f} / {mem['streaming']:.1f} / "
-                f"{mem['autogram']:.1f} | {bound:.1f} |",
-                flush=True,
-            )
+    cells = [(m, k) for m in ("MLP", "CNN") for k in ks] + [("MLP-1.8M", 8)]
+    for model_name, k in cells:
+        model, x, y = build(model_name, k, batch_size, device)
+        run = runners(model, (x, y))
+        t = interleave(run, device, rounds=rounds, warmup=2)
+        mem = {name: peak_mib(fn, model, device) for name, fn in run.items()}
+        params = list(model.parameters())
+        one = sum(p.numel() * p.element_size() for p in params) / 2**20
+        leaf = max(p.numel() * p.element_size() for p in params) / 2**20
+        bound = one + k * leaf + forward_peak(model, (x, y), device)
+        print(
+            f"| {model_name} | {k} | {t['rows'].ms()} "
+            f"| {ratio_spread(t['rows'], t['streaming'])} "
+            f"| {ratio_spread(t['rows-vmap'], t['streaming'])} "
+            f"| {ratio_spread(t['autogram'], t['streaming'])} "
+            f"| {mem['rows']:.1f} / {mem['rows-vmap']:.1f} / {mem['streaming']:.1f} / "
+            f"{mem['autogram']:.1f} | {bound:.1f} |",
+            flush=True,
+        )
     print(
         "\nratios > 1: streaming faster (median [min–max] of the per-round ratios). Targets: "
         "rows / streaming ≥ 1/1.3 ≈ 0.77, autogram / streaming ≥ 1, streaming peak ≤ bound."

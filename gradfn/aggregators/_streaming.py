@@ -139,7 +139,9 @@ def streaming_backward(
     reached = [n for n, r in zip(shared_names, out.reached, strict=True) if r]
     grads: dict[str, Tensor] = {}
     if reached and live:
-        weighted = torch.stack([w[i].to(losses[i].dtype) * losses[i] for i in live]).sum()
+        weighted = w[live[0]].to(losses[live[0]].dtype) * losses[live[0]]
+        for i in live[1:]:
+            weighted = weighted + w[i].to(losses[i].dtype) * losses[i]
         got = torch.autograd.grad(weighted, [named[n] for n in reached], allow_unused=True)
         grads = {
             n: torch.zeros_like(named[n]) if g is None else g
