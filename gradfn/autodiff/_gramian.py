@@ -21,7 +21,7 @@ modules and differentiates each module again under ``vmap``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -49,8 +49,15 @@ class Streamed(NamedTuple):
 class _Sink:
     """Where the hooks put what they fold: ``G`` (float64) and the per-task sums."""
 
-    def __init__(self, k: int, device: torch.device, n_gram: int, n_sum: int) -> None:
-        self.k = k
+    def __init__(
+        self,
+        k: int,
+        device: torch.device,
+        n_gram: int,
+        n_sum: int,
+        also: Callable[[int, Tensor], None] | None = None,
+    ) -> None:
+        self.k, self.also = k, also
         self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
         self.parts: list[Tensor | None] = [None] * n_gram
         self.sums: list[Tensor | None] = [None] * n_sum
@@ -62,6 +69,8 @@ class _Sink:
             prev = self.sums[index]
             self.sums[index] = s if prev is None else prev + s
             return
+        if self.also is not None:
+            self.also(index, rows)
         r = rows.reshape(self.k, -1)
         if r.dtype is not torch.float32 and r.dtype is not torch.float64:
             r = r.to(torch.float32)
@@ -104,12 +113,15 @@ def stream_gramian(
     summed: Sequence[Tensor] = (),
     *,
     retain_graph: bool = False,
+    also: Callable[[int, Tensor], None] | None = None,
 ) -> Streamed:
     """``G`` of ``losses`` w.r.t. ``inputs`` and ``Σ_k ∂L_k/∂x`` for ``x`` in ``summed``, from
     one batched backward that never holds more than the leaves in flight (module docstring).
 
     ``losses``: ``K`` scalars (a loss that does not require grad has a zero row).
     ``retain_graph``: keep the graph for a later backward (the weighted one).
+    ``also(j, rows)``: called with each Gramian leaf's index and ``(K, *shape)`` rows while they
+    exist (e.g. to sketch them); it must not keep them.
     """
     k = len(losses)
     leaves = [*inputs, *summed]
@@ -119,7 +131,7 @@ def stream_gramian(
         if not isinstance(x, Tensor) or not x.requires_grad:
             raise ValueError("gramian: every input must be a tensor that requires grad")
     device = leaves[0].device
-    sink = _Sink(k, device, len(inputs), len(summed))
+    sink = _Sink(k, device, len(inputs), len(summed), also)
     live = [i for i, loss in enumerate(losses) if loss.requires_grad]
     reached = [False] * len(inputs)
     if live:

@@ -3,7 +3,8 @@
 * SON-GOKU (arXiv:2509.16959): :func:`interference` ``ρ = −cos``, :func:`conflict_adjacency` /
   :class:`GraphRule` (threshold, quantile, kNN, signed, density matching), Welsh–Powell
   :func:`color`, :func:`groups_from_colors`, :func:`duplicate_min_coverage`, and :func:`sketch`
-  (CountSketch / Rademacher projections for the sketched EMA).
+  (CountSketch / Rademacher projections for the sketched EMA); :func:`streamed_sketch` projects
+  per-task gradients leaf by leaf in one batched backward, without the ``K × n`` rows.
 * GCond (arXiv:2509.07252): :func:`resolve_gramian` / :func:`resolve` (smooth and three-zone rules in
   coefficient space) and its arbitrator (:func:`second_wins`, :func:`stability`, the winner ring).
 """
@@ -42,7 +43,13 @@ from gradfn.conflict._resolve import (
     resolve_gramian,
     true_min_cosine,
 )
-from gradfn.conflict._sketch import SKETCH_METHODS, count_sketch_hashes, projection_block, sketch
+from gradfn.conflict._sketch import (
+    SKETCH_METHODS,
+    count_sketch_hashes,
+    projection_block,
+    sketch,
+    streamed_sketch,
+)
 
 __all__ = [
     "GRAPH_RULES",
@@ -73,6 +80,7 @@ __all__ = [
     "second_wins",
     "sketch",
     "stability",
+    "streamed_sketch",
     "true_min_cosine",
     "welsh_powell_order",
 ]
