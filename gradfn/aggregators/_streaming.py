@@ -63,7 +63,8 @@ def choose_gramian(
         raise ValueError(f"backward: `memory_budget` must be a positive int, got {memory_budget!r}")
     if gramian == "rows":
         return "rows"
-    able = agg.weighting is not None and not features and strategy != "loop"
+    leaves = all(t.grad_fn is None for t in shared)
+    able = agg.weighting is not None and not features and strategy != "loop" and leaves
     if gramian == "streaming":
         if agg.weighting is None:
             raise ValueError(

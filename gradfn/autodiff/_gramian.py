@@ -128,8 +128,11 @@ def stream_gramian(
     if not leaves:
         raise ValueError("gramian: `inputs` is empty")
     for x in leaves:
-        if not isinstance(x, Tensor) or not x.requires_grad:
-            raise ValueError("gramian: every input must be a tensor that requires grad")
+        # a hook replaces the gradient by zeros: on a non-leaf it would cut what flows past it
+        if not isinstance(x, Tensor) or not x.requires_grad or x.grad_fn is not None:
+            raise ValueError("gramian: every input must be a leaf tensor that requires grad")
+    if len({id(x) for x in leaves}) != len(leaves):
+        raise ValueError("gramian: an input appears twice in `inputs`")
     device = leaves[0].device
     sink = _Sink(k, device, len(inputs), len(summed), also)
     live = [i for i, loss in enumerate(losses) if loss.requires_grad]

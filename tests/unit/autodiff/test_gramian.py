@@ -125,3 +125,7 @@ def test_bad_input():
         gramian([p.sum()], [])
     with pytest.raises(ValueError, match="requires grad"):
         gramian([p.sum()], [torch.ones(2)])
+    with pytest.raises(ValueError, match="leaf"):
+        gramian([(p * 2).sum()], [p * 2])
+    with pytest.raises(ValueError, match="twice"):
+        gramian([p.sum()], [p, p])
