@@ -259,7 +259,8 @@ def backward(
     Returns:
         ``(state, Aggregated)``; ``Aggregated.grad`` is keyed like ``params`` (dotted names for a
         module), the shared parameters only in trunk-only mode. Parameters no loss reaches keep
-        their ``.grad``.
+        their ``.grad``. With ``gramian="streaming"`` a parameter whose ``.grad`` was ``None``
+        gets the very tensor of ``Aggregated.grad`` (no second copy).
 
     Raises:
         ValueError: a non-finite loss or gradient (nothing is written to ``.grad``), empty or
