@@ -34,6 +34,7 @@ from gradfn.aggregators._backward_inputs import (
 )
 from gradfn.aggregators._backward_inputs import shared_names as select_shared
 from gradfn.aggregators._base import Aggregated, Aggregator
+from gradfn.aggregators._streaming import GRAMIAN_PATHS, choose_gramian, streaming_backward
 from gradfn.autodiff._engine import choose_strategy
 from gradfn.autodiff._usage import reached_leaves
 
@@ -215,6 +216,8 @@ def backward(
     features: Tensor | Sequence[Tensor] | None = None,
     strategy: str = "auto",
     parallel: bool | None = None,
+    gramian: str = "auto",
+    memory_budget: int | None = None,
     **hparams: Any,
 ) -> tuple[Any, Aggregated]:
     """Per-task gradients of ``losses`` w.r.t. ``params``, aggregated, accumulated into ``.grad``.
@@ -245,20 +248,29 @@ def backward(
             the CPU, one batched backward on accelerators), ``"loop"`` or ``"vmap"`` (needs a
             batching rule for every op of the backward). Sparse gradients are made dense.
         parallel: deprecated alias: ``True`` is ``strategy="vmap"``, ``False`` ``"loop"``.
+        gramian: ``"rows"`` (the ``K × n`` rows, then ``G`` and ``wᵀ J``), ``"streaming"``
+            (``G`` folded leaf by leaf in one batched backward, then one backward of
+            ``Σ_k w_k L_k``: the rows never exist; aggregators with a ``weighting`` only, not
+            with ``features=``) or ``"auto"``: ``"streaming"`` with a warning when the rows
+            would exceed ``memory_budget``, else ``"rows"``.
+        memory_budget: bytes the rows may take for ``gramian="auto"`` (default: the free
+            memory of a CUDA device; none on the CPU, where ``"auto"`` keeps the rows).
 
     Returns:
         ``(state, Aggregated)``; ``Aggregated.grad`` is keyed like ``params`` (dotted names for a
         module), the shared parameters only in trunk-only mode. Parameters no loss reaches keep
-        their ``.grad``.
+        their ``.grad``. With ``gramian="streaming"`` a parameter whose ``.grad`` was ``None``
+        gets the very tensor of ``Aggregated.grad`` (no second copy).
 
     Raises:
         ValueError: a non-finite loss or gradient (nothing is written to ``.grad``), empty or
-            mismatched input.
+            mismatched input, ``gramian="streaming"`` with an aggregator that needs the rows.
         TypeError: an argument of the wrong kind.
         RuntimeError: the batched backward (``strategy="vmap"``) failed, e.g. on an op without a
             batching rule such as a sparse embedding: pass ``strategy="loop"``.
     """
     check_choice("strategy", strategy, ("auto", "vmap", "loop"))
+    check_choice("gramian", gramian, GRAMIAN_PATHS)
     if parallel is not None:
         strategy = "vmap" if parallel else "loop"
     a = resolve(agg, hparams)
@@ -280,6 +292,17 @@ def backward(
         shared_names = list(named)
     head_names = [n for n in named if n not in set(shared_names)]
     heads = [named[n] for n in head_names]
+    path = choose_gramian(
+        gramian,
+        memory_budget,
+        a,
+        k=len(loss),
+        shared=[named[n] for n in shared_names],
+        features=feats is not None,
+        strategy=strategy,
+    )
+    if path == "streaming":
+        return streaming_backward(loss, named, shared_names, head_names, a, state)
     rows = _Rows(len(loss), shared_names, [named[n] for n in shared_names])
     if strategy == "auto":
         strategy = choose_strategy(rows.tensors)

@@ -5,12 +5,14 @@
   parameters each task reaches.
 * :func:`accumulate_per_task_grads`: ``J`` added into task-stacked buffers in place.
 * :func:`value_and_weighted_grad`: the gradient of ``Σ_k w_k L_k`` in one backward.
+* :func:`gramian`: ``G = J Jᵀ`` of ``K`` losses folded leaf by leaf, without the ``K × n`` rows.
 * :func:`functional_loss`, :func:`split_module`: an ``nn.Module`` and ``loss_fn(module, batch)``
   as a pure ``f(params, batch)``.
 """
 
 from gradfn.autodiff._accumulate import accumulate_per_task_grads
 from gradfn.autodiff._engine import choose_strategy, per_task_grads, value_and_per_task_grads
+from gradfn.autodiff._gramian import gramian
 from gradfn.autodiff._module import functional_loss, split_module
 from gradfn.autodiff._weighted import value_and_weighted_grad
 
@@ -18,6 +20,7 @@ __all__ = [
     "accumulate_per_task_grads",
     "choose_strategy",
     "functional_loss",
+    "gramian",
     "per_task_grads",
     "split_module",
     "value_and_per_task_grads",

@@ -3,7 +3,8 @@
 * SON-GOKU (arXiv:2509.16959): :func:`interference` ``ρ = −cos``, :func:`conflict_adjacency` /
   :class:`GraphRule` (threshold, quantile, kNN, signed, density matching), Welsh–Powell
   :func:`color`, :func:`groups_from_colors`, :func:`duplicate_min_coverage`, and :func:`sketch`
-  (CountSketch / Rademacher projections for the sketched EMA).
+  (CountSketch / Rademacher projections for the sketched EMA); :func:`streamed_sketch` projects
+  per-task gradients leaf by leaf in one batched backward, without the ``K × n`` rows.
 * GCond (arXiv:2509.07252): :func:`resolve_gramian` / :func:`resolve` (smooth and three-zone rules in
   coefficient space), :func:`resolve_vectors` (the same loop as the reference's in-place vector
   passes, for bfloat16 gradients) and its arbitrator (:func:`second_wins`, :func:`stability`, the winner ring).
@@ -44,7 +45,13 @@ from gradfn.conflict._resolve import (
     true_min_cosine,
 )
 from gradfn.conflict._resolve_vectors import resolve_vectors, vector_dots
-from gradfn.conflict._sketch import SKETCH_METHODS, count_sketch_hashes, projection_block, sketch
+from gradfn.conflict._sketch import (
+    SKETCH_METHODS,
+    count_sketch_hashes,
+    projection_block,
+    sketch,
+    streamed_sketch,
+)
 
 __all__ = [
     "GRAPH_RULES",
@@ -76,6 +83,7 @@ __all__ = [
     "second_wins",
     "sketch",
     "stability",
+    "streamed_sketch",
     "true_min_cosine",
     "vector_dots",
     "welsh_powell_order",

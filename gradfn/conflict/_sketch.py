@@ -20,15 +20,24 @@ everything is tensor-only integer arithmetic, so it traces under ``torch.compile
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from gradfn._internal.prng import as_key, fold_in, hash32, random_bits
+from gradfn.autodiff._gramian import stream_gramian
 from gradfn.tree import leaves, num_tasks
 from gradfn.typing import PyTree
 
-__all__ = ["SKETCH_METHODS", "count_sketch_hashes", "projection_block", "sketch"]
+__all__ = [
+    "SKETCH_METHODS",
+    "count_sketch_hashes",
+    "projection_block",
+    "sketch",
+    "sketch_leaf",
+    "streamed_sketch",
+]
 
 SKETCH_METHODS = ("countsketch", "rademacher")
 
@@ -95,6 +104,29 @@ def sketch(
     at a time (default 65 536 for CountSketch, 8 192 for Rademacher), so the peak extra memory is
     ``K × chunk`` (CountSketch) or ``chunk × dim`` (Rademacher).
     """
+    chunk = _check(dim, method, chunk)
+    ls = leaves(stacked)
+    k = num_tasks(stacked)
+    out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
+    for index, leaf in enumerate(ls):
+        out = out + sketch_leaf(leaf.reshape(k, -1), index, dim, seed, method, chunk)
+    return out
+
+
+def sketch_leaf(rows: Tensor, index: int, dim: int, seed: int, method: str, chunk: int) -> Tensor:
+    """``(K, dim)`` float32: the projection of leaf ``index``'s rows (``K × n``), ``chunk``
+    coordinates at a time (accumulated in float64 for float64 rows)."""
+    k, n = rows.shape
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    part = torch.zeros(k, dim, dtype=acc, device=rows.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        ids = torch.arange(start, stop, dtype=torch.int64, device=rows.device)
+        part = part + _project_chunk(method, seed, index, rows[:, start:stop].to(acc), ids, dim)
+    return part.to(torch.float32)
+
+
+def _check(dim: int, method: str, chunk: int | None) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
     if method not in SKETCH_METHODS:
@@ -103,17 +135,33 @@ def sketch(
         chunk = 65536 if method == "countsketch" else 8192
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}")
-    k = num_tasks(stacked)
-    ls = leaves(stacked)
-    out = torch.zeros(k, dim, dtype=torch.float32, device=ls[0].device)
-    for index, leaf in enumerate(ls):
-        rows = leaf.reshape(k, -1)
-        n = rows.shape[1]
-        acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
-        part = torch.zeros(k, dim, dtype=acc, device=leaf.device)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            ids = torch.arange(start, stop, dtype=torch.int64, device=leaf.device)
-            part = part + _project_chunk(method, seed, index, rows[:, start:stop].to(acc), ids, dim)
-        out = out + part.to(torch.float32)
-    return out
+    return chunk
+
+
+def streamed_sketch(
+    losses: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    dim: int,
+    seed: int = 0,
+    *,
+    chunk: int | None = None,
+    method: str = "countsketch",
+    retain_graph: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(sketches (K, dim), G (K, K))`` of ``K`` losses w.r.t. ``inputs`` without the rows.
+
+    The projection is linear per leaf, so each leaf's ``K`` rows are projected (and folded into
+    ``G``) while they exist, in the one batched backward of :func:`gradfn.autodiff.gramian`:
+    equal to ``sketch(rows, dim, seed)`` for the rows of ``inputs`` in that order.
+    """
+    chunk = _check(dim, method, chunk)
+    box: list[Tensor] = []
+
+    def also(index: int, rows: Tensor) -> None:
+        s = sketch_leaf(rows.reshape(rows.shape[0], -1), index, dim, seed, method, chunk)
+        box.append(s if not box else box.pop() + s)
+
+    out = stream_gramian(list(losses), list(inputs), retain_graph=retain_graph, also=also)
+    k = len(losses)
+    sk = box[0] if box else torch.zeros(k, dim, dtype=torch.float32, device=out.gram.device)
+    return sk, out.gram
