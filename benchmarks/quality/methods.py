@@ -1,7 +1,8 @@
 """The compared methods, each built as a *stepper*: ``stepper(params, batch) -> grads``.
 
-A stepper returns one gradient per parameter (the structure of ``params``); the runner writes it
-to ``.grad`` and takes one step of the shared optimizer, so every method gets the same model, the
+A stepper returns one gradient per parameter (the structure of ``params``), or ``None`` for a
+parameter the step did not touch (SON-GOKU: no active task reaches it); the runner writes it to
+``.grad`` and takes one step of the shared optimizer, so every method gets the same model, the
 same optimizer and the same number of optimizer steps on the same mini-batches.
 
 * **Uniform**: one backward of ``Σ_k L_k``.
@@ -40,7 +41,7 @@ from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_gra
 
 __all__ = ["ADAM_BETAS", "DEFAULT_BETAS", "LABELS", "METHODS", "MethodConfig", "build_method"]
 
-Grads = dict[str, Tensor]
+Grads = dict[str, Tensor | None]
 
 LABELS: dict[str, str] = {
     "uniform": "Uniform (sum)",
@@ -147,6 +148,7 @@ def _gcond(problem, stochastic: bool, cfg: MethodConfig, **options: Any) -> Call
 
 def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
     from gradfn import songoku
+    from gradfn.algorithms import touched_mask
 
     k = problem.num_tasks
     r = cfg.refresh_period
@@ -179,6 +181,10 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
     def fn(params, batch):
         if "state" not in box:
             box["state"] = tx.init(params)
+            # which parameters each task reaches (the model's structure, computed once)
+            box["usage"] = value_and_per_task_grads(
+                problem.loss_fn, params, batch, return_usage=True
+            )[2]
         state = box["state"]
         before = int(state.refreshes)
         if method == "static":
@@ -192,7 +198,10 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
         if int(state.refreshes) > before:
             record_refresh(state)
         box["state"] = state
-        return grads
+        # untouched parameters (inactive heads, a skipped step) keep .grad = None, as in the
+        # paper's Alg. 1 and the adapter: a zero gradient would still move them under Adam
+        touched = touched_mask(state, box["usage"])
+        return {n: (g if bool(touched[n]) else None) for n, g in grads.items()}
 
     return Stepper(method, fn, trace)
 
