@@ -108,6 +108,21 @@ def _uniform(problem) -> Callable:
     return fn
 
 
+def _single_task(problem, k: int) -> Callable:
+    """The single-task baseline of task ``k``: ``∇L_k`` only (the other heads stay None)."""
+    onehot = torch.zeros(problem.num_tasks)
+    onehot[k] = 1.0
+    own = f"heads.{k}."
+
+    def fn(params, batch):
+        _, grads = value_and_weighted_grad(problem.loss_fn, params, batch, onehot)
+        return {
+            n: (g if problem.shared(n) or n.startswith(own) else None) for n, g in grads.items()
+        }
+
+    return fn
+
+
 def _aggregated(problem, method: str, seed: int, cfg: MethodConfig) -> Callable:
     hparams: dict[str, Any] = {}
     if method == "pcgrad":
@@ -207,7 +222,8 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
 
 
 def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = None) -> Stepper:
-    """The stepper of ``method`` (a key of :data:`LABELS`) for ``problem``."""
+    """The stepper of ``method`` (a key of :data:`LABELS`, or ``stl_k``: the single-task
+    baseline of task ``k``) for ``problem``."""
     cfg = cfg or MethodConfig()
     if method == "uniform":
         return Stepper(method, _uniform(problem))
@@ -221,4 +237,6 @@ def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = Non
         return Stepper(method, _gcond(problem, False, cfg, momentum_beta=0.0))
     if method in SONGOKU_FAMILY:
         return _songoku(problem, method, seed, cfg)
+    if method.startswith("stl_") and method[4:].isdigit() and int(method[4:]) < problem.num_tasks:
+        return Stepper(method, _single_task(problem, int(method[4:])))
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
