@@ -48,6 +48,7 @@ N_VAL: dict[str, tuple[int, int]] = {
     "planted_k16": (500, 200),
     "diabetes": (44, 44),
 }
+QUICK_PROTOCOL = (["planted_k6", "diabetes"], ["uniform", "pcgrad", "songoku"])
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
 DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
@@ -313,8 +314,13 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.quality.problems import build_problem
 
     table = QUICK if args.quick else FULL
+    # quick: a subset by default, so that it stays under a minute
     problems = _subset(args.problems, list(table), "problems")
+    if args.quick and args.problems is None:
+        problems = list(QUICK_PROTOCOL[0])
     methods = _subset(args.methods, METHODS, "methods")
+    if args.quick and args.methods is None:
+        methods = list(QUICK_PROTOCOL[1])
     if "uniform" not in methods:
         methods = ["uniform", *methods]
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 5)))
@@ -347,6 +353,8 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
         "lr grids": {n: plan[n][3] for n in problems},
         "headlines": {n: p.headline for n, p in built.items()},
         "tie_rel": args.tie_rel,
+        "tau": cfg.tau,
+        "conflict": protocol.conflict_summary(records, cfg.tau),
         "selection": protocol.SELECTION_RULE,
         "optimizer": _optimizer_note(methods),
         "SON-GOKU": f"R = {cfg.refresh_period}, tau = {cfg.tau}, beta = {cfg.ema_beta}",

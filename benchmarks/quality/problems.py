@@ -191,7 +191,7 @@ def multidigits(
         headline="primary_acc",
         higher_is_better=True,
         batch_size=batch_size,
-        probe=(x_tr[:256], y_tr[:256]),
+        probe=(x_tr, y_tr) if n_val else (x_tr[:256], y_tr[:256]),  # protocol: full batch
         notes={"n_train": n_train, "n_test": n_test, "hidden": list(hidden)},
         validate=(lambda p: metrics(p, x_va, y_va)) if n_val else None,
         task_metrics=[f"acc_{n}" for n in names],

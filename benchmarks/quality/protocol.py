@@ -63,9 +63,11 @@ def protocol_specs(
     cfg: MethodConfig,
     num_tasks: dict[str, int],
     single_task: bool = True,
+    probes: int = 5,
 ) -> list[RunSpec]:
     """Every ``(seed, problem, method, lr)`` run; ``problems[p] = (steps, eval_every, kwargs,
-    lrs)`` (kwargs with ``n_val``); the split is redrawn per seed."""
+    lrs)`` (kwargs with ``n_val``); the split is redrawn per seed. Uniform's runs probe the
+    full-batch interference at ``probes`` evenly spaced steps (:func:`conflict_summary`)."""
     specs = []
     for seed in seeds:
         for name, (steps, every, kwargs, lrs) in problems.items():
@@ -86,6 +88,7 @@ def protocol_specs(
                             method_config=cfg,
                             keep_trace=False,
                             select_on_val=True,
+                            probe_points=probes if method == "uniform" else 0,
                         )
                     )
     return specs
@@ -198,6 +201,42 @@ def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Re
     return rows
 
 
+def conflict_summary(records: list[Record], tau: float) -> dict[str, Record]:
+    """Per problem, from Uniform's full-batch probes (every lr and seed): the distribution of the
+    pairwise trunk-gradient cosines, the share of pairs below ``−τ``, the edges of the exact
+    conflict graph ``{(i, j): −cos_ij > τ}`` per probe, and ``control`` when no probe has one."""
+    out: dict[str, Record] = {}
+    for problem in sorted({r["problem"] for r in records}):
+        cos: list[float] = []
+        edges: list[int] = []
+        for r in records:
+            if r["problem"] != problem or r["method"] != "uniform":
+                continue
+            for probe in r.get("probes", []):
+                rho = probe["rho"]
+                pairs = [-rho[i][j] for i in range(len(rho)) for j in range(i + 1, len(rho))]
+                cos += pairs
+                edges.append(sum(c < -tau for c in pairs))
+        if not cos:
+            continue
+        srt = sorted(cos)
+
+        def q(f: float, srt: list[float] = srt) -> float:
+            return srt[min(len(srt) - 1, int(f * len(srt)))]
+
+        out[problem] = {
+            "probes": len(edges),
+            "cos_mean": _mean(cos),
+            "cos_q10": q(0.1),
+            "cos_median": q(0.5),
+            "cos_q90": q(0.9),
+            "share_below_minus_tau": sum(c < -tau for c in cos) / len(cos),
+            "edges_per_probe": edges,
+            "control": max(edges) == 0,
+        }
+    return out
+
+
 def _sd(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -223,6 +262,27 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
         f"{settings['lr grids']}; wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
         "relative. Δm % and worst-task % against the single-task baselines: lower is better.",
     ]
+    stats = settings.get("conflict")
+    if stats:
+        tau = settings["tau"]
+        lines += [
+            "",
+            "## Conflict statistics",
+            "",
+            "Pairwise cosines of the tasks' full-batch trunk gradients at Uniform's probes (every "
+            f"lr and seed); edges of the exact conflict graph at τ = {tau} (−cos > τ) per probe. "
+            "A problem without any edge is a *control*.",
+            "",
+            "| Problem | probes | cos mean | 10 % | median | 90 % | share < −τ | max edges | role |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for problem, st in stats.items():
+            lines.append(
+                f"| {problem} | {st['probes']} | {st['cos_mean']:+.3f} | {st['cos_q10']:+.3f} "
+                f"| {st['cos_median']:+.3f} | {st['cos_q90']:+.3f} "
+                f"| {st['share_below_minus_tau']:.2f} | {max(st['edges_per_probe'])} "
+                f"| {'control' if st['control'] else 'conflict'} |"
+            )
     for problem, table in rows.items():
         head = settings["headlines"][problem]
         lines += [

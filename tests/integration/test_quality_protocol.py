@@ -162,6 +162,26 @@ def test_summarize_pairs_seeds_and_single_task_baselines():
     assert protocol.SELECTION_RULE in text and "| PCGrad | 0.1 |" in text
 
 
+def test_conflict_summary_by_hand():
+    # probe 1: cos(0,1) = −0.5 (an edge at τ = 0.25), cos(0,2) = 0.1, cos(1,2) = −0.2
+    rho1 = [[0.0, 0.5, -0.1], [0.5, 0.0, 0.2], [-0.1, 0.2, 0.0]]
+    rho2 = [[0.0, -0.3, -0.3], [-0.3, 0.0, -0.3], [-0.3, -0.3, 0.0]]  # all cos 0.3
+    recs = [
+        {
+            "problem": "a",
+            "method": "uniform",
+            "probes": [{"step": 0, "rho": rho1}, {"step": 5, "rho": rho2}],
+        },
+        {"problem": "b", "method": "uniform", "probes": [{"step": 0, "rho": rho2}]},
+        {"problem": "a", "method": "pcgrad"},
+    ]
+    out = protocol.conflict_summary(recs, tau=0.25)
+    assert out["a"]["edges_per_probe"] == [1, 0] and not out["a"]["control"]
+    assert out["a"]["share_below_minus_tau"] == pytest.approx(1 / 6)
+    assert out["a"]["cos_mean"] == pytest.approx((-0.5 + 0.1 - 0.2 + 0.9) / 6)
+    assert out["b"]["control"] and out["b"]["cos_median"] == pytest.approx(0.3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the quick protocol run
 
@@ -190,5 +210,9 @@ def test_quick_protocol_run(tmp_path):
     rows = out["summary"]["diabetes"]
     assert [row["method"] for row in rows] == ["uniform", "songoku"]
     assert "delta_m" in rows[1] and "vs_uniform" in rows[1] and sum(rows[1]["wtl"]) == 2
+    conflict = out["settings"]["conflict"]["diabetes"]
+    assert conflict["probes"] == 3 * 2 * 5  # every lr and seed, 5 probes each
     text = (tmp_path / "results.md").read_text()
-    assert protocol.SELECTION_RULE in text and "nan" not in text
+    assert (
+        protocol.SELECTION_RULE in text and "nan" not in text and "## Conflict statistics" in text
+    )
