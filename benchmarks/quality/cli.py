@@ -49,6 +49,14 @@ N_VAL: dict[str, tuple[int, int]] = {
     "diabetes": (44, 44),
 }
 QUICK_PROTOCOL = (["planted_k6", "diabetes"], ["uniform", "pcgrad", "songoku"])
+# the tuned protocol's full budgets: problem -> (steps, eval_every), long enough for Uniform's
+# validation curve to flatten (the fixed-lr budgets above stop before Uniform converges)
+PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
+    "multidigits": (1200, 50),
+    "planted_k6": (600, 25),
+    "planted_k16": (600, 25),
+    "diabetes": (400, 20),
+}
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
 DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
@@ -329,6 +337,8 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
     plan: dict[str, tuple[int, int, dict[str, Any], list[float]]] = {}
     for name in problems:
         steps, lr, every, kwargs = table[name]
+        if not args.quick:  # longer budgets: the best-validation checkpoint picks the stop
+            steps, every = PROTOCOL_STEPS[name]
         lrs = explicit or protocol.lr_grid(args.lr or lr, args.lr_points, args.lr_span)
         n_val = N_VAL[name][1 if args.quick else 0]
         plan[name] = (args.steps or steps, every, {**kwargs, "n_val": n_val}, lrs)
