@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks._progress import Progress, add_progress_arg
-from benchmarks.quality import figures, report
+from benchmarks.quality import figures, protocol, report
 from benchmarks.quality.methods import ADAM_BETAS, METHODS, SONGOKU_FAMILY, MethodConfig
 from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
 from benchmarks.quality.toy import run_toy
@@ -42,7 +42,24 @@ QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "planted_k16": (16, 1e-2, 8, {"n_test": 500}),
     "diabetes": (16, 1e-3, 8, {}),
 }
+# the tuned protocol: problem -> validation samples (full, quick)
+N_VAL: dict[str, tuple[int, int]] = {
+    "multidigits": (500, 200),
+    "planted_k6": (500, 200),
+    "planted_k16": (500, 200),
+    "diabetes": (44, 44),
+}
+QUICK_PROTOCOL = (["planted_k6", "diabetes"], ["uniform", "pcgrad", "songoku"])
+# the tuned protocol's full budgets: problem -> (steps, eval_every), long enough for Uniform's
+# validation curve to flatten (the fixed-lr budgets above stop before Uniform converges)
+PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
+    "multidigits": (1200, 50),
+    "planted_k6": (600, 25),
+    "planted_k16": (600, 25),
+    "diabetes": (400, 20),
+}
 DEFAULT_OUT = Path("benchmarks/results/quality")
+PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
 DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
 
 
@@ -78,6 +95,21 @@ def _parser() -> argparse.ArgumentParser:
         "and rewrite results.md and the figures from the merged set",
     )
     p.add_argument(
+        "--protocol",
+        action="store_true",
+        help="tuned protocol: validation split, lr sweep selected on validation, single-task "
+        f"baselines, paired intervals (default --out {PROTOCOL_OUT})",
+    )
+    p.add_argument("--lr-points", type=int, default=3, help="protocol: lr grid size (default 3)")
+    p.add_argument(
+        "--lr-span", type=float, default=10.0, help="protocol: grid max/min ratio (default 10)"
+    )
+    p.add_argument("--lrs", default=None, help="protocol: explicit comma-separated lr grid")
+    p.add_argument("--tie-rel", type=float, default=1e-6, help="protocol: relative tie tolerance")
+    p.add_argument(
+        "--no-single-task", action="store_true", help="protocol: no single-task baselines (no Δm)"
+    )
+    p.add_argument(
         "--replot",
         action="store_true",
         help="train nothing: rewrite results.md and the figures from --out/results.json",
@@ -99,6 +131,8 @@ def _subset(arg: str | None, allowed: list[str] | tuple[str, ...], what: str) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"records", "toy", "files"}``."""
     args = _parser().parse_args(argv)
+    if args.protocol:
+        return _protocol(args)
     if args.figures is None:
         args.figures = DEFAULT_FIGURES if args.out == DEFAULT_OUT else args.out
     if args.replot:
@@ -291,3 +325,67 @@ def _run_toys(
     for t in results:
         print(f"toy {t['method']:<15} on front {t['reached']}/5  ({t['time_s']:.2f} s)")
     return results
+
+
+def _protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """The tuned protocol (:mod:`benchmarks.quality.protocol`): writes results.json / .md."""
+    from benchmarks.quality.problems import build_problem
+
+    table = QUICK if args.quick else FULL
+    # quick: a subset by default, so that it stays under a minute
+    problems = _subset(args.problems, list(table), "problems")
+    if args.quick and args.problems is None:
+        problems = list(QUICK_PROTOCOL[0])
+    methods = _subset(args.methods, METHODS, "methods")
+    if args.quick and args.methods is None:
+        methods = list(QUICK_PROTOCOL[1])
+    if "uniform" not in methods:
+        methods = ["uniform", *methods]
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 5)))
+    cfg = MethodConfig(refresh_period=args.refresh_period or (8 if args.quick else 32))
+    explicit = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+    plan: dict[str, tuple[int, int, dict[str, Any], list[float]]] = {}
+    for name in problems:
+        steps, lr, every, kwargs = table[name]
+        if not args.quick:  # longer budgets: the best-validation checkpoint picks the stop
+            steps, every = PROTOCOL_STEPS[name]
+        lrs = explicit or protocol.lr_grid(args.lr or lr, args.lr_points, args.lr_span)
+        n_val = N_VAL[name][1 if args.quick else 0]
+        plan[name] = (args.steps or steps, every, {**kwargs, "n_val": n_val}, lrs)
+    built = {n: build_problem(n, 0, **plan[n][2]) for n in problems}
+    num_tasks = {n: p.num_tasks for n, p in built.items()}
+    specs = protocol.protocol_specs(
+        plan, methods, seeds, cfg, num_tasks, single_task=not args.no_single_task
+    )
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        records = run_sweep(specs, jobs=jobs, progress=args.progress)
+    finally:
+        torch.set_num_threads(threads)
+    settings = {
+        "mode": "protocol-quick" if args.quick else "protocol",
+        "seeds": seeds,
+        "methods": methods,
+        "problems": {n: {"steps": plan[n][0], "n_val": plan[n][2]["n_val"]} for n in problems},
+        "lr grids": {n: plan[n][3] for n in problems},
+        "headlines": {n: p.headline for n, p in built.items()},
+        "tie_rel": args.tie_rel,
+        "tau": cfg.tau,
+        "conflict": protocol.conflict_summary(records, cfg.tau),
+        "selection": protocol.SELECTION_RULE,
+        "optimizer": _optimizer_note(methods),
+        "SON-GOKU": f"R = {cfg.refresh_period}, tau = {cfg.tau}, beta = {cfg.ema_beta}",
+        "torch": torch.__version__,
+        "sweep wall-clock s": round(time.perf_counter() - t0, 1),
+    }
+    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    rows = protocol.summarize(records, tie_rel=args.tie_rel)
+    payload = {"settings": settings, "records": records, "summary": rows}
+    (out / "results.json").write_text(json.dumps(payload, allow_nan=True))
+    (out / "results.md").write_text(protocol.markdown(rows, settings))
+    print(f"wrote {out / 'results.md'} ({len(records)} runs)")
+    return payload

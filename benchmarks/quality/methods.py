@@ -1,7 +1,8 @@
 """The compared methods, each built as a *stepper*: ``stepper(params, batch) -> grads``.
 
-A stepper returns one gradient per parameter (the structure of ``params``); the runner writes it
-to ``.grad`` and takes one step of the shared optimizer, so every method gets the same model, the
+A stepper returns one gradient per parameter (the structure of ``params``), or ``None`` for a
+parameter the step did not touch (SON-GOKU: no active task reaches it); the runner writes it to
+``.grad`` and takes one step of the shared optimizer, so every method gets the same model, the
 same optimizer and the same number of optimizer steps on the same mini-batches.
 
 * **Uniform**: one backward of ``Σ_k L_k``.
@@ -40,7 +41,7 @@ from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_gra
 
 __all__ = ["ADAM_BETAS", "DEFAULT_BETAS", "LABELS", "METHODS", "MethodConfig", "build_method"]
 
-Grads = dict[str, Tensor]
+Grads = dict[str, Tensor | None]
 
 LABELS: dict[str, str] = {
     "uniform": "Uniform (sum)",
@@ -107,6 +108,21 @@ def _uniform(problem) -> Callable:
     return fn
 
 
+def _single_task(problem, k: int) -> Callable:
+    """The single-task baseline of task ``k``: ``∇L_k`` only (the other heads stay None)."""
+    onehot = torch.zeros(problem.num_tasks)
+    onehot[k] = 1.0
+    own = f"heads.{k}."
+
+    def fn(params, batch):
+        _, grads = value_and_weighted_grad(problem.loss_fn, params, batch, onehot)
+        return {
+            n: (g if problem.shared(n) or n.startswith(own) else None) for n, g in grads.items()
+        }
+
+    return fn
+
+
 def _aggregated(problem, method: str, seed: int, cfg: MethodConfig) -> Callable:
     hparams: dict[str, Any] = {}
     if method == "pcgrad":
@@ -147,6 +163,7 @@ def _gcond(problem, stochastic: bool, cfg: MethodConfig, **options: Any) -> Call
 
 def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
     from gradfn import songoku
+    from gradfn.algorithms import touched_mask
 
     k = problem.num_tasks
     r = cfg.refresh_period
@@ -179,6 +196,10 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
     def fn(params, batch):
         if "state" not in box:
             box["state"] = tx.init(params)
+            # which parameters each task reaches (the model's structure, computed once)
+            box["usage"] = value_and_per_task_grads(
+                problem.loss_fn, params, batch, return_usage=True
+            )[2]
         state = box["state"]
         before = int(state.refreshes)
         if method == "static":
@@ -192,13 +213,17 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
         if int(state.refreshes) > before:
             record_refresh(state)
         box["state"] = state
-        return grads
+        # untouched parameters (inactive heads, a skipped step) keep .grad = None, as in the
+        # paper's Alg. 1 and the adapter: a zero gradient would still move them under Adam
+        touched = touched_mask(state, box["usage"])
+        return {n: (g if bool(touched[n]) else None) for n, g in grads.items()}
 
     return Stepper(method, fn, trace)
 
 
 def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = None) -> Stepper:
-    """The stepper of ``method`` (a key of :data:`LABELS`) for ``problem``."""
+    """The stepper of ``method`` (a key of :data:`LABELS`, or ``stl_k``: the single-task
+    baseline of task ``k``) for ``problem``."""
     cfg = cfg or MethodConfig()
     if method == "uniform":
         return Stepper(method, _uniform(problem))
@@ -212,4 +237,6 @@ def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = Non
         return Stepper(method, _gcond(problem, False, cfg, momentum_beta=0.0))
     if method in SONGOKU_FAMILY:
         return _songoku(problem, method, seed, cfg)
+    if method.startswith("stl_") and method[4:].isdigit() and int(method[4:]) < problem.num_tasks:
+        return Stepper(method, _single_task(problem, int(method[4:])))
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -4,7 +4,8 @@ Every problem is a shared trunk with one head per task, written as a pure
 ``loss_fn(params, batch) -> [L_1, ..., L_K]`` over a ``dict[str, Tensor]`` of parameters
 (``torch.func.functional_call`` on a small ``nn.Module``). Parameters named ``trunk.*`` are the
 shared ones. The data are fixed (``data_seed``); a run's seed changes the initialisation and the
-order of the mini-batches only.
+order of the mini-batches only, unless ``split_seed`` is given: then the train / validation /
+test split (and the sampled data) is redrawn from it. ``n_val > 0`` holds out a validation split.
 
 * :func:`multidigits` — scikit-learn's ``load_digits``, two digits side by side (8×16). Tasks:
   left digit, right digit (primary), parity of the left digit, right digit ≥ 5 (positive
@@ -41,7 +42,9 @@ class Problem:
     ``params``: the initial parameters (fresh tensors). ``sample(gen)`` draws a training
     mini-batch; ``split(batch, n)`` cuts one into ``n`` micro-batches; ``evaluate(params)`` gives
     held-out metrics (floats), among them ``headline`` (``higher_is_better`` says its sense).
-    ``planted_adjacency``: the true ``K×K`` conflict graph where one is known.
+    ``planted_adjacency``: the true ``K×K`` conflict graph where one is known. ``validate``: the
+    same metrics on a validation split carved from the training data (``n_val > 0``; else None).
+    ``task_metrics[k]``: the metric of task ``k`` (``task_higher[k]``: its sense), for Δm %.
     """
 
     name: str
@@ -57,6 +60,9 @@ class Problem:
     planted_adjacency: Tensor | None = None
     probe: Batch | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    validate: Callable[[dict[str, Tensor]], dict[str, float]] | None = None
+    task_metrics: list[str] = field(default_factory=list)
+    task_higher: list[bool] = field(default_factory=list)
 
     @property
     def num_tasks(self) -> int:
@@ -120,14 +126,17 @@ def multidigits(
     hidden: tuple[int, ...] = (128, 64),
     batch_size: int = 64,
     data_seed: int = 0,
+    n_val: int = 0,
+    split_seed: int | None = None,
 ) -> Problem:
-    """Two ``load_digits`` images side by side; 5 classification tasks (module docstring)."""
+    """Two ``load_digits`` images side by side; 5 classification tasks (module docstring).
+    With ``n_val`` the validation pairs come from 200 of the 1200 training images."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
-    rng = np.random.default_rng(data_seed)
+    rng = np.random.default_rng(data_seed if split_seed is None else (data_seed, split_seed))
     order = rng.permutation(len(labels))
-    pool_train, pool_test = order[:1200], order[1200:]
+    pool_train, pool_test = order[: 1200 - (200 if n_val else 0)], order[1200:]
 
     def pairs(pool: np.ndarray, n: int) -> tuple[Tensor, Tensor, Tensor]:
         left, right = rng.choice(pool, n), rng.choice(pool, n)
@@ -145,6 +154,9 @@ def multidigits(
     shuffled_tr = l_tr[torch.as_tensor(rng.permutation(n_train))]
     shuffled_te = l_te[torch.as_tensor(rng.permutation(n_test))]
     y_tr, y_te = targets(l_tr, r_tr, shuffled_tr), targets(l_te, r_te, shuffled_te)
+    if n_val:
+        x_va, l_va, r_va = pairs(order[1000:1200], n_val)
+        y_va = targets(l_va, r_va, l_va[torch.as_tensor(rng.permutation(n_val))])
 
     names = ["left", "right", "parity", "ge5", "shuffled"]
     classes = [10, 10, 2, 2, 10]
@@ -155,15 +167,18 @@ def multidigits(
         logits = functional_call(model, params, (x,))
         return [nn.functional.cross_entropy(o, y[:, k]) for k, o in enumerate(logits)]
 
-    def evaluate(params: dict[str, Tensor]) -> dict[str, float]:
+    def metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
         with torch.no_grad():
-            logits = functional_call(model, params, (x_te,))
+            logits = functional_call(model, params, (x,))
         acc = {
-            f"acc_{n}": float((o.argmax(1) == y_te[:, k]).float().mean())
+            f"acc_{n}": float((o.argmax(1) == y[:, k]).float().mean())
             for k, (n, o) in enumerate(zip(names, logits, strict=True))
         }
         acc["primary_acc"] = 0.5 * (acc["acc_left"] + acc["acc_right"])
         return acc
+
+    def evaluate(params: dict[str, Tensor]) -> dict[str, float]:
+        return metrics(params, x_te, y_te)
 
     return Problem(
         name="multidigits",
@@ -176,8 +191,11 @@ def multidigits(
         headline="primary_acc",
         higher_is_better=True,
         batch_size=batch_size,
-        probe=(x_tr[:256], y_tr[:256]),
+        probe=(x_tr, y_tr) if n_val else (x_tr[:256], y_tr[:256]),  # protocol: full batch
         notes={"n_train": n_train, "n_test": n_test, "hidden": list(hidden)},
+        validate=(lambda p: metrics(p, x_va, y_va)) if n_val else None,
+        task_metrics=[f"acc_{n}" for n in names],
+        task_higher=[True] * len(names),
     )
 
 
@@ -206,6 +224,8 @@ def planted(
     spread: float = 0.3,
     batch_size: int = 32,
     data_seed: int = 0,
+    n_val: int = 0,
+    split_seed: int | None = None,
 ) -> Problem:
     """``K`` linear-teacher regression tasks in ``G`` opposed groups (module docstring).
 
@@ -225,15 +245,17 @@ def planted(
     xi /= np.linalg.norm(xi, axis=1, keepdims=True)
     scale = np.exp(rng.uniform(np.log(0.5), np.log(2.0), num_tasks))
     w = scale[:, None] * (u[group] + spread * xi)
+    # the teachers stay; a split seed redraws the samples
+    rng_x = rng if split_seed is None else np.random.default_rng((data_seed, split_seed))
 
     def data(n: int) -> tuple[Tensor, Tensor]:
-        x = rng.standard_normal((n, d))
-        y = x @ w.T + noise * scale[None, :] * rng.standard_normal((n, num_tasks))
+        x = rng_x.standard_normal((n, d))
+        y = x @ w.T + noise * scale[None, :] * rng_x.standard_normal((n, num_tasks))
         return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
 
     x_tr, y_tr = data(n_train)
     x_te, y_te = data(n_test)
-    var = y_te.var(dim=0)
+    x_va, y_va = data(n_val) if n_val else (x_te, y_te)
     model = TrunkHeads(d, [hidden, max(1, g - 2)], [1] * num_tasks, act=nn.Tanh)
     params = _init_params(model, seed)
     for k in range(1, num_tasks):  # identical heads (docstring)
@@ -245,10 +267,10 @@ def planted(
         out = functional_call(model, params, (x,))
         return [((o[:, 0] - y[:, k]) ** 2).mean() for k, o in enumerate(out)]
 
-    def evaluate(params: dict[str, Tensor]) -> dict[str, float]:
+    def evaluate(params: dict[str, Tensor], x: Tensor = x_te, y: Tensor = y_te) -> dict[str, float]:
         with torch.no_grad():
-            out = torch.cat(functional_call(model, params, (x_te,)), dim=1)
-        rel = ((out - y_te) ** 2).mean(dim=0) / var
+            out = torch.cat(functional_call(model, params, (x,)), dim=1)
+        rel = ((out - y) ** 2).mean(dim=0) / y.var(dim=0)
         metrics = {f"rel_mse_{k}": float(v) for k, v in enumerate(rel)}
         metrics["mean_rel_mse"] = float(rel.mean())
         metrics["worst_rel_mse"] = float(rel.max())
@@ -269,6 +291,9 @@ def planted(
         planted_adjacency=adj,
         probe=(x_tr, y_tr),
         notes={"groups": g, "group_of_task": group.tolist(), "cos_across": -1.0 / (g - 1)},
+        validate=(lambda p: evaluate(p, x_va, y_va)) if n_val else None,
+        task_metrics=[f"rel_mse_{k}" for k in range(num_tasks)],
+        task_higher=[False] * num_tasks,
     )
 
 
@@ -282,9 +307,12 @@ def diabetes(
     hidden: tuple[int, ...] = (32, 32),
     batch_size: int = 32,
     data_seed: int = 0,
+    n_val: int = 0,
+    split_seed: int | None = None,
 ) -> Problem:
     """``load_diabetes``: progression (primary), ``bmi`` and ``s5`` (auxiliary) from the other 8
-    features; all standardised on the training split. Metrics: test MSE and R² per target."""
+    features; all standardised on the training split. Metrics: test MSE and R² per target.
+    ``n_val``: that many training samples held out for validation."""
     from sklearn.datasets import load_diabetes
 
     bunch = load_diabetes()
@@ -292,9 +320,10 @@ def diabetes(
     cols = list(bunch.feature_names)
     aux = [cols.index("bmi"), cols.index("s5")]
     keep = [i for i in range(len(cols)) if i not in aux]
-    rng = np.random.default_rng(data_seed)
+    rng = np.random.default_rng(data_seed if split_seed is None else (data_seed, split_seed))
     order = rng.permutation(len(prog))
-    n_tr = int(0.7 * len(prog))
+    n_all = int(0.7 * len(prog))
+    n_tr = n_all - n_val
     y_all = np.column_stack([prog, x_all[:, aux]])
     x_all = x_all[:, keep]
 
@@ -305,7 +334,8 @@ def diabetes(
     x = torch.tensor(standardise(x_all), dtype=torch.float32)
     y = torch.tensor(standardise(y_all), dtype=torch.float32)
     x_tr, y_tr = x[order[:n_tr]], y[order[:n_tr]]
-    x_te, y_te = x[order[n_tr:]], y[order[n_tr:]]
+    x_te, y_te = x[order[n_all:]], y[order[n_all:]]
+    x_va, y_va = x[order[n_tr:n_all]], y[order[n_tr:n_all]]
     names = ["progression", "bmi", "s5"]
     model = TrunkHeads(len(keep), list(hidden), [1, 1, 1])
 
@@ -314,11 +344,11 @@ def diabetes(
         out = functional_call(model, params, (xb,))
         return [((o[:, 0] - yb[:, k]) ** 2).mean() for k, o in enumerate(out)]
 
-    def evaluate(params: dict[str, Tensor]) -> dict[str, float]:
+    def evaluate(params: dict[str, Tensor], x: Tensor = x_te, y: Tensor = y_te) -> dict[str, float]:
         with torch.no_grad():
-            out = torch.cat(functional_call(model, params, (x_te,)), dim=1)
-        mse = ((out - y_te) ** 2).mean(dim=0)
-        r2 = 1.0 - mse / y_te.var(dim=0, unbiased=False)
+            out = torch.cat(functional_call(model, params, (x,)), dim=1)
+        mse = ((out - y) ** 2).mean(dim=0)
+        r2 = 1.0 - mse / y.var(dim=0, unbiased=False)
         metrics = {f"mse_{n}": float(mse[k]) for k, n in enumerate(names)}
         metrics.update({f"r2_{n}": float(r2[k]) for k, n in enumerate(names)})
         return metrics
@@ -335,7 +365,10 @@ def diabetes(
         higher_is_better=False,
         batch_size=batch_size,
         probe=(x_tr, y_tr),
-        notes={"n_train": n_tr, "n_test": len(prog) - n_tr},
+        notes={"n_train": n_tr, "n_val": n_val, "n_test": len(prog) - n_all},
+        validate=(lambda p: evaluate(p, x_va, y_va)) if n_val else None,
+        task_metrics=[f"mse_{n}" for n in names],
+        task_higher=[False] * len(names),
     )
 
 

@@ -42,6 +42,7 @@ class RunSpec:
     method_config: MethodConfig = field(default_factory=MethodConfig)
     keep_trace: bool = False
     probe_points: int = 0
+    select_on_val: bool = False  # protocol: curves on validation, test once at the best one
 
 
 def edge_f1(pred: Any, truth: torch.Tensor) -> float:
@@ -67,8 +68,25 @@ def interference(problem: Problem, params: dict[str, torch.Tensor]) -> list[list
     return rho.fill_diagonal_(0.0).tolist()
 
 
+def selection_metric(problem: Problem, method: str) -> tuple[str, bool]:
+    """``(metric, higher_is_better)`` a run is selected on: the headline, or for the single-task
+    baseline ``stl_k`` its task's metric."""
+    if method.startswith("stl_"):
+        k = int(method[4:])
+        return problem.task_metrics[k], problem.task_higher[k]
+    return problem.headline, problem.higher_is_better
+
+
 def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
-    """Train one method on one problem; return final metrics, time and curves."""
+    """Train one method on one problem; return final metrics, time and curves.
+
+    With ``spec.select_on_val`` the curve holds validation metrics only and the test metrics are
+    read once, at the checkpoint of the best validation metric (the earliest on ties)."""
+    select = spec.select_on_val
+    if select and problem.validate is None:
+        raise ValueError(f"{spec.problem}: select_on_val needs a validation split (n_val > 0)")
+    key, higher = selection_metric(problem, spec.method)
+    best: tuple[float, int, dict[str, Any]] | None = None
     stepper = build_method(spec.method, problem, spec.seed, spec.method_config)
     params = {n: p.clone() for n, p in problem.params.items()}
     opt = torch.optim.Adam(list(params.values()), lr=spec.lr, betas=stepper.adam_betas)
@@ -93,11 +111,26 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
         opt.step()
         elapsed += time.perf_counter() - t0
         if (t + 1) % spec.eval_every == 0 or t + 1 == spec.steps:
-            m = problem.evaluate(params)
-            curve.append({"step": t + 1, "time": elapsed, problem.headline: m[problem.headline]})
+            if select:
+                assert problem.validate is not None
+                v = problem.validate(params)
+                curve.append({"step": t + 1, "time": elapsed, f"val_{key}": v[key]})
+                score = v[key] if higher else -v[key]
+                if (
+                    best is None
+                    or score > best[0]
+                    or (math.isnan(best[0]) and not math.isnan(score))
+                ):
+                    best = (score, t + 1, {"params": _copy(params), "val": v})
+            else:
+                m = problem.evaluate(params)
+                curve.append(
+                    {"step": t + 1, "time": elapsed, problem.headline: m[problem.headline]}
+                )
     if spec.steps in probe_at:
         probes.append({"step": spec.steps, "rho": interference(problem, params)})
-    final = problem.evaluate(params)
+    # the test split, read once (at the best-validation checkpoint when selecting)
+    final = problem.evaluate(params if best is None else best[2]["params"])
     nonfinite = any(not math.isfinite(v) for v in final.values())
     out: dict[str, Any] = {
         "problem": spec.problem,
@@ -111,6 +144,9 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
         "nonfinite": nonfinite,
         "curve": curve,
     }
+    if best is not None:
+        out.update(lr=spec.lr, selected_step=best[1], val_metrics=best[2]["val"])
+        out.update(select_metric=key, select_higher=higher)
     if probes:
         out["probes"] = probes
     if spec.method in SONGOKU_FAMILY:
@@ -125,6 +161,10 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
     return out
 
 
+def _copy(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Build the problem for ``spec.seed`` and train (the unit of work of a worker process)."""
     problem = build_problem(spec.problem, spec.seed, **spec.problem_kwargs)
@@ -132,6 +172,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     record["task_names"] = problem.task_names
     record["headline"] = problem.headline
     record["higher_is_better"] = problem.higher_is_better
+    record["task_metrics"] = problem.task_metrics
+    record["task_higher"] = problem.task_higher
     record["method_config"] = asdict(spec.method_config)
     return record
 

@@ -25,6 +25,7 @@ from gradfn.algorithms._songoku import (
     group_lists,
     songoku,
     task_grads,
+    touched_mask,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "reference_options",
     "songoku",
     "task_grads",
+    "touched_mask",
 ]

@@ -21,6 +21,7 @@ from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._driver import refresh, refresh_due, update
 from gradfn.algorithms._songoku._state import SonGokuState, group_lists, init_state
 from gradfn.algorithms._songoku._step import TaskGrads, active_mask, step, task_grads
+from gradfn.algorithms._songoku._touched import touched_mask
 from gradfn.conflict import GraphRule
 from gradfn.transforms import EmptyState
 from gradfn.tree import weighted_sum
@@ -35,6 +36,7 @@ __all__ = [
     "group_lists",
     "songoku",
     "task_grads",
+    "touched_mask",
 ]
 
 _GRAPH_OPTIONS = {
@@ -58,6 +60,9 @@ class SonGoku(Algorithm):
     * ``refresh(state, params, batch=None, probe=None) -> state``: the recolouring (tensor-only
       with fixed loop lengths, meant to run eagerly every ``R`` steps).
     * ``refresh_due(state) -> bool``: does the next step trigger a refresh?
+
+    The returned gradients are zero for parameters no active task reaches; such parameters
+    must keep ``.grad = None`` (:func:`touched_mask`), or a momentum optimizer moves them.
     """
 
     step: Callable[..., tuple[SonGokuState, dict[str, Any]]]
