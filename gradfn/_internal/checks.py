@@ -11,6 +11,7 @@ __all__ = [
     "check_beta",
     "check_callable",
     "check_choice",
+    "check_finite",
     "check_float",
     "check_int",
     "check_nonnegative",
@@ -23,7 +24,12 @@ T = TypeVar("T")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number: int, float or a numpy scalar of either (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_bool(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value).__name__ == "bool_"  # numpy.bool_ without importing numpy
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -41,10 +47,22 @@ def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
 def check_float(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
     """``float(value)`` if it is a number in ``[low, high)`` (``[low, high]`` with
     ``open_high=False``), else ``ValueError`` naming ``name``."""
-    ok = _is_number(value) and low <= value and (value < high if open_high else value <= high)
+    ok = (
+        _is_number(value)
+        and math.isfinite(value)
+        and low <= value
+        and (value < high if open_high else value <= high)
+    )
     if not ok:
         bracket = ")" if open_high else "]"
         raise ValueError(f"`{name}` must be a number in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``float(value)`` if it is a finite real number (not a bool), else ``ValueError``."""
+    if not (_is_number(value) and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
     return float(value)
 
 

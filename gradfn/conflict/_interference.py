@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_choice, check_int
+from gradfn._internal.checks import check_choice, check_finite, check_int
 
 __all__ = [
     "GRAPH_RULES",
@@ -116,6 +116,8 @@ def conflict_adjacency(
     if density is not None:
         density = _check_fraction("density", density)
     quantile = _check_fraction("quantile", quantile)
+    if not isinstance(tau, Tensor):
+        tau = check_finite("tau", tau)
     device = rho.device
     r = rho.to(torch.float32) if rho.dtype not in (torch.float32, torch.float64) else rho
     tau_t = torch.as_tensor(tau, dtype=r.dtype, device=device).reshape(())

@@ -28,6 +28,7 @@ _ACCUMULATION_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 def reference_options(eps: float = 1e-8) -> dict[str, Any]:
     """The :class:`ConductorConfig` fields that reproduce the reference implementation's defects
     (the GCond guide of the docs lists each one)."""
+    eps = check_positive("eps", eps)
     return {
         "accumulation_dtype": torch.bfloat16,
         "stability_source": "processed",
@@ -146,7 +147,7 @@ class ConductorConfig:
         check_int("dominance_window", self.dominance_window, 0)
         check_choice("dominance", self.dominance, ("loses", "wins"))
         w = tuple(self.tie_breaking_weights)
-        if len(w) != 2 or not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
+        if len(w) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < math.inf for x in w) or sum(w) <= 0:
             raise ValueError(
                 "`tie_breaking_weights` must be 2 non-negative numbers (stability, strength) with a "
                 f"positive sum, got {self.tie_breaking_weights!r}"
@@ -158,7 +159,8 @@ class ConductorConfig:
         check_choice("min_cosine", self.min_cosine, ("true", "reference"))
         if self.norm_floor is not None:
             floor = self.norm_floor
-            if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
+            bad = isinstance(floor, bool) or not isinstance(floor, (int, float))
+            if bad or not (math.isfinite(floor) and floor >= 0):
                 raise ValueError(f"`norm_floor` must be None or a number >= 0, got {floor!r}")
         check_choice("strategy", self.strategy, ("auto", "vmap", "loop"))
 

@@ -180,6 +180,7 @@ def from_reference(
             f"`tau_schedule` must be a TauSchedule or None, got {type(tau_schedule).__name__}"
         )
     check_choice("base_method", base_method, _BASE_METHODS)
+    check_nonnegative("eps_cosine", eps_cosine)
     if base_method in ("pcgrad", "pcgrad_sum"):
         mean = "mean" if base_method == "pcgrad" else "sum"
         options["aggregator"] = aggregator("pcgrad", seed=options.get("seed", 0), reduction=mean)
