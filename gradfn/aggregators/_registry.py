@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
     if method in _FACTORIES:
         _check_hparams(_FACTORIES[method], method, hparams, skip=0)
         return _FACTORIES[method](**hparams)
-    raise ValueError(f"aggregator: unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"aggregator: unknown method `method`={method!r}; expected one of {METHODS}")
 
 
 def _check_finite(hparams: dict[str, Any]) -> None:
@@ -78,7 +79,7 @@ def _check_finite(hparams: dict[str, Any]) -> None:
     for name, value in hparams.items():
         values = value if isinstance(value, (tuple, list)) else (value,)
         for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
+            if isinstance(v, numbers.Real) and not math.isfinite(v):
                 raise ValueError(f"aggregator: `{name}` must be finite, got {value!r}")
 
 
@@ -95,6 +96,6 @@ def _check_hparams(
     unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise TypeError(
-            f"aggregator: unknown hyper-parameter(s) {unknown} for {method!r}; "
+            f"aggregator: unknown hyper-parameter(s) {unknown} for `method`={method!r}; "
             f"it takes {sorted(allowed)}"
         )

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_choice, check_finite, check_int
+from gradfn._internal.checks import check_choice, check_finite, check_int, is_number, plain_scalars
 
 __all__ = [
     "GRAPH_RULES",
@@ -79,7 +79,7 @@ def knn_k_for_density(density: float, num_tasks: int) -> int:
 
 
 def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}")
     return float(value)
 
@@ -170,6 +170,7 @@ class GraphRule:
     density: float | None = None
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_choice("graph_rule", self.rule, GRAPH_RULES)
         object.__setattr__(self, "quantile", _check_fraction("graph_quantile", self.quantile))
         check_int("graph_knn_k", self.knn_k, 0)

@@ -17,6 +17,8 @@ from gradfn._internal.checks import (
     check_int,
     check_optional_int,
     check_positive,
+    is_number,
+    plain_scalars,
 )
 from gradfn.conflict import DominanceRule, Rule, check_thresholds
 
@@ -51,7 +53,7 @@ def _lambdas(lambdas: Any) -> tuple[float, ...]:
     if not values:
         raise ValueError("`lambdas` is empty: there must be at least one loss")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not is_number(v) or not math.isfinite(v):
             raise ValueError(f"`lambdas` must hold finite numbers, got {values!r}")
     return tuple(float(v) for v in values)
 
@@ -119,6 +121,7 @@ class ConductorConfig:
     strategy: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         lam = _lambdas(self.lambdas)
         object.__setattr__(self, "lambdas", lam)
         k = len(lam)
@@ -147,7 +150,7 @@ class ConductorConfig:
         check_int("dominance_window", self.dominance_window, 0)
         check_choice("dominance", self.dominance, ("loses", "wins"))
         w = tuple(self.tie_breaking_weights)
-        if len(w) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < math.inf for x in w) or sum(w) <= 0:
+        if len(w) != 2 or not all(is_number(x) and 0 <= x < math.inf for x in w) or sum(w) <= 0:
             raise ValueError(
                 "`tie_breaking_weights` must be 2 non-negative numbers (stability, strength) with a "
                 f"positive sum, got {self.tie_breaking_weights!r}"
@@ -159,7 +162,7 @@ class ConductorConfig:
         check_choice("min_cosine", self.min_cosine, ("true", "reference"))
         if self.norm_floor is not None:
             floor = self.norm_floor
-            bad = isinstance(floor, bool) or not isinstance(floor, (int, float))
+            bad = not is_number(floor)
             if bad or not (math.isfinite(floor) and floor >= 0):
                 raise ValueError(f"`norm_floor` must be None or a number >= 0, got {floor!r}")
         check_choice("strategy", self.strategy, ("auto", "vmap", "loop"))

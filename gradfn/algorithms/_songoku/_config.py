@@ -14,6 +14,8 @@ from gradfn._internal.checks import (
     check_nonnegative,
     check_optional_int,
     check_seed,
+    is_number,
+    plain_scalars,
 )
 from gradfn.aggregators import Aggregator, as_aggregator
 from gradfn.conflict import GraphRule
@@ -32,7 +34,7 @@ def _tau_schedule(value: Any) -> TauSchedule:
         return TauSchedule()
     if isinstance(value, TauSchedule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return TauSchedule("constant", tau_target=float(value))
     raise TypeError(f"`tau_schedule` must be a TauSchedule, a number or None, got {value!r}")
 
@@ -102,6 +104,7 @@ class SonGokuConfig:
     legacy_pointer: bool = False
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("num_tasks", self.num_tasks, 1)
         object.__setattr__(self, "shared", _shared(self.shared))
         check_int("refresh_period", self.refresh_period, 1)
