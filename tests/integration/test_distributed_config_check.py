@@ -34,9 +34,7 @@ def _outcome(fn) -> str:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
     try:
         torch.manual_seed(0)
         model = nn.Linear(3, 2)
@@ -55,9 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "songoku_sync": _outcome(
                 lambda: SonGokuScheduler(model, specs, ddp_sync=("avg", "none")[rank])
             ),
-            "gcond_ok": _outcome(
-                lambda: GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2)
-            ),
+            "gcond_ok": _outcome(lambda: GradientConductor(model, losses, {"a": 1.0, "b": 1.0}, 2)),
             "gcond_eps": _outcome(
                 lambda: GradientConductor(
                     model, losses, {"a": 1.0, "b": 1.0}, 2, eps=(1e-8, 1e-6)[rank]
