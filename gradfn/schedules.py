@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import is_number, plain_scalars
+
 __all__ = ["TAU_KINDS", "TauSchedule", "tau_value"]
 
 TauKind = Literal["log", "linear", "cosine", "constant"]
@@ -45,11 +47,12 @@ class TauSchedule:
     anneal_duration: int = 0
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         if self.kind not in TAU_KINDS:
             raise ValueError(f"TauSchedule: `kind` must be one of {TAU_KINDS}, got {self.kind!r}")
         for name in ("tau_initial", "tau_target"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 raise TypeError(f"TauSchedule: `{name}` must be a number, got {value!r}")
             if not math.isfinite(value) or not (-1.0 <= value <= 1.0):
                 raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Collection
@@ -11,26 +12,44 @@ __all__ = [
     "check_beta",
     "check_callable",
     "check_choice",
+    "check_finite",
     "check_float",
     "check_int",
     "check_nonnegative",
     "check_optional_int",
     "check_positive",
     "check_seed",
+    "is_number",
+    "plain_scalars",
 ]
 
 T = TypeVar("T")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A real number: int, float or a numpy scalar of either (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_bool(value)
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value).__name__ == "bool_"  # numpy.bool_ without importing numpy
+
+
+def plain_scalars(obj: Any) -> None:
+    """Replace the numpy scalars among a frozen dataclass's fields by Python numbers (``.item()``),
+    so ``np.float32(0.9)`` or ``np.int64(4)`` is accepted like ``0.9`` or ``4`` and stored plain."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:
+            object.__setattr__(obj, f.name, v.item())
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
     """``value`` if it is an integer (not a bool) ``≥ minimum``, else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    integral = isinstance(value, numbers.Integral) and not _is_bool(value)
+    if isinstance(value, bool) or not integral or value < minimum:
         raise ValueError(f"`{name}` must be an integer ≥ {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
@@ -41,10 +60,22 @@ def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
 def check_float(name: str, value: Any, low: float, high: float, *, open_high: bool = True) -> float:
     """``float(value)`` if it is a number in ``[low, high)`` (``[low, high]`` with
     ``open_high=False``), else ``ValueError`` naming ``name``."""
-    ok = _is_number(value) and low <= value and (value < high if open_high else value <= high)
+    ok = (
+        is_number(value)
+        and math.isfinite(value)
+        and low <= value
+        and (value < high if open_high else value <= high)
+    )
     if not ok:
         bracket = ")" if open_high else "]"
         raise ValueError(f"`{name}` must be a number in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``float(value)`` if it is a finite real number (not a bool), else ``ValueError``."""
+    if not (is_number(value) and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -55,14 +86,14 @@ def check_beta(name: str, value: Any) -> float:
 
 def check_positive(name: str, value: Any) -> float:
     """A finite number ``> 0``."""
-    if not (_is_number(value) and math.isfinite(value) and value > 0):
+    if not (is_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
     return float(value)
 
 
 def check_nonnegative(name: str, value: Any) -> float:
     """A finite number ``≥ 0`` (NaN is rejected)."""
-    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"`{name}` must be a number ≥ 0, got {value!r}")
     return float(value)
 

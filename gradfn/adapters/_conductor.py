@@ -8,6 +8,7 @@ Call conventions: the reference's (:func:`gradfn.adapters._reference_io.micro_ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -31,7 +32,7 @@ from gradfn.adapters._quarantine import Quarantine
 from gradfn.adapters._reference_io import eval_mode, micro_batch_losses, running_stats_mode
 from gradfn.algorithms import ConductorConfig, ConductorState, conductor
 from gradfn.autodiff import functional_loss
-from gradfn.integrations.distributed import sync_outputs
+from gradfn.integrations.distributed import check_same_config, sync_outputs
 
 __all__ = ["GradientConductor"]
 
@@ -121,6 +122,12 @@ class GradientConductor:
             accumulation_steps,
             reference=reference,
             **options,
+        )
+        check_same_config(
+            {"loss_names": self.loss_names, "ddp_sync": ddp_sync, "reference": reference}
+            | {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+            group=self.process_group,
+            what="GradientConductor",
         )
         # "avg": the A_k averaged before every decision; the reference's per-rank scheme (with
         # reference=True, or "broadcast") combines the resolved outputs instead

@@ -31,6 +31,7 @@ from gradfn.algorithms import SonGoku, SonGokuState, songoku
 from gradfn.algorithms._songoku import group_lists, make_config, task_grads
 from gradfn.algorithms._songoku._config import from_reference
 from gradfn.autodiff import functional_loss
+from gradfn.integrations.distributed import check_same_config
 from gradfn.schedules import TauSchedule
 
 __all__ = ["SonGokuScheduler"]
@@ -118,6 +119,12 @@ class SonGokuScheduler:
                 per_task_rows="active",
                 **options,
             )
+        )
+        check_same_config(
+            {"task_names": self.names, "ddp_sync": ddp_sync, "share_forward": share_forward}
+            | {f.name: getattr(self._config, f.name) for f in dataclasses.fields(self._config)},
+            group=process_group,
+            what="SonGokuScheduler",
         )
         self.tau_schedule, self.ema_mode = self._config.tau_schedule, self._config.ema_mode
         self.refresh_period, self.min_updates_per_cycle = refresh_period, min_updates_per_cycle

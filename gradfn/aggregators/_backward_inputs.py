@@ -37,6 +37,12 @@ def resolve(agg: Aggregator | str | Callable[..., Aggregated], hparams: dict) ->
 def loss_list(losses: Losses) -> list[Tensor]:
     """The ``K`` task losses as 0-d tensors (a ``(K,)`` tensor, a sequence or a dict)."""
     if isinstance(losses, Tensor):
+        if losses.dim() > 1:
+            raise ValueError(
+                "backward: `losses` as a tensor must be a (K,) vector of task losses (or 0-d for "
+                f"one task), got shape {tuple(losses.shape)}: reduce each task's loss to a scalar "
+                "first (e.g. `.mean(dim=1)` for per-sample losses)"
+            )
         items = list(losses.reshape(-1).unbind(0))
         labels: list[Any] = list(range(len(items)))
     elif isinstance(losses, Mapping):
@@ -57,6 +63,8 @@ def loss_list(losses: Losses) -> list[Tensor]:
             raise ValueError(
                 f"backward: `losses[{label}]` must be a scalar, got shape {tuple(loss.shape)}"
             )
+        if not (loss.is_floating_point() or loss.is_complex()):
+            raise TypeError(f"backward: `losses[{label}]` must be floating-point, got {loss.dtype}")
     return [loss.reshape(()) for loss in items]
 
 

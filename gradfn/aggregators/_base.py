@@ -101,7 +101,9 @@ def task_count(
         raise TypeError("aggregator init: `tasks` must be K or a task-stacked pytree, got a bool")
     if isinstance(tasks, int):
         if tasks <= 0:
-            raise ValueError(f"aggregator init: the number of tasks must be positive, got {tasks}")
+            raise ValueError(
+                f"aggregator init: the number of tasks `tasks` must be positive, got {tasks}"
+            )
         return tasks, device
     reject_per_task_sequence(tasks, "aggregator init")
     k = tree.num_tasks(tasks)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_float, check_nonnegative
 from gradfn._internal.prng import fold_in, permutations
 from gradfn.aggregators._base import (
     Aggregator,
@@ -160,6 +161,8 @@ def gradvac_weights(
 
 def gradvac(*, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> Aggregator:
     """The GradVac :class:`Aggregator` (stateful)."""
+    beta = check_float("beta", beta, 0.0, 1.0, open_high=False)
+    eps = check_nonnegative("eps", eps)
 
     def init(num_tasks: int, *, device: torch.device | str | None = None) -> GradVacState:
         return gradvac_init(num_tasks, seed=seed, device=device)

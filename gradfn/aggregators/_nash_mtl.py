@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_nonnegative
 from gradfn.aggregators._base import (
     Aggregator,
     check_active,
@@ -102,6 +103,7 @@ def nash_mtl(
     *, max_norm: float = 1.0, update_weights_every: int = 1, iters: int = 20
 ) -> Aggregator:
     """The Nash-MTL :class:`Aggregator` (stateful)."""
+    max_norm = check_nonnegative("max_norm", max_norm)
 
     def weights(
         state: NashMTLState, gram: Tensor, *, active: Tensor | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,7 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
     gram=None, **hparams) -> Aggregated``. ``"pcgrad"`` and ``"graddrop"`` take ``seed`` (default
     0) and draw fresh randomness each call from a counter in their state.
     """
+    _check_finite(hparams)
     if callable(method):
         return stateless(method, getattr(method, "__name__", "aggregator"), **hparams)
     if not isinstance(method, str):
@@ -69,7 +72,17 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
     if method in _FACTORIES:
         _check_hparams(_FACTORIES[method], method, hparams, skip=0)
         return _FACTORIES[method](**hparams)
-    raise ValueError(f"aggregator: unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"aggregator: unknown method `method`={method!r}; expected one of {METHODS}")
+
+
+def _check_finite(hparams: dict[str, Any]) -> None:
+    """A NaN or infinite float hyper-parameter (or entry of a tuple of them) fails at build time:
+    it would give NaN weights or silently switch a guard off."""
+    for name, value in hparams.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, numbers.Real) and not math.isfinite(v):
+                raise ValueError(f"aggregator: `{name}` must be finite, got {value!r}")
 
 
 def _check_hparams(
@@ -85,6 +98,6 @@ def _check_hparams(
     unknown = sorted(set(hparams) - allowed)
     if unknown:
         raise TypeError(
-            f"aggregator: unknown hyper-parameter(s) {unknown} for {method!r}; "
+            f"aggregator: unknown hyper-parameter(s) {unknown} for `method`={method!r}; "
             f"it takes {sorted(allowed)}"
         )

@@ -93,7 +93,7 @@ def accumulate_impl(
     :func:`accumulate_per_task_grads`."""
     check_choice("strategy", strategy, STRATEGIES)
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
     selected, rest = _select(params, wrt)
     sel_leaves, spec = optree.tree_flatten(selected)
     into_leaves = _check_into(sel_leaves, spec, into)

@@ -294,7 +294,7 @@ def per_task_impl(
     :func:`value_and_per_task_grads`."""
     check_choice("strategy", strategy, STRATEGIES)
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
     selected, rest = _select(params, wrt)
     if strategy == "auto":
         strategy = choose_strategy(selected)  # type: ignore[assignment]

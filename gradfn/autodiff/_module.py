@@ -48,7 +48,7 @@ def functional_loss(
     Returns ``(params, f)`` with ``params`` from :func:`split_module`.
     """
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
     params, _ = split_module(module)
     if not params:
         raise ValueError("module has no trainable parameter (requires_grad=True)")

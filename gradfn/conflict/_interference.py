@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_choice, check_int
+from gradfn._internal.checks import check_choice, check_finite, check_int, is_number, plain_scalars
 
 __all__ = [
     "GRAPH_RULES",
@@ -82,7 +82,7 @@ def knn_k_for_density(density: float, num_tasks: int) -> int:
 
 
 def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}")
     return float(value)
 
@@ -119,6 +119,8 @@ def conflict_adjacency(
     if density is not None:
         density = _check_fraction("density", density)
     quantile = _check_fraction("quantile", quantile)
+    if not isinstance(tau, Tensor):
+        tau = check_finite("tau", tau)
     device = rho.device
     r = rho.to(torch.float32) if rho.dtype not in (torch.float32, torch.float64) else rho
     tau_t = torch.as_tensor(tau, dtype=r.dtype, device=device).reshape(())
@@ -171,6 +173,7 @@ class GraphRule:
     density: float | None = None
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_choice("graph_rule", self.rule, GRAPH_RULES)
         object.__setattr__(self, "quantile", _check_fraction("graph_quantile", self.quantile))
         check_int("graph_knn_k", self.knn_k, 0)

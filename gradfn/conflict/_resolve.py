@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._internal.checks import check_finite, check_nonnegative
 from gradfn.conflict._arbitrator import DominanceRule
 from gradfn.conflict._resolve_steps import _angle as _angle  # the smooth rule, tested alone
 from gradfn.conflict._resolve_steps import _Consts, _loop
@@ -112,6 +113,9 @@ def pair_cosines(gram: Tensor, eps: float, norm_floor: float) -> tuple[Tensor, T
 
 def true_min_cosine(gram: Tensor, eps: float = 1e-8, norm_floor: float | None = None) -> Tensor:
     """Minimum pairwise cosine over the valid pairs of a Gramian (1.0 if there is none)."""
+    eps = check_nonnegative("eps", eps)
+    if norm_floor is not None:
+        norm_floor = check_nonnegative("norm_floor", norm_floor)
     cos, mask = pair_cosines(gram, eps, eps if norm_floor is None else norm_floor)
     one = torch.ones((), dtype=gram.dtype, device=gram.device)
     return torch.where(mask, cos, one).amin() if gram.shape[0] > 1 else one
@@ -170,7 +174,10 @@ def resolve_gramian(
         raise ValueError(
             f"resolve_gramian: `dominance` must be 'loses' or 'wins', got {dominance!r}"
         )
-    if not remap_power > 0:
+    eps = check_nonnegative("eps", eps)
+    if norm_floor is not None:
+        norm_floor = check_nonnegative("norm_floor", norm_floor)
+    if not (check_finite("remap_power", remap_power) > 0):
         raise ValueError(f"resolve_gramian: `remap_power` must be > 0, got {remap_power!r}")
     w = tuple(float(x) for x in tie_breaking_weights)
     if len(w) != 2:

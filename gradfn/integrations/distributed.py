@@ -15,7 +15,9 @@ identity, so single-process code needs no change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optree
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "all_reduce_mean",
     "broadcast_tree",
+    "check_same_config",
     "is_distributed",
     "make_reducer",
     "sync_outputs",
@@ -159,3 +162,49 @@ def sync_outputs(
         n = world_size(group)
         out = optree.tree_map(lambda g: g * n, out)
     return out, reduced["flag"] > 0
+
+
+def _stable(value: Any) -> Any:
+    """A rank-independent description of a setting: no object addresses (a callable is its
+    qualified name, a dataclass its fields, a tensor its values when small)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _stable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Tensor):
+        small = value.numel() <= 64
+        return (tuple(value.shape), str(value.dtype), value.tolist() if small else None)
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(repr(_stable(v)) for v in value)
+    if isinstance(value, Mapping):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if callable(value) and not isinstance(value, type):
+        name = getattr(value, "__qualname__", type(value).__qualname__)
+        return f"{getattr(value, '__module__', '')}.{name}"
+    return repr(value)
+
+
+def check_same_config(fields: Mapping[str, Any], *, group: Any = None, what: str = "") -> None:
+    """Check once, at start, that every rank was built with the same settings.
+
+    Each field is hashed (SHA-256 of a rank-independent description: a callable counts by its
+    qualified name), the digests are all-gathered, and any field whose digest differs between
+    ranks raises a ``ValueError`` naming it on every rank, before a mismatch can pair unrelated
+    collectives or average unrelated tasks. Without a process group of ≥ 2 ranks: nothing.
+    """
+    if not is_distributed(group):
+        return
+    mine = {
+        str(k): hashlib.sha256(repr(_stable(v)).encode()).hexdigest()[:16]
+        for k, v in fields.items()
+    }
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    names = sorted(set().union(*(set(d) for d in gathered)))
+    differ = [n for n in names if len({d.get(n) for d in gathered}) > 1]
+    if differ:
+        prefix = f"{what}: " if what else ""
+        raise ValueError(
+            f"{prefix}the ranks were built with different settings: {differ} differ between "
+            "ranks (every rank must pass the same configuration, task names and ddp_sync)"
+        )

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn._internal.checks import check_positive
+from gradfn._internal.checks import check_nonnegative, check_positive
 from gradfn.transforms._base import EmptyState, GradientTransform
 from gradfn.typing import PyTree
 
@@ -47,6 +47,7 @@ def norm_cap(max_norm: float, *, per_task: bool = False, eps: float = 1e-8) -> G
     ``per_task``: each slice of the leading task axis separately (GCond's per-loss cap).
     """
     cap = check_positive("max_norm", max_norm)
+    eps = check_nonnegative("eps", eps)
 
     def init(params: PyTree) -> EmptyState:
         return EmptyState()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn._internal.checks import check_beta
+from gradfn._internal.checks import check_beta, check_finite, check_nonnegative
 from gradfn.transforms._base import GradientTransform
 from gradfn.transforms._clipping import task_norms
 from gradfn.typing import PyTree
@@ -46,6 +46,8 @@ def norm_ema(
     through unchanged. ``num_tasks``: one EMA per slice of the leading task axis (state ``(K,)``),
     else one global EMA (state ``()``)."""
     beta = check_beta("beta", beta)
+    initial = check_finite("initial", initial)
+    eps = check_nonnegative("eps", eps)
 
     def init(params: PyTree) -> NormEmaState:
         device = tree.leaves(params)[0].device

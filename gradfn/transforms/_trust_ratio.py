@@ -8,7 +8,7 @@ import optree
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_positive
+from gradfn._internal.checks import check_nonnegative, check_positive
 from gradfn.transforms._base import EmptyState, GradientTransform, chain
 from gradfn.transforms._moments import momentum
 from gradfn.typing import PyTree
@@ -22,6 +22,8 @@ def sign_trust_ratio(
     """Per tensor: ``sign(u)·τ·coef`` with ``τ = min(‖p‖/‖u‖, clip)`` if both norms are
     ``≥ eps``, else ``min(1, clip)``. Needs ``params``."""
     coef = check_positive("coef", coef)
+    clip = check_positive("clip", clip)
+    eps = check_nonnegative("eps", eps)
 
     def init(params: PyTree) -> EmptyState:
         return EmptyState()

@@ -17,6 +17,8 @@ from gradfn._internal.checks import (
     check_int,
     check_optional_int,
     check_positive,
+    is_number,
+    plain_scalars,
 )
 from gradfn.conflict import DominanceRule, Rule, check_thresholds
 
@@ -28,6 +30,7 @@ _ACCUMULATION_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 def reference_options(eps: float = 1e-8) -> dict[str, Any]:
     """The :class:`ConductorConfig` fields that reproduce the reference implementation's defects
     (the GCond guide of the docs lists each one)."""
+    eps = check_positive("eps", eps)
     return {
         "accumulation_dtype": torch.bfloat16,
         "stability_source": "processed",
@@ -50,7 +53,7 @@ def _lambdas(lambdas: Any) -> tuple[float, ...]:
     if not values:
         raise ValueError("`lambdas` is empty: there must be at least one loss")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not is_number(v) or not math.isfinite(v):
             raise ValueError(f"`lambdas` must hold finite numbers, got {values!r}")
     return tuple(float(v) for v in values)
 
@@ -123,6 +126,7 @@ class ConductorConfig:
     strategy: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         lam = _lambdas(self.lambdas)
         object.__setattr__(self, "lambdas", lam)
         k = len(lam)
@@ -151,7 +155,7 @@ class ConductorConfig:
         check_int("dominance_window", self.dominance_window, 0)
         check_choice("dominance", self.dominance, ("loses", "wins"))
         w = tuple(self.tie_breaking_weights)
-        if len(w) != 2 or not all(isinstance(x, (int, float)) and x >= 0 for x in w) or sum(w) <= 0:
+        if len(w) != 2 or not all(is_number(x) and 0 <= x < math.inf for x in w) or sum(w) <= 0:
             raise ValueError(
                 "`tie_breaking_weights` must be 2 non-negative numbers (stability, strength) with a "
                 f"positive sum, got {self.tie_breaking_weights!r}"
@@ -163,7 +167,8 @@ class ConductorConfig:
         check_choice("min_cosine", self.min_cosine, ("true", "reference"))
         if self.norm_floor is not None:
             floor = self.norm_floor
-            if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
+            bad = not is_number(floor)
+            if bad or not (math.isfinite(floor) and floor >= 0):
                 raise ValueError(f"`norm_floor` must be None or a number >= 0, got {floor!r}")
         check_choice("strategy", self.strategy, ("auto", "vmap", "loop"))
         check_choice("resolution", self.resolution, ("auto", "gramian", "vectors"))

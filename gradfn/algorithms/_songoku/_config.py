@@ -14,6 +14,8 @@ from gradfn._internal.checks import (
     check_nonnegative,
     check_optional_int,
     check_seed,
+    is_number,
+    plain_scalars,
 )
 from gradfn.aggregators import Aggregator, as_aggregator
 from gradfn.conflict import GraphRule
@@ -32,7 +34,7 @@ def _tau_schedule(value: Any) -> TauSchedule:
         return TauSchedule()
     if isinstance(value, TauSchedule):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return TauSchedule("constant", tau_target=float(value))
     raise TypeError(f"`tau_schedule` must be a TauSchedule, a number or None, got {value!r}")
 
@@ -102,6 +104,7 @@ class SonGokuConfig:
     legacy_pointer: bool = False
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("num_tasks", self.num_tasks, 1)
         object.__setattr__(self, "shared", _shared(self.shared))
         check_int("refresh_period", self.refresh_period, 1)
@@ -180,6 +183,7 @@ def from_reference(
             f"`tau_schedule` must be a TauSchedule or None, got {type(tau_schedule).__name__}"
         )
     check_choice("base_method", base_method, _BASE_METHODS)
+    check_nonnegative("eps_cosine", eps_cosine)
     if base_method in ("pcgrad", "pcgrad_sum"):
         mean = "mean" if base_method == "pcgrad" else "sum"
         options["aggregator"] = aggregator("pcgrad", seed=options.get("seed", 0), reduction=mean)
