@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._internal.checks import check_finite, check_nonnegative
 from gradfn.conflict._arbitrator import DominanceRule
 from gradfn.conflict._resolve import ResolveResult, Rule, check_thresholds
 from gradfn.typing import PyTree
@@ -133,6 +134,11 @@ def resolve_vectors(
         )
     if (prev is None) != (prev_sq_norms is None):
         raise ValueError("resolve_vectors: give both `prev` and `prev_sq_norms`, or neither")
+    eps = check_nonnegative("eps", eps)
+    if norm_floor is not None:
+        norm_floor = check_nonnegative("norm_floor", norm_floor)
+    if not (check_finite("remap_power", remap_power) > 0):
+        raise ValueError(f"resolve_vectors: `remap_power` must be > 0, got {remap_power!r}")
     leaves = tree.leaves(grads)
     k, device = leaves[0].shape[0], leaves[0].device
     max_iters = 2 * k if max_iters is None else max_iters

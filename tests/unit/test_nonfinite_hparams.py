@@ -47,6 +47,7 @@ REQUIRED: dict[str, Any] = {
     "eps": 1e-8,
     "beta": 0.5,
     "gram": torch.eye(2),
+    "grads": {"w": torch.ones(2, 3)},
     "rho": torch.zeros(2, 2),
     "norm_floor": 0.0,
     "density": 0.5,

@@ -27,6 +27,7 @@ TOL = {
     "upgrad": 1e-3,  # both solve a QP on the regularised Gramian
     "dualproj": 1e-3,
     "cagrad": 1e-3,
+    "fairgrad": 5e-3,  # damped Newton vs TorchJD's scipy least squares on a singular Gramian
     "imtl_g": 1e-5,
     "aligned_mtl": 1e-5,
     "config": 1e-5,
@@ -99,6 +100,7 @@ def torchjd_of(method: str, j: torch.Tensor) -> torch.Tensor:
         "upgrad": tjd.UPGrad,
         "dualproj": tjd.DualProj,
         "cagrad": lambda: tjd.CAGrad(c=0.5),
+        "fairgrad": lambda: tjd.FairGrad(alpha=1.0),
         "imtl_g": tjd.IMTLG,
         "aligned_mtl": tjd.AlignedMTL,
         "config": tjd.ConFIG,
@@ -130,6 +132,10 @@ def test_rank_deficient_float32_is_finite_and_matches_torchjd(method, case, seed
         g0 = j.double().mean(0)
         gap = float((out.double() - g0).norm()) - 0.5 * float(g0.norm())
         assert float(out.abs().max()) == 0.0 or abs(gap) <= 1e-4 * float(g0.norm())
+        return
+    if method == "fairgrad" and case == "k_gt_n":
+        # K > n: (G w)_k = w_k^(−1/α) has no exact solution on a rank-n Gramian; the two solvers
+        # stop at different approximate points (seen: 14 % apart), both finite
         return
     if tol is None:  # no TorchJD method: the float32 run against the same input in float64
         # (GCond's thresholded resolution and Nash-MTL's Newton steps on a bargaining problem
