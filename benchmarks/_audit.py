@@ -96,7 +96,7 @@ def _run_with_timer(fn: Callable[[], Any], timeout: float) -> BaseException | No
     try:
         fn()
         return None
-    except BaseException as e:  # noqa: BLE001 — every outcome is classified
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         return e
@@ -112,7 +112,7 @@ def _run_in_thread(fn: Callable[[], Any], timeout: float) -> BaseException | Non
         try:
             fn()
             box[0] = None
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             box[0] = e
 
     t = threading.Thread(target=target, daemon=True)
@@ -145,11 +145,19 @@ def write_report(results: Iterable[Result], command: str, md_path: str, json_pat
     ]
     for e in entries:
         c = Counter(r.category for r in results if r.case.entry == e)
-        lines.append(f"| {e} | " + " | ".join(str(c[k]) for k in CATEGORIES) + f" | {sum(c.values())} |")
+        lines.append(
+            f"| {e} | " + " | ".join(str(c[k]) for k in CATEGORIES) + f" | {sum(c.values())} |"
+        )
     lines.append(
-        "| **all** | " + " | ".join(f"**{total[k]}**" for k in CATEGORIES) + f" | **{len(results)}** |"
+        "| **all** | "
+        + " | ".join(f"**{total[k]}**" for k in CATEGORIES)
+        + f" | **{len(results)}** |"
     )
-    lines += ["", "Categories: see `benchmarks/_audit.py` (ok, clear error, unclear crash, silent wrong, hang).", ""]
+    lines += [
+        "",
+        "Categories: see `benchmarks/_audit.py` (ok, clear error, unclear crash, silent wrong, hang).",
+        "",
+    ]
     bad = [r for r in results if r.category in ("unclear", "wrong", "hang")]
     lines.append(f"## Unclear crashes, silent wrong results and hangs ({len(bad)})")
     by_cause: dict[str, list[Result]] = {}

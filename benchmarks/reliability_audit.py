@@ -19,6 +19,7 @@ import torch
 from benchmarks._audit import CATEGORIES, Case, Result, run_case, write_report
 from benchmarks._audit_aggregators import aggregator_cases
 from benchmarks._audit_autodiff import autodiff_cases, weighting_cases
+from benchmarks._audit_configs import config_cases
 from benchmarks._audit_training import training_cases
 
 __all__ = ["all_cases", "main"]
@@ -29,6 +30,7 @@ def all_cases() -> Iterator[Case]:
     yield from aggregator_cases()
     yield from weighting_cases()
     yield from autodiff_cases()
+    yield from config_cases()
     yield from training_cases()
 
 
