@@ -151,7 +151,9 @@ class SonGokuConfig:
     @property
     def one_backward(self) -> bool:
         """Steps outside the EMA updates need only ONE backward (of the active group's sum)."""
-        return self.ema_mode == "refresh" and self.aggregator is None and self.loss_weighting is None
+        return (
+            self.ema_mode == "refresh" and self.aggregator is None and self.loss_weighting is None
+        )
 
     def is_shared(self, name: str) -> bool:
         """Is the parameter ``name`` shared?"""

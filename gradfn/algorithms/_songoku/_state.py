@@ -86,7 +86,9 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
         params[n].dtype == torch.float64 for n in shared_names(config, params)
     ):  # float64 gradients keep a float64 norm EMA (its dtype is fixed from the start)
         agg = InverseNormState(agg.norm_ema.to(torch.float64))
-    lw = EmptyState() if config.loss_weighting is None else config.loss_weighting.init(k, device=dev)
+    lw = (
+        EmptyState() if config.loss_weighting is None else config.loss_weighting.init(k, device=dev)
+    )
     return SonGokuState(
         step=torch.zeros((), dtype=i64, device=dev),
         group_index=torch.zeros((), dtype=i64, device=dev),

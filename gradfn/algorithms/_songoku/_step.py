@@ -232,7 +232,16 @@ def step(
             losses, obs, out = reduce((losses, obs, out))
             covered = False
     return _guarded(
-        config, state, losses, out, obs, idx, active, ema_mask, (agg_state, lw_state), donate,
+        config,
+        state,
+        losses,
+        out,
+        obs,
+        idx,
+        active,
+        ema_mask,
+        (agg_state, lw_state),
+        donate,
         covered,
     )
 

@@ -29,7 +29,8 @@ def _problem(seed: int = 0):
         w = params["w"]
         return torch.stack(
             [
-                scale[k] * (0.5 * ((a[k] @ w - batch[k]) ** 2).sum() + 0.5 * (params[f"h{k}"] ** 2).sum())
+                scale[k]
+                * (0.5 * ((a[k] @ w - batch[k]) ** 2).sum() + 0.5 * (params[f"h{k}"] ** 2).sum())
                 for k in range(K)
             ]
         )
@@ -137,14 +138,15 @@ class _Net(nn.Module):
         return [head(h).squeeze(-1) for head in self.heads]
 
 
+def _task_loss(k: int):
+    return lambda m, b: ((m(b[0])[k] - b[1][:, k]) ** 2).mean()
+
+
 def _scheduler(seed: int):
     torch.manual_seed(seed)
     model = _Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    tasks = [
-        TaskSpec(f"t{k}", (lambda k: lambda m, b: ((m(b[0])[k] - b[1][:, k]) ** 2).mean())(k))
-        for k in range(3)
-    ]
+    tasks = [TaskSpec(f"t{k}", _task_loss(k)) for k in range(3)]
     return model, opt, SonGokuScheduler(model, tasks, opt, refresh_period=2, loss_weighting=W.dwa())
 
 
@@ -165,8 +167,7 @@ def test_scheduler_checkpoint_round_trip_keeps_the_weighting_state():
         sched.step({f"t{k}": b for k in range(3)})
         sched2.step({f"t{k}": b for k in range(3)})
     assert tree_equal(sched2.state, sched.state)
-    _, _, other = _scheduler(2)
-    other_tasks = other  # a scheduler without a weighting refuses the checkpoint
-    plain = SonGokuScheduler(_Net(), other_tasks.tasks, None, refresh_period=2)
+    # a scheduler without a weighting refuses the checkpoint
+    plain = SonGokuScheduler(_Net(), sched.tasks, None, refresh_period=2)
     with pytest.raises(ValueError, match="loss_weighting"):
         plain.load_state_dict(saved[2])
