@@ -211,7 +211,12 @@ def step(
         losses, rows, idx = tg.losses, tg.rows, tg.idx
         # with a sketch and no aggregator the outputs are linear in the rows: averaging the
         # sketches and the summed gradient across ranks is cheaper than averaging the rows
-        late_reduce = config.sketch_dim is not None and config.aggregator is None
+        # (not with a loss weighting: it must see the averaged losses, as every rank's does)
+        late_reduce = (
+            config.sketch_dim is not None
+            and config.aggregator is None
+            and config.loss_weighting is None
+        )
         if reduce is not None and not late_reduce:
             losses, rows = reduce((losses, rows))
         name_set = set(names)

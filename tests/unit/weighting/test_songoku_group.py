@@ -171,3 +171,20 @@ def test_scheduler_checkpoint_round_trip_keeps_the_weighting_state():
     plain = SonGokuScheduler(_Net(), sched.tasks, None, refresh_period=2)
     with pytest.raises(ValueError, match="loss_weighting"):
         plain.load_state_dict(saved[2])
+
+
+def test_the_weighting_sees_the_losses_averaged_across_ranks():
+    """With a sketch the gradients are reduced late; the weighting still sees reduced losses."""
+    import optree
+
+    loss_fn, params, data = _problem(3)
+
+    def reduce(tree):  # stands for an average with a rank whose values are three times ours
+        return optree.tree_map(lambda x: 2 * x if x.is_floating_point() else x, tree)
+
+    tx = songoku(
+        loss_fn, num_tasks=K, shared=["w"], sketch_dim=8, loss_weighting=W.dwa(), reduce=reduce
+    )
+    state = tx.init(params)
+    state, _ = tx.update(state, params, data[0])
+    torch.testing.assert_close(state.loss_weighting.last, 2 * loss_fn(params, data[0]).float())
