@@ -17,6 +17,8 @@ same optimizer and the same number of optimizer steps on the same mini-batches.
   momentum. The rows *Adam β1 = 0* keep that momentum and follow the reference's recommended
   usage instead: the conductor owns the first moment, so the optimizer's own first moment is off
   (Adam ``betas=(0.0, 0.999)``, same learning rate; :data:`ADAM_BETAS`).
+* **Loss weightings** (DWA, RLW, uncertainty, IMTL-L, FAMO, GradNorm) and **FairGrad**:
+  :mod:`benchmarks.quality.weighting_methods`.
 * **SON-GOKU** (:func:`gradfn.songoku.songoku`) and its variants: ``+ PCGrad`` (PCGrad inside the
   active group), **Static** (one colouring at the first refresh, never recoloured) and
   **Single-step** (``β = 0``: the graph from the latest gradients only).
@@ -37,6 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.quality.weighting_methods import (
+    WEIGHTING_LABELS,
+    WEIGHTING_METHODS,
+    weighting_stepper,
+)
 from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_grad
 
 __all__ = ["ADAM_BETAS", "DEFAULT_BETAS", "LABELS", "METHODS", "MethodConfig", "build_method"]
@@ -60,6 +67,7 @@ LABELS: dict[str, str] = {
     "static": "Static one-shot colouring",
     "single_step": "Single-step (β = 0)",
 }
+LABELS.update(WEIGHTING_LABELS)  # loss weightings and FairGrad: weighting_methods.py
 METHODS: tuple[str, ...] = tuple(LABELS)
 SONGOKU_FAMILY = ("songoku", "songoku_pcgrad", "static", "single_step")
 
@@ -237,6 +245,10 @@ def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = Non
         return Stepper(method, _gcond(problem, False, cfg, momentum_beta=0.0))
     if method in SONGOKU_FAMILY:
         return _songoku(problem, method, seed, cfg)
+    if method == "fairgrad":
+        return Stepper(method, _aggregated(problem, method, seed, cfg))
+    if method in WEIGHTING_METHODS:
+        return Stepper(method, weighting_stepper(problem, method, seed, cfg.extra))
     if method.startswith("stl_") and method[4:].isdigit() and int(method[4:]) < problem.num_tasks:
         return Stepper(method, _single_task(problem, int(method[4:])))
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -59,8 +59,13 @@ def _songoku_from_v1(core: Mapping[str, Any], template: SonGokuState) -> SonGoku
         agg = CounterState(torch.as_tensor(core["seed"]), torch.as_tensor(core["step"]))
     elif isinstance(agg, InverseNormState):
         agg = InverseNormState(torch.as_tensor(core["norm_ema"]))
-    fields = {f: core["ptr" if f == "group_index" else f] for f in SonGokuState._fields[:-1]}
-    state = SonGokuState(**copy_tree(fields), aggregator=copy_tree(agg))
+    names = [f for f in SonGokuState._fields if f not in ("aggregator", "loss_weighting")]
+    fields = {f: core["ptr" if f == "group_index" else f] for f in names}
+    state = SonGokuState(
+        **copy_tree(fields),
+        aggregator=copy_tree(agg),
+        loss_weighting=copy_tree(template.loss_weighting),
+    )
     converted: SonGokuState = tree.tree_map(
         lambda new, cur: torch.as_tensor(new).to(device=cur.device, dtype=cur.dtype),
         state,
@@ -100,6 +105,8 @@ def songoku_load_state_dict(sched: SonGokuScheduler, state_dict: Mapping[str, An
         if version == 1:
             state = _songoku_from_v1(core, template)
         else:
+            if isinstance(core, Mapping) and "loss_weighting" not in core:
+                core = {**core, "loss_weighting": {}}  # saved before loss weightings: empty
             state = from_plain(template, core, "SON-GOKU state")
         checks.check_finite(checks.songoku_running_values(state), "SON-GOKU state")
     except BaseException:

@@ -31,7 +31,7 @@ def songoku_fingerprint(config: SonGokuConfig) -> dict[str, Any]:
     """The settings that decide what SON-GOKU's saved values mean (the EMA's space and
     normalisation, the aggregator's state); hyper-parameters a resumed run may change (``τ``,
     ``R``, ``β``) are not part of it."""
-    agg = config.aggregator
+    agg, lw = config.aggregator, config.loss_weighting
     return {
         "num_tasks": config.num_tasks,
         "ema_mode": config.ema_mode,
@@ -40,6 +40,7 @@ def songoku_fingerprint(config: SonGokuConfig) -> dict[str, Any]:
         "aggregator": None if agg is None else agg.name,
         "weight_heads": config.weight_heads,
         "reduction": config.reduction,
+        "loss_weighting": None if lw is None else lw.name,
     }
 
 
@@ -91,7 +92,7 @@ def check_finite(tree: Any, what: str) -> None:
 def songoku_running_values(state: SonGokuState) -> dict[str, Any]:
     """The values a SON-GOKU step builds on: the EMAs and the aggregator's state (``tau``,
     ``rho`` and the last losses may legitimately be NaN)."""
-    return {"ema": state.ema, "aggregator": state.aggregator}
+    return {"ema": state.ema, "aggregator": state.aggregator, "weighting": state.loss_weighting}
 
 
 def conductor_running_values(state: ConductorState) -> dict[str, Any]:

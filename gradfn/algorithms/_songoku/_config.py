@@ -20,6 +20,7 @@ from gradfn._internal.checks import (
 from gradfn.aggregators import Aggregator, as_aggregator
 from gradfn.conflict import GraphRule
 from gradfn.schedules import TauSchedule
+from gradfn.weighting import LossWeighting
 
 __all__ = ["SonGokuConfig", "from_reference"]
 
@@ -48,6 +49,20 @@ def _shared(value: Any) -> frozenset[str] | Callable[[str], bool] | None:
             f"names, got {type(value).__name__}"
         )
     return frozenset(value)
+
+
+def _check_loss_weighting(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, LossWeighting):
+        raise TypeError(
+            f"`loss_weighting` must be a weighting.LossWeighting or None, got {type(value).__name__}"
+        )
+    if value.penalty is not None or value.name == "gradnorm":
+        raise ValueError(
+            f"`loss_weighting`: {value.name!r} needs the model's parameters or a layer (learned "
+            "weights, GradNorm); inside SON-GOKU only weightings from loss values (dwa, rlw, famo)"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,10 @@ class SonGokuConfig:
             needed under ``torch.compile``); ``"active"`` only the tasks that need it (reads the
             group on the host, eager only); ``"auto"``: ``"all"`` while compiling.
         legacy_pointer: start each refresh window at group 1, as the reference does.
+        loss_weighting: a :class:`~gradfn.weighting.LossWeighting` from loss values (DWA, RLW,
+            FAMO): each step it sees the ``K`` losses, its weights are restricted to the active
+            group and renormalised to sum to ``|S_t|``, and they scale the group's per-task
+            gradients before the aggregator (its state is in the SON-GOKU state). None: none.
     """
 
     num_tasks: int
@@ -102,6 +121,7 @@ class SonGokuConfig:
     strategy: Literal["auto", "vmap", "loop"] = "auto"
     per_task_rows: Literal["auto", "all", "active"] = "auto"
     legacy_pointer: bool = False
+    loss_weighting: LossWeighting | None = None
 
     def __post_init__(self) -> None:
         plain_scalars(self)
@@ -129,11 +149,14 @@ class SonGokuConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("per_task_rows", self.per_task_rows, PER_TASK_ROWS)
         object.__setattr__(self, "legacy_pointer", bool(self.legacy_pointer))
+        _check_loss_weighting(self.loss_weighting)
 
     @property
     def one_backward(self) -> bool:
         """Steps outside the EMA updates need only ONE backward (of the active group's sum)."""
-        return self.ema_mode == "refresh" and self.aggregator is None
+        return (
+            self.ema_mode == "refresh" and self.aggregator is None and self.loss_weighting is None
+        )
 
     def is_shared(self, name: str) -> bool:
         """Is the parameter ``name`` shared?"""

@@ -38,6 +38,7 @@ class SonGokuState(NamedTuple):
         skipped: () bool — the last step was skipped (non-finite loss or gradient).
         refreshes: () int64 — number of refreshes so far.
         aggregator: the in-group aggregator's state (an empty state without one).
+        loss_weighting: the loss weighting's state (an empty state without one).
     """
 
     step: Tensor
@@ -54,6 +55,7 @@ class SonGokuState(NamedTuple):
     skipped: Tensor
     refreshes: Tensor
     aggregator: State
+    loss_weighting: State = EmptyState()
 
     @property
     def ptr(self) -> Tensor:
@@ -84,6 +86,9 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
         params[n].dtype == torch.float64 for n in shared_names(config, params)
     ):  # float64 gradients keep a float64 norm EMA (its dtype is fixed from the start)
         agg = InverseNormState(agg.norm_ema.to(torch.float64))
+    lw = (
+        EmptyState() if config.loss_weighting is None else config.loss_weighting.init(k, device=dev)
+    )
     return SonGokuState(
         step=torch.zeros((), dtype=i64, device=dev),
         group_index=torch.zeros((), dtype=i64, device=dev),
@@ -99,6 +104,7 @@ def init_state(config: SonGokuConfig, params: Params) -> SonGokuState:
         skipped=torch.zeros((), dtype=torch.bool, device=dev),
         refreshes=torch.zeros((), dtype=i64, device=dev),
         aggregator=agg,
+        loss_weighting=lw,
     )
 
 

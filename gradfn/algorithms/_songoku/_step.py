@@ -185,7 +185,7 @@ def step(
     ema_mask = active if config.ema_mode == "active" else torch.zeros_like(active)
     if probe is not None:
         ema_mask = ema_mask | probe.to(device=active.device, dtype=torch.bool)
-    agg_state = state.aggregator
+    agg_state, lw_state = state.aggregator, state.loss_weighting
     obs: PyTree = None
     covered = False  # does the step's gradient see every row (so that its test covers them)?
     idx = torch.arange(k, device=active.device)
@@ -211,13 +211,22 @@ def step(
         losses, rows, idx = tg.losses, tg.rows, tg.idx
         # with a sketch and no aggregator the outputs are linear in the rows: averaging the
         # sketches and the summed gradient across ranks is cheaper than averaging the rows
-        late_reduce = config.sketch_dim is not None and config.aggregator is None
+        # (not with a loss weighting: it must see the averaged losses, as every rank's does)
+        late_reduce = (
+            config.sketch_dim is not None
+            and config.aggregator is None
+            and config.loss_weighting is None
+        )
         if reduce is not None and not late_reduce:
             losses, rows = reduce((losses, rows))
         name_set = set(names)
         shared_r = {n: rows[n] for n in names}
         other_r = {n: g for n, g in rows.items() if n not in name_set}
-        obs = observe(config, shared_r)
+        obs = observe(config, shared_r)  # the EMAs see the tasks' own (unweighted) gradients
+        if config.loss_weighting is not None:
+            lw_state, rows = _weight_rows(config, state.loss_weighting, losses, rows, idx, active)
+            shared_r = {n: rows[n] for n in names}
+            other_r = {n: g for n, g in rows.items() if n not in name_set}
         if config.aggregator is None and not is_compiling() and config.reduction == "sum":
             out, covered = _sum_rows(rows, active.index_select(0, idx))
         if not covered:
@@ -228,8 +237,39 @@ def step(
             losses, obs, out = reduce((losses, obs, out))
             covered = False
     return _guarded(
-        config, state, losses, out, obs, idx, active, ema_mask, agg_state, donate, covered
+        config,
+        state,
+        losses,
+        out,
+        obs,
+        idx,
+        active,
+        ema_mask,
+        (agg_state, lw_state),
+        donate,
+        covered,
     )
+
+
+def _weight_rows(
+    config: SonGokuConfig,
+    lw_state: State,
+    losses: Tensor,
+    rows: dict[str, Tensor],
+    idx: Tensor,
+    active: Tensor,
+) -> tuple[State, dict[str, Tensor]]:
+    """The loss weighting's step: ``w = update(state, L)`` over the ``K`` losses, restricted to
+    the active group ``S`` and renormalised, ``w̃_k = |S| w_k / Σ_{j∈S} w_j`` (uniform weights
+    give the plain group sum, Eq. 6); the rows scaled by ``w̃`` (the gradients of ``w̃_k L_k``)."""
+    assert config.loss_weighting is not None
+    lw_state, w = config.loss_weighting.update(lw_state, losses.detach())
+    w = torch.where(active, w.to(torch.float32), 0.0)
+    w = w * (active.to(torch.float32).sum() / w.sum())
+    w_r = w.index_select(0, idx)
+    return lw_state, {
+        n: g * w_r.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype) for n, g in rows.items()
+    }
 
 
 def _guarded(
@@ -241,7 +281,7 @@ def _guarded(
     idx: Tensor,
     active: Tensor,
     ema_mask: Tensor,
-    agg_state: State,
+    states: tuple[State, State],
     donate: bool,
     covered: bool = False,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
@@ -259,7 +299,8 @@ def _guarded(
         step=state.step + 1,
         group_index=torch.remainder(state.group_index + 1, state.num_groups),
         active=active,
-        aggregator=agg_state,
+        aggregator=states[0],
+        loss_weighting=states[1],
     )
     if donate and not is_compiling():  # one host read, no copies
         if bool(bad):
