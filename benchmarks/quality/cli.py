@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks._progress import Progress, add_progress_arg
-from benchmarks.quality import figures, protocol, report
+from benchmarks.quality import bracket, figures, protocol, report
 from benchmarks.quality.methods import ADAM_BETAS, METHODS, SONGOKU_FAMILY, MethodConfig
 from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
 from benchmarks.quality.toy import run_toy
@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         "--lr-span", type=float, default=10.0, help="protocol: grid max/min ratio (default 10)"
     )
     p.add_argument("--lrs", default=None, help="protocol: explicit comma-separated lr grid")
+    p.add_argument(
+        "--lr-extend",
+        type=int,
+        default=2,
+        help="protocol: at most this many points added beyond a grid edge that is selected",
+    )
     p.add_argument("--tie-rel", type=float, default=1e-6, help="protocol: relative tie tolerance")
     p.add_argument(
         "--no-single-task", action="store_true", help="protocol: no single-task baselines (no Δm)"
@@ -363,6 +369,11 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         records = run_sweep(specs, jobs=jobs, progress=args.progress)
+        base = {n: len(plan[n][3]) for n in problems}
+        while extra := bracket.extension_specs(specs, records, base, args.lr_extend):
+            print(f"{len(extra)} runs beyond a selected grid edge")
+            specs += extra
+            records += run_sweep(extra, jobs=jobs, progress=args.progress)
     finally:
         torch.set_num_threads(threads)
     settings = {
@@ -371,6 +382,7 @@ def _protocol(args: argparse.Namespace) -> dict[str, Any]:
         "methods": methods,
         "problems": {n: {"steps": plan[n][0], "n_val": plan[n][2]["n_val"]} for n in problems},
         "lr grids": {n: plan[n][3] for n in problems},
+        "lr extension": args.lr_extend,
         "headlines": {n: p.headline for n, p in built.items()},
         "tie_rel": args.tie_rel,
         "tau": cfg.tau,

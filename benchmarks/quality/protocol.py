@@ -5,7 +5,8 @@
 * Every method (Uniform and the single-task baselines ``stl_k`` included) runs at every learning
   rate of a log-spaced grid. A run's test metrics are read once, at its best-validation
   checkpoint; a method's learning rate is the one with the best validation metric averaged
-  over seeds (the headline; task ``k``'s metric for ``stl_k``).
+  over seeds (the headline; task ``k``'s metric for ``stl_k``). A selection at an edge of the
+  grid extends it (:mod:`benchmarks.quality.bracket`); one still at an edge is flagged.
 * Against Uniform: per-seed paired differences, their mean with a Student-t 95 % interval, and
   wins / ties / losses (a tie: the two test metrics differ by at most ``tie_rel`` relative,
   bit-identical runs included).
@@ -159,7 +160,10 @@ def delta_m(
 
 def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Record]]:
     """Per problem, one row per method: the selected lr, test headline, vs Uniform and Δm %."""
+    from benchmarks.quality.bracket import grid_edges
+
     chosen = select(records)
+    edges = grid_edges(records)
     rows: dict[str, list[Record]] = {}
     for (problem, method), runs in sorted(chosen.items()):
         if method.startswith("stl_"):
@@ -168,6 +172,7 @@ def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Re
         head, higher = r0["headline"], r0["higher_is_better"]
         vals = [r["metrics"][head] for r in runs]
         row: Record = {"method": method, "lr": r0["lr"], "seeds": [r["seed"] for r in runs]}
+        row["grid_edge"] = edges[(problem, method)]
         row["test"] = (_mean(vals), _sd(vals))
         uni = chosen.get((problem, "uniform"))
         if uni is not None and method != "uniform":
@@ -237,6 +242,11 @@ def conflict_summary(records: list[Record], tau: float) -> dict[str, Record]:
     return out
 
 
+def _edge(row: Record) -> str:
+    edge = row.get("grid_edge")
+    return "" if edge is None else f" (at grid edge {'↓' if edge == 'low' else '↑'})"
+
+
 def _sd(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -259,7 +269,9 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
         "# Quality benchmark, tuned protocol",
         "",
         f"Seeds {settings['seeds']} (split redrawn per seed); learning-rate grids "
-        f"{settings['lr grids']}; wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
+        f"{settings['lr grids']}, extended by up to {settings.get('lr extension', 0)} points "
+        "beyond a selected edge (a selection still at an edge is marked *at grid edge*); "
+        "wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
         "relative. Δm % and worst-task % against the single-task baselines: lower is better.",
     ]
     stats = settings.get("conflict")
@@ -299,7 +311,8 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
             m, sd = row["test"]
             wtl = "/".join(map(str, row["wtl"])) if "wtl" in row else "–"
             lines.append(
-                f"| {LABELS.get(row['method'], row['method'])} | {row['lr']:g} | {m:.4f} ± {sd:.4f} "
+                f"| {LABELS.get(row['method'], row['method'])} | {row['lr']:g}{_edge(row)} "
+                f"| {m:.4f} ± {sd:.4f} "
                 f"| {_ci(row.get('vs_uniform'))} | {wtl} | {_ci(row.get('delta_m'), 2)} "
                 f"| {_ci(row.get('worst_task'), 2)} |"
             )

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import cli, protocol  # noqa: E402
+from benchmarks.quality import bracket, cli, protocol  # noqa: E402
 from benchmarks.quality.methods import MethodConfig, build_method  # noqa: E402
 from benchmarks.quality.problems import build_problem  # noqa: E402
+from benchmarks.quality.runner import RunSpec  # noqa: E402
 
 
 def test_songoku_stepper_leaves_inactive_heads_without_gradient():
@@ -197,6 +198,7 @@ def test_quick_protocol_run(tmp_path):
             "--refresh-period=2",
             "--seeds=2",
             "--lrs=0.001,0.003",
+            "--lr-extend=0",
             "--jobs=1",
             f"--out={tmp_path}",
         ]
@@ -217,3 +219,69 @@ def test_quick_protocol_run(tmp_path):
     assert (
         protocol.SELECTION_RULE in text and "nan" not in text and "## Conflict statistics" in text
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the learning-rate grid brackets the optimum
+
+
+def _spec(method, lr, seed):
+    return RunSpec(problem="p", method=method, seed=seed, steps=3, lr=lr, eval_every=1)
+
+
+def test_grid_edges_and_extension_by_hand():
+    # validation (lower is better) falls with the lr for uniform: selected 0.1, the top edge;
+    # pcgrad is best at 0.01, inside; stl_0 best at 0.001, the bottom edge
+    vals = {"uniform": [3.0, 2.0, 1.0], "pcgrad": [2.0, 1.0, 2.0], "stl_0": [1.0, 2.0, 3.0]}
+    lrs = [0.001, 0.01, 0.1]
+    records = [
+        _rec(m, lr, s, val=v, test=v)
+        for m, vs in vals.items()
+        for lr, v in zip(lrs, vs, strict=True)
+        for s in (0, 1)
+    ]
+    edges = bracket.grid_edges(records)
+    assert edges == {("p", "uniform"): "high", ("p", "pcgrad"): None, ("p", "stl_0"): "low"}
+    specs = [_spec(m, lr, s) for m in vals for lr in lrs for s in (0, 1)]
+    new = bracket.extension_specs(specs, records, {"p": 3}, max_extra=2)
+    assert sorted((s.method, s.lr, s.seed) for s in new) == [
+        ("stl_0", 0.0001, 0),
+        ("stl_0", 0.0001, 1),
+        ("uniform", 1.0, 0),
+        ("uniform", 1.0, 1),
+    ]
+    # the cap: a grid with base + max_extra points is not extended further
+    assert bracket.extension_specs(specs, records, {"p": 3}, max_extra=0) == []
+    rows = {r["method"]: r for r in protocol.summarize(records)["p"]}
+    assert rows["uniform"]["grid_edge"] == "high" and rows["pcgrad"]["grid_edge"] is None
+    text = protocol.markdown(
+        protocol.summarize(records),
+        {"seeds": [0, 1], "lr grids": {}, "tie_rel": 1e-6, "headlines": {"p": "m"}},
+    )
+    assert "| Uniform (sum) | 0.1 (at grid edge ↑) |" in text and "| PCGrad | 0.01 |" in text
+    with pytest.raises(ValueError, match="max_extra"):
+        bracket.extension_specs(specs, records, {"p": 3}, max_extra=-1)
+
+
+def test_quick_protocol_extends_a_grid_edge(tmp_path):
+    # diabetes at these tiny lrs: the largest lr is best for every method, so every grid grows
+    # upwards until the cap (2 + 1 points) and the selection is flagged when still at the edge
+    out = cli.main(
+        [
+            "--protocol",
+            "--quick",
+            "--problems=diabetes",
+            "--methods=uniform",
+            "--no-single-task",
+            "--steps=4",
+            "--seeds=1",
+            "--lrs=0.0001,0.0002",
+            "--lr-extend=1",
+            "--jobs=1",
+            f"--out={tmp_path}",
+        ]
+    )
+    assert sorted(r["lr"] for r in out["records"]) == [0.0001, 0.0002, 0.0004]
+    row = out["summary"]["diabetes"][0]
+    assert row["lr"] == 0.0004 and row["grid_edge"] == "high"
+    assert "(at grid edge ↑)" in (tmp_path / "results.md").read_text()
