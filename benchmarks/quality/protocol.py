@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.quality.graphs import graph_table
 from benchmarks.quality.methods import LABELS, MethodConfig
 from benchmarks.quality.runner import RunSpec
 
@@ -65,14 +66,16 @@ def protocol_specs(
     num_tasks: dict[str, int],
     single_task: bool = True,
     probes: int = 5,
+    skip: dict[str, set[str]] | None = None,
 ) -> list[RunSpec]:
     """Every ``(seed, problem, method, lr)`` run; ``problems[p] = (steps, eval_every, kwargs,
     lrs)`` (kwargs with ``n_val``); the split is redrawn per seed. Uniform's runs probe the
-    full-batch interference at ``probes`` evenly spaced steps (:func:`conflict_summary`)."""
+    full-batch interference at ``probes`` evenly spaced steps (:func:`conflict_summary`);
+    ``skip[p]``: methods not run on problem ``p``."""
     specs = []
     for seed in seeds:
         for name, (steps, every, kwargs, lrs) in problems.items():
-            names = list(methods)
+            names = [m for m in methods if m not in (skip or {}).get(name, set())]
             if single_task:
                 names += [f"stl_{k}" for k in range(num_tasks[name])]
             for method in names:
@@ -295,6 +298,7 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
                 f"| {st['share_below_minus_tau']:.2f} | {max(st['edges_per_probe'])} "
                 f"| {'control' if st['control'] else 'conflict'} |"
             )
+    graphs = settings.get("graphs", {})
     for problem, table in rows.items():
         head = settings["headlines"][problem]
         lines += [
@@ -316,4 +320,6 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
                 f"| {_ci(row.get('vs_uniform'))} | {wtl} | {_ci(row.get('delta_m'), 2)} "
                 f"| {_ci(row.get('worst_task'), 2)} |"
             )
+        if graphs.get(problem):
+            lines += graph_table(graphs[problem])
     return "\n".join(lines) + "\n"

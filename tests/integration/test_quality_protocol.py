@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import bracket, cli, protocol  # noqa: E402
+from benchmarks.quality import bracket, cli, graphs, protocol  # noqa: E402
 from benchmarks.quality.methods import MethodConfig, build_method  # noqa: E402
 from benchmarks.quality.problems import build_problem  # noqa: E402
-from benchmarks.quality.runner import RunSpec  # noqa: E402
+from benchmarks.quality.runner import RunSpec, run_one  # noqa: E402
 
 
 def test_songoku_stepper_leaves_inactive_heads_without_gradient():
@@ -285,3 +285,81 @@ def test_quick_protocol_extends_a_grid_edge(tmp_path):
     row = out["summary"]["diabetes"][0]
     assert row["lr"] == 0.0004 and row["grid_edge"] == "high"
     assert "(at grid edge ↑)" in (tmp_path / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# SON-GOKU's graph and group recovery, its controls and the refresh-only EMA
+
+
+def _songoku_record(method):
+    spec = RunSpec(
+        problem="planted_k6",
+        method=method,
+        seed=0,
+        steps=12,
+        lr=0.01,
+        eval_every=12,
+        method_config=MethodConfig(refresh_period=4),
+    )
+    return run_one(spec), build_problem("planted_k6", 0).notes["group_of_task"]
+
+
+def test_oracle_groups_are_the_planted_partition_at_every_refresh():
+    rec, part = _songoku_record("songoku_oracle")
+    assert len(rec["ari"]) == 3 and rec["ari"] == [1.0, 1.0, 1.0]
+    problem = build_problem("planted_k6", 0)
+    stepper = build_method("songoku_oracle", problem, 0, MethodConfig(refresh_period=4))
+    params = {n: p.clone() for n, p in problem.params.items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(9):
+        stepper(params, problem.sample(gen))
+        # every step runs exactly one planted group
+        active = stepper.trace["active"][-1]
+        assert len({part[k] for k, on in enumerate(active) if on}) == 1
+        assert sum(active) == part.count(part[active.index(True)])
+    for r in stepper.trace["refresh"]:
+        assert r["labels"] == part and r["num_groups"] == max(part) + 1
+    with pytest.raises(ValueError, match="planted partition"):
+        build_method("songoku_oracle", build_problem("diabetes", 0), 0)
+
+
+def test_random_groups_keep_songoku_group_sizes_and_change_members():
+    from collections import Counter
+
+    from gradfn.conflict import color
+
+    problem = build_problem("planted_k6", 0)
+    stepper = build_method("songoku_random", problem, 3, MethodConfig(refresh_period=2))
+    params = {n: p.clone() for n, p in problem.params.items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(16):
+        stepper(params, problem.sample(gen))
+    same = 0
+    for r in stepper.trace["refresh"]:
+        own = color(torch.tensor(r["adjacency"])).tolist()  # SON-GOKU's own colouring
+        assert sorted(Counter(r["labels"]).values()) == sorted(Counter(own).values())
+        same += r["labels"] == own
+    assert same < len(stepper.trace["refresh"])  # the members were permuted
+
+
+def test_songoku_records_exact_graph_f1_and_ari():
+    rec, _ = _songoku_record("songoku")
+    n = len(rec["refresh_steps"])
+    assert n == 3 and len(rec["edge_f1_exact"]) == n and len(rec["ari"]) == n
+    assert all(0.0 <= f <= 1.0 for f in rec["edge_f1_exact"])
+    assert all(-1.0 <= a <= 1.0 for a in rec["ari"])
+    refresh, _ = _songoku_record("songoku_refresh_ema")
+    assert refresh["metrics"] != rec["metrics"]  # another EMA, another trajectory
+
+
+def test_graph_rows_average_over_refreshes_then_seeds():
+    runs = [
+        {"method": "songoku", "groups": [2, 2], "edge_f1_exact": [0.5, 1.0], "ari": [0.0, 1.0]},
+        {"method": "songoku", "groups": [2, 2], "edge_f1_exact": [0.25, 0.25], "ari": [1.0, 1.0]},
+    ]
+    rows = graphs.graph_rows({("p", "songoku"): runs, ("p", "uniform"): runs})
+    (row,) = rows["p"]
+    assert row["edge_f1_exact"] == pytest.approx((0.5, 0.625))
+    assert row["ari"] == pytest.approx((0.75, 1.0)) and "edge_f1" not in row
+    text = "\n".join(graphs.graph_table(rows["p"]))
+    assert "| SON-GOKU | 2 | 0.50 (0.62) | – | 0.75 (1.00) |" in text
