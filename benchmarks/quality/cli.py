@@ -41,12 +41,22 @@ FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "planted_k6": (300, 1e-2, 25, {}),
     "planted_k16": (300, 1e-2, 25, {}),
     "diabetes": (200, 1e-3, 20, {}),
+    # the tuned protocol's additional problems (benchmarks.quality.problems_extra)
+    "diabetes_scaled": (200, 1e-3, 20, {}),
+    "planted_fixed_sign": (300, 1e-2, 25, {}),
+    "overlap_digits": (800, 3e-3, 50, {}),
+    "multi_fashion": (1200, 3e-3, 50, {}),
 }
+PROTOCOL_ONLY = ("diabetes_scaled", "planted_fixed_sign", "overlap_digits", "multi_fashion")
 QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "multidigits": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
     "planted_k6": (16, 1e-2, 8, {"n_test": 500}),
     "planted_k16": (16, 1e-2, 8, {"n_test": 500}),
     "diabetes": (16, 1e-3, 8, {}),
+    "diabetes_scaled": (16, 1e-3, 8, {}),
+    "planted_fixed_sign": (16, 1e-2, 8, {"n_test": 500}),
+    "overlap_digits": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
+    "multi_fashion": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
 }
 # the tuned protocol: problem -> validation samples (full, quick)
 N_VAL: dict[str, tuple[int, int]] = {
@@ -54,6 +64,10 @@ N_VAL: dict[str, tuple[int, int]] = {
     "planted_k6": (500, 200),
     "planted_k16": (500, 200),
     "diabetes": (44, 44),
+    "diabetes_scaled": (44, 44),
+    "planted_fixed_sign": (500, 200),
+    "overlap_digits": (500, 200),
+    "multi_fashion": (1000, 200),
 }
 QUICK_PROTOCOL = (
     ["planted_k6", "diabetes"],
@@ -66,6 +80,10 @@ PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
     "planted_k6": (600, 25),
     "planted_k16": (600, 25),
     "diabetes": (400, 20),
+    "diabetes_scaled": (400, 20),
+    "planted_fixed_sign": (600, 25),
+    "overlap_digits": (1200, 50),
+    "multi_fashion": (2000, 100),
 }
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--merge: no results.json in {args.out}")
     table = QUICK if args.quick else FULL
     problems = _subset(args.problems, list(table), "problems")
+    if args.problems is None:  # the fixed-lr benchmark keeps its problems
+        problems = [p for p in problems if p not in PROTOCOL_ONLY]
     methods = _subset(args.methods, METHODS, "methods")
     if args.methods is None:  # the protocol's additions stay out of the fixed-lr benchmark
         methods = [m for m in methods if m not in (*CONTROLS, "songoku_refresh_ema")]
