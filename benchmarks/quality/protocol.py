@@ -24,6 +24,7 @@ from typing import Any
 from benchmarks.quality.graphs import graph_table
 from benchmarks.quality.methods import LABELS, MethodConfig
 from benchmarks.quality.runner import RunSpec
+from benchmarks.quality.views import equal_time_table
 
 __all__ = [
     "SELECTION_RULE",
@@ -320,6 +321,11 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
                 f"| {_ci(row.get('vs_uniform'))} | {wtl} | {_ci(row.get('delta_m'), 2)} "
                 f"| {_ci(row.get('worst_task'), 2)} |"
             )
+        if settings.get("equal_time", {}).get(problem):
+            lines += equal_time_table(settings["equal_time"][problem], head)
         if graphs.get(problem):
             lines += graph_table(graphs[problem])
+        figure = f"validation_curves_{problem}.png"
+        if figure in settings.get("figures", []):
+            lines += ["", f"![{problem}: validation curves]({figure})"]
     return "\n".join(lines) + "\n"

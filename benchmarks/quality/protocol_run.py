@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.quality import bracket, graphs, protocol
+from benchmarks.quality import bracket, figures, graphs, protocol, views
 from benchmarks.quality.cli import (
     DEFAULT_OUT,
     FULL,
@@ -103,7 +103,15 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
     out.mkdir(parents=True, exist_ok=True)
     rows = protocol.summarize(records, tie_rel=args.tie_rel)
-    settings["graphs"] = graphs.graph_rows(protocol.select(records))
+    chosen = protocol.select(records)
+    settings["graphs"] = graphs.graph_rows(chosen)
+    settings["equal_time"] = views.equal_time_rows(chosen)
+    settings["figures"] = []
+    if not args.no_figures:
+        if figures.available():
+            settings["figures"] = views.validation_curves(chosen, out)
+        else:
+            print("matplotlib is not installed: no figures")
     payload = {"settings": settings, "records": records, "summary": rows}
     (out / "results.json").write_text(json.dumps(payload, allow_nan=True))
     (out / "results.md").write_text(protocol.markdown(rows, settings))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import bracket, cli, graphs, protocol  # noqa: E402
+from benchmarks.quality import bracket, cli, graphs, protocol, views  # noqa: E402
 from benchmarks.quality.methods import MethodConfig, build_method  # noqa: E402
 from benchmarks.quality.problems import build_problem  # noqa: E402
 from benchmarks.quality.runner import RunSpec, run_one  # noqa: E402
@@ -219,6 +219,8 @@ def test_quick_protocol_run(tmp_path):
     assert (
         protocol.SELECTION_RULE in text and "nan" not in text and "## Conflict statistics" in text
     )
+    assert "Equal wall-clock" in text and "![diabetes: validation curves]" in text
+    assert (tmp_path / "validation_curves_diabetes.png").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,3 +365,46 @@ def test_graph_rows_average_over_refreshes_then_seeds():
     assert row["ari"] == pytest.approx((0.75, 1.0)) and "edge_f1" not in row
     text = "\n".join(graphs.graph_table(rows["p"]))
     assert "| SON-GOKU | 2 | 0.50 (0.62) | – | 0.75 (1.00) |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the equal-wall-clock view and the validation curves
+
+
+def _timed(method, seed, time_s, curve):
+    return {
+        "problem": "p",
+        "method": method,
+        "seed": seed,
+        "lr": 0.1,
+        "time_s": time_s,
+        "select_metric": "m",
+        "select_higher": False,
+        "curve": [{"step": 10 * (i + 1), "time": t, "val_m": v} for i, (t, v) in enumerate(curve)],
+    }
+
+
+def test_equal_time_view_by_hand(tmp_path):
+    chosen = {
+        ("p", "uniform"): [
+            _timed("uniform", 0, 10.0, [(5.0, 2.0), (10.0, 1.0)]),
+            _timed("uniform", 1, 20.0, [(10.0, 3.0), (20.0, 2.0)]),
+        ],
+        # seed 0: best within 10 s is 1.2 (0.5 comes at 12 s); seed 1: 2.5 within 20 s
+        ("p", "pcgrad"): [
+            _timed("pcgrad", 0, 12.0, [(4.0, 1.5), (8.0, 1.2), (12.0, 0.5)]),
+            _timed("pcgrad", 1, 30.0, [(15.0, 2.5), (30.0, 0.1)]),
+        ],
+        ("p", "stl_0"): [_timed("stl_0", 0, 1.0, [(1.0, 0.0)])],
+    }
+    rows = {r["method"]: r for r in views.equal_time_rows(chosen)["p"]}
+    assert set(rows) == {"uniform", "pcgrad"}
+    assert rows["uniform"]["budget_s"] == 15.0 and rows["uniform"]["val"] == 1.5
+    assert rows["pcgrad"]["val"] == pytest.approx((1.2 + 2.5) / 2)
+    # paired: 1.2 − 1.0 = 0.2 and 2.5 − 2.0 = 0.5
+    assert rows["pcgrad"]["vs_uniform"][0] == pytest.approx(0.35)
+    assert rows["pcgrad"]["reached"] == 1.0
+    text = "\n".join(views.equal_time_table(views.equal_time_rows(chosen)["p"], "m"))
+    assert "| PCGrad | 15.0 | 1.8500 |" in text
+    assert views.validation_curves(chosen, tmp_path) == ["validation_curves_p.png"]
+    assert (tmp_path / "validation_curves_p.png").stat().st_size > 1000
