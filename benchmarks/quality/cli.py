@@ -44,8 +44,8 @@ FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     # the tuned protocol's additional problems (benchmarks.quality.problems_extra)
     "diabetes_scaled": (200, 1e-3, 20, {}),
     "planted_fixed_sign": (300, 1e-2, 25, {}),
-    "overlap_digits": (800, 3e-3, 50, {}),
-    "multi_fashion": (1200, 3e-3, 50, {}),
+    "overlap_digits": (800, 5e-3, 50, {}),
+    "multi_fashion": (1200, 5e-3, 50, {}),
 }
 PROTOCOL_ONLY = ("diabetes_scaled", "planted_fixed_sign", "overlap_digits", "multi_fashion")
 QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
@@ -55,8 +55,8 @@ QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "diabetes": (16, 1e-3, 8, {}),
     "diabetes_scaled": (16, 1e-3, 8, {}),
     "planted_fixed_sign": (16, 1e-2, 8, {"n_test": 500}),
-    "overlap_digits": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
-    "multi_fashion": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
+    "overlap_digits": (16, 5e-3, 8, {"n_train": 400, "n_test": 200}),
+    "multi_fashion": (16, 5e-3, 8, {"n_train": 400, "n_test": 200}),
 }
 # the tuned protocol: problem -> validation samples (full, quick)
 N_VAL: dict[str, tuple[int, int]] = {
@@ -82,8 +82,8 @@ PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
     "diabetes": (400, 20),
     "diabetes_scaled": (400, 20),
     "planted_fixed_sign": (600, 25),
-    "overlap_digits": (1200, 50),
-    "multi_fashion": (2000, 100),
+    "overlap_digits": (2000, 100),
+    "multi_fashion": (3000, 150),
 }
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
