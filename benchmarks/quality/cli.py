@@ -22,8 +22,14 @@ from typing import Any
 import torch
 
 from benchmarks._progress import Progress, add_progress_arg
-from benchmarks.quality import figures, protocol, report
-from benchmarks.quality.methods import ADAM_BETAS, METHODS, SONGOKU_FAMILY, MethodConfig
+from benchmarks.quality import figures, report
+from benchmarks.quality.methods import (
+    ADAM_BETAS,
+    CONTROLS,
+    METHODS,
+    SONGOKU_FAMILY,
+    MethodConfig,
+)
 from benchmarks.quality.runner import RunSpec, default_jobs, run_sweep, single_thread
 from benchmarks.quality.toy import run_toy
 
@@ -35,12 +41,22 @@ FULL: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "planted_k6": (300, 1e-2, 25, {}),
     "planted_k16": (300, 1e-2, 25, {}),
     "diabetes": (200, 1e-3, 20, {}),
+    # the tuned protocol's additional problems (benchmarks.quality.problems_extra)
+    "diabetes_scaled": (200, 1e-3, 20, {}),
+    "planted_fixed_sign": (300, 1e-2, 25, {}),
+    "overlap_digits": (800, 5e-3, 50, {}),
+    "multi_fashion": (1200, 5e-3, 50, {}),
 }
+PROTOCOL_ONLY = ("diabetes_scaled", "planted_fixed_sign", "overlap_digits", "multi_fashion")
 QUICK: dict[str, tuple[int, float, int, dict[str, Any]]] = {
     "multidigits": (16, 3e-3, 8, {"n_train": 400, "n_test": 200}),
     "planted_k6": (16, 1e-2, 8, {"n_test": 500}),
     "planted_k16": (16, 1e-2, 8, {"n_test": 500}),
     "diabetes": (16, 1e-3, 8, {}),
+    "diabetes_scaled": (16, 1e-3, 8, {}),
+    "planted_fixed_sign": (16, 1e-2, 8, {"n_test": 500}),
+    "overlap_digits": (16, 5e-3, 8, {"n_train": 400, "n_test": 200}),
+    "multi_fashion": (16, 5e-3, 8, {"n_train": 400, "n_test": 200}),
 }
 # the tuned protocol: problem -> validation samples (full, quick)
 N_VAL: dict[str, tuple[int, int]] = {
@@ -48,8 +64,15 @@ N_VAL: dict[str, tuple[int, int]] = {
     "planted_k6": (500, 200),
     "planted_k16": (500, 200),
     "diabetes": (44, 44),
+    "diabetes_scaled": (44, 44),
+    "planted_fixed_sign": (500, 200),
+    "overlap_digits": (500, 200),
+    "multi_fashion": (1000, 200),
 }
-QUICK_PROTOCOL = (["planted_k6", "diabetes"], ["uniform", "pcgrad", "songoku"])
+QUICK_PROTOCOL = (
+    ["planted_k6", "diabetes"],
+    ["uniform", "pcgrad", "songoku", "songoku_oracle", "songoku_random"],
+)
 # the tuned protocol's full budgets: problem -> (steps, eval_every), long enough for Uniform's
 # validation curve to flatten (the fixed-lr budgets above stop before Uniform converges)
 PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
@@ -57,6 +80,10 @@ PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
     "planted_k6": (600, 25),
     "planted_k16": (600, 25),
     "diabetes": (400, 20),
+    "diabetes_scaled": (400, 20),
+    "planted_fixed_sign": (600, 25),
+    "overlap_digits": (2000, 100),
+    "multi_fashion": (3000, 150),
 }
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
@@ -105,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         "--lr-span", type=float, default=10.0, help="protocol: grid max/min ratio (default 10)"
     )
     p.add_argument("--lrs", default=None, help="protocol: explicit comma-separated lr grid")
+    p.add_argument(
+        "--lr-extend",
+        type=int,
+        default=None,
+        help="protocol: at most this many points added beyond a selected grid edge "
+        "(quick 1, full 2)",
+    )
     p.add_argument("--tie-rel", type=float, default=1e-6, help="protocol: relative tie tolerance")
     p.add_argument(
         "--no-single-task", action="store_true", help="protocol: no single-task baselines (no Δm)"
@@ -132,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"records", "toy", "files"}``."""
     args = _parser().parse_args(argv)
     if args.protocol:
-        return _protocol(args)
+        from benchmarks.quality.protocol_run import run_protocol
+
+        return run_protocol(args)
     if args.figures is None:
         args.figures = DEFAULT_FIGURES if args.out == DEFAULT_OUT else args.out
     if args.replot:
@@ -141,7 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--merge: no results.json in {args.out}")
     table = QUICK if args.quick else FULL
     problems = _subset(args.problems, list(table), "problems")
+    if args.problems is None:  # the fixed-lr benchmark keeps its problems
+        problems = [p for p in problems if p not in PROTOCOL_ONLY]
     methods = _subset(args.methods, METHODS, "methods")
+    if args.methods is None:  # the protocol's additions stay out of the fixed-lr benchmark
+        methods = [m for m in methods if m not in (*CONTROLS, "songoku_refresh_ema")]
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
     seeds = list(range(n_seeds))
     r_period = args.refresh_period or (8 if args.quick else 32)
@@ -325,67 +365,3 @@ def _run_toys(
     for t in results:
         print(f"toy {t['method']:<15} on front {t['reached']}/5  ({t['time_s']:.2f} s)")
     return results
-
-
-def _protocol(args: argparse.Namespace) -> dict[str, Any]:
-    """The tuned protocol (:mod:`benchmarks.quality.protocol`): writes results.json / .md."""
-    from benchmarks.quality.problems import build_problem
-
-    table = QUICK if args.quick else FULL
-    # quick: a subset by default, so that it stays under a minute
-    problems = _subset(args.problems, list(table), "problems")
-    if args.quick and args.problems is None:
-        problems = list(QUICK_PROTOCOL[0])
-    methods = _subset(args.methods, METHODS, "methods")
-    if args.quick and args.methods is None:
-        methods = list(QUICK_PROTOCOL[1])
-    if "uniform" not in methods:
-        methods = ["uniform", *methods]
-    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 5)))
-    cfg = MethodConfig(refresh_period=args.refresh_period or (8 if args.quick else 32))
-    explicit = [float(x) for x in args.lrs.split(",")] if args.lrs else None
-    plan: dict[str, tuple[int, int, dict[str, Any], list[float]]] = {}
-    for name in problems:
-        steps, lr, every, kwargs = table[name]
-        if not args.quick:  # longer budgets: the best-validation checkpoint picks the stop
-            steps, every = PROTOCOL_STEPS[name]
-        lrs = explicit or protocol.lr_grid(args.lr or lr, args.lr_points, args.lr_span)
-        n_val = N_VAL[name][1 if args.quick else 0]
-        plan[name] = (args.steps or steps, every, {**kwargs, "n_val": n_val}, lrs)
-    built = {n: build_problem(n, 0, **plan[n][2]) for n in problems}
-    num_tasks = {n: p.num_tasks for n, p in built.items()}
-    specs = protocol.protocol_specs(
-        plan, methods, seeds, cfg, num_tasks, single_task=not args.no_single_task
-    )
-    jobs = args.jobs if args.jobs is not None else default_jobs()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    try:
-        records = run_sweep(specs, jobs=jobs, progress=args.progress)
-    finally:
-        torch.set_num_threads(threads)
-    settings = {
-        "mode": "protocol-quick" if args.quick else "protocol",
-        "seeds": seeds,
-        "methods": methods,
-        "problems": {n: {"steps": plan[n][0], "n_val": plan[n][2]["n_val"]} for n in problems},
-        "lr grids": {n: plan[n][3] for n in problems},
-        "headlines": {n: p.headline for n, p in built.items()},
-        "tie_rel": args.tie_rel,
-        "tau": cfg.tau,
-        "conflict": protocol.conflict_summary(records, cfg.tau),
-        "selection": protocol.SELECTION_RULE,
-        "optimizer": _optimizer_note(methods),
-        "SON-GOKU": f"R = {cfg.refresh_period}, tau = {cfg.tau}, beta = {cfg.ema_beta}",
-        "torch": torch.__version__,
-        "sweep wall-clock s": round(time.perf_counter() - t0, 1),
-    }
-    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    rows = protocol.summarize(records, tie_rel=args.tie_rel)
-    payload = {"settings": settings, "records": records, "summary": rows}
-    (out / "results.json").write_text(json.dumps(payload, allow_nan=True))
-    (out / "results.md").write_text(protocol.markdown(rows, settings))
-    print(f"wrote {out / 'results.md'} ({len(records)} runs)")
-    return payload

@@ -21,7 +21,11 @@ same optimizer and the same number of optimizer steps on the same mini-batches.
   :mod:`benchmarks.quality.weighting_methods`.
 * **SON-GOKU** (:func:`gradfn.songoku.songoku`) and its variants: ``+ PCGrad`` (PCGrad inside the
   active group), **Static** (one colouring at the first refresh, never recoloured) and
-  **Single-step** (``β = 0``: the graph from the latest gradients only).
+  **Single-step** (``β = 0``: the graph from the latest gradients only) and the **refresh-only
+  EMA** (``ema_mode="refresh"``: every task's EMA is updated at the refresh steps only). Two
+  controls keep SON-GOKU's schedule but replace its groups after every refresh: **oracle groups**
+  (the planted partition, fixed; planted problems only) and **random groups** (SON-GOKU's own
+  colouring with the task labels randomly permuted: the same group sizes, re-drawn per refresh).
 
 Every stepper carries the Adam ``betas`` the runner must use (:data:`ADAM_BETAS`, torch's
 ``(0.9, 0.999)`` unless listed there).
@@ -46,7 +50,15 @@ from benchmarks.quality.weighting_methods import (
 )
 from gradfn import aggregators, value_and_per_task_grads, value_and_weighted_grad
 
-__all__ = ["ADAM_BETAS", "DEFAULT_BETAS", "LABELS", "METHODS", "MethodConfig", "build_method"]
+__all__ = [
+    "ADAM_BETAS",
+    "CONTROLS",
+    "DEFAULT_BETAS",
+    "LABELS",
+    "METHODS",
+    "MethodConfig",
+    "build_method",
+]
 
 Grads = dict[str, Tensor | None]
 
@@ -66,10 +78,23 @@ LABELS: dict[str, str] = {
     "songoku_pcgrad": "SON-GOKU + PCGrad",
     "static": "Static one-shot colouring",
     "single_step": "Single-step (β = 0)",
+    "songoku_refresh_ema": "SON-GOKU (refresh-only EMA)",
+    "songoku_oracle": "Oracle groups (planted partition)",
+    "songoku_random": "Random groups (same sizes)",
 }
 LABELS.update(WEIGHTING_LABELS)  # loss weightings and FairGrad: weighting_methods.py
 METHODS: tuple[str, ...] = tuple(LABELS)
-SONGOKU_FAMILY = ("songoku", "songoku_pcgrad", "static", "single_step")
+SONGOKU_FAMILY = (
+    "songoku",
+    "songoku_pcgrad",
+    "static",
+    "single_step",
+    "songoku_refresh_ema",
+    "songoku_oracle",
+    "songoku_random",
+)
+# controls, not methods: run by the tuned protocol (the oracle where a partition is planted)
+CONTROLS = ("songoku_oracle", "songoku_random")
 
 DEFAULT_BETAS: tuple[float, float] = (0.9, 0.999)
 # Adam betas that differ from torch's defaults, per method. GCond's reference recommends
@@ -182,6 +207,7 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
         refresh_period=r,
         tau_schedule=cfg.tau,
         ema_beta=0.0 if method == "single_step" else cfg.ema_beta,
+        ema_mode="refresh" if method == "songoku_refresh_ema" else "active",
         aggregator=aggregators.aggregator("pcgrad", seed=seed, reduction="mean")
         if method == "songoku_pcgrad"
         else None,
@@ -189,6 +215,17 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
     )
     trace: dict[str, list] = {"active": [], "refresh": []}
     box: dict[str, Any] = {}
+    oracle = _oracle_groups(problem) if method == "songoku_oracle" else None
+    shuffle = torch.Generator().manual_seed(7919 + seed)
+
+    def replace_groups(state):
+        if oracle is not None:
+            mask, g = oracle
+            return state._replace(
+                groups=mask, num_groups=torch.tensor(g), group_index=torch.tensor(0)
+            )
+        perm = torch.randperm(k, generator=shuffle)  # task k takes the place of task perm[k]
+        return state._replace(groups=state.groups[:, perm])
 
     def record_refresh(state) -> None:
         trace["refresh"].append(
@@ -198,12 +235,16 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
                 "rho": state.rho.tolist(),
                 "adjacency": state.adjacency.tolist(),
                 "num_groups": int(state.num_groups),
+                # each task's first group (the colour; duplicated coverage ignored)
+                "labels": state.groups.to(torch.int64).argmax(0).tolist(),
             }
         )
 
     def fn(params, batch):
         if "state" not in box:
             box["state"] = tx.init(params)
+            if oracle is not None:
+                box["state"] = replace_groups(box["state"])
             # which parameters each task reaches (the model's structure, computed once)
             box["usage"] = value_and_per_task_grads(
                 problem.loss_fn, params, batch, return_usage=True
@@ -219,6 +260,8 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
             state, grads = tx.update(state, params, batch)
         trace["active"].append(state.active.tolist())
         if int(state.refreshes) > before:
+            if method in CONTROLS:
+                state = replace_groups(state)
             record_refresh(state)
         box["state"] = state
         # untouched parameters (inactive heads, a skipped step) keep .grad = None, as in the
@@ -227,6 +270,17 @@ def _songoku(problem, method: str, seed: int, cfg: MethodConfig) -> Stepper:
         return {n: (g if bool(touched[n]) else None) for n, g in grads.items()}
 
     return Stepper(method, fn, trace)
+
+
+def _oracle_groups(problem) -> tuple[Tensor, int]:
+    """The planted partition as a SON-GOKU ``(K, K)`` group mask and its group count."""
+    part = problem.notes.get("group_of_task")
+    if part is None:
+        raise ValueError(f"songoku_oracle: problem {problem.name!r} has no planted partition")
+    k, g = problem.num_tasks, max(part) + 1
+    mask = torch.zeros(k, k, dtype=torch.bool)
+    mask[torch.tensor(part), torch.arange(k)] = True
+    return mask, g
 
 
 def build_method(method: str, problem, seed: int, cfg: MethodConfig | None = None) -> Stepper:

@@ -5,7 +5,8 @@
 * Every method (Uniform and the single-task baselines ``stl_k`` included) runs at every learning
   rate of a log-spaced grid. A run's test metrics are read once, at its best-validation
   checkpoint; a method's learning rate is the one with the best validation metric averaged
-  over seeds (the headline; task ``k``'s metric for ``stl_k``).
+  over seeds (the headline; task ``k``'s metric for ``stl_k``). A selection at an edge of the
+  grid extends it (:mod:`benchmarks.quality.bracket`); one still at an edge is flagged.
 * Against Uniform: per-seed paired differences, their mean with a Student-t 95 % interval, and
   wins / ties / losses (a tie: the two test metrics differ by at most ``tie_rel`` relative,
   bit-identical runs included).
@@ -20,8 +21,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.quality.graphs import graph_table
 from benchmarks.quality.methods import LABELS, MethodConfig
 from benchmarks.quality.runner import RunSpec
+from benchmarks.quality.views import equal_time_table
 
 __all__ = [
     "SELECTION_RULE",
@@ -64,14 +67,16 @@ def protocol_specs(
     num_tasks: dict[str, int],
     single_task: bool = True,
     probes: int = 5,
+    skip: dict[str, set[str]] | None = None,
 ) -> list[RunSpec]:
     """Every ``(seed, problem, method, lr)`` run; ``problems[p] = (steps, eval_every, kwargs,
     lrs)`` (kwargs with ``n_val``); the split is redrawn per seed. Uniform's runs probe the
-    full-batch interference at ``probes`` evenly spaced steps (:func:`conflict_summary`)."""
+    full-batch interference at ``probes`` evenly spaced steps (:func:`conflict_summary`);
+    ``skip[p]``: methods not run on problem ``p``."""
     specs = []
     for seed in seeds:
         for name, (steps, every, kwargs, lrs) in problems.items():
-            names = list(methods)
+            names = [m for m in methods if m not in (skip or {}).get(name, set())]
             if single_task:
                 names += [f"stl_{k}" for k in range(num_tasks[name])]
             for method in names:
@@ -159,7 +164,10 @@ def delta_m(
 
 def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Record]]:
     """Per problem, one row per method: the selected lr, test headline, vs Uniform and Δm %."""
+    from benchmarks.quality.bracket import grid_edges
+
     chosen = select(records)
+    edges = grid_edges(records)
     rows: dict[str, list[Record]] = {}
     for (problem, method), runs in sorted(chosen.items()):
         if method.startswith("stl_"):
@@ -168,6 +176,7 @@ def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Re
         head, higher = r0["headline"], r0["higher_is_better"]
         vals = [r["metrics"][head] for r in runs]
         row: Record = {"method": method, "lr": r0["lr"], "seeds": [r["seed"] for r in runs]}
+        row["grid_edge"] = edges[(problem, method)]
         row["test"] = (_mean(vals), _sd(vals))
         uni = chosen.get((problem, "uniform"))
         if uni is not None and method != "uniform":
@@ -237,6 +246,11 @@ def conflict_summary(records: list[Record], tau: float) -> dict[str, Record]:
     return out
 
 
+def _edge(row: Record) -> str:
+    edge = row.get("grid_edge")
+    return "" if edge is None else f" (at grid edge {'↓' if edge == 'low' else '↑'})"
+
+
 def _sd(xs: Sequence[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -259,7 +273,9 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
         "# Quality benchmark, tuned protocol",
         "",
         f"Seeds {settings['seeds']} (split redrawn per seed); learning-rate grids "
-        f"{settings['lr grids']}; wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
+        f"{settings['lr grids']}, extended by up to {settings.get('lr extension', 0)} points "
+        "beyond a selected edge (a selection still at an edge is marked *at grid edge*); "
+        "wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
         "relative. Δm % and worst-task % against the single-task baselines: lower is better.",
     ]
     stats = settings.get("conflict")
@@ -283,6 +299,7 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
                 f"| {st['share_below_minus_tau']:.2f} | {max(st['edges_per_probe'])} "
                 f"| {'control' if st['control'] else 'conflict'} |"
             )
+    graphs = settings.get("graphs", {})
     for problem, table in rows.items():
         head = settings["headlines"][problem]
         lines += [
@@ -299,8 +316,16 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
             m, sd = row["test"]
             wtl = "/".join(map(str, row["wtl"])) if "wtl" in row else "–"
             lines.append(
-                f"| {LABELS.get(row['method'], row['method'])} | {row['lr']:g} | {m:.4f} ± {sd:.4f} "
+                f"| {LABELS.get(row['method'], row['method'])} | {row['lr']:g}{_edge(row)} "
+                f"| {m:.4f} ± {sd:.4f} "
                 f"| {_ci(row.get('vs_uniform'))} | {wtl} | {_ci(row.get('delta_m'), 2)} "
                 f"| {_ci(row.get('worst_task'), 2)} |"
             )
+        if settings.get("equal_time", {}).get(problem):
+            lines += equal_time_table(settings["equal_time"][problem], head)
+        if graphs.get(problem):
+            lines += graph_table(graphs[problem])
+        figure = f"validation_curves_{problem}.png"
+        if figure in settings.get("figures", []):
+            lines += ["", f"![{problem}: validation curves]({figure})"]
     return "\n".join(lines) + "\n"

@@ -98,6 +98,7 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
     )
     curve: list[dict[str, float]] = []
     probes: list[dict[str, Any]] = []
+    exact: list[list[list[float]]] = []  # ρ of the full-batch gradients at each refresh
     elapsed = 0.0
     nonfinite = False
     for t in range(spec.steps):
@@ -106,6 +107,12 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
         batch = problem.sample(gen)
         t0 = time.perf_counter()
         grads = stepper(params, batch)
+        elapsed += time.perf_counter() - t0
+        refreshes = stepper.trace.get("refresh")
+        if refreshes and len(exact) < len(refreshes) and problem.probe is not None:
+            # the exact full-batch graph at the refresh's parameters (untimed)
+            exact.append(interference(problem, params))
+        t0 = time.perf_counter()
         for n, p in params.items():
             p.grad = grads[n]
         opt.step()
@@ -155,6 +162,16 @@ def train(problem: Problem, spec: RunSpec) -> dict[str, Any]:
         out["refresh_steps"] = [r["step"] for r in refreshes]
         if problem.planted_adjacency is not None:
             out["edge_f1"] = [edge_f1(r["adjacency"], problem.planted_adjacency) for r in refreshes]
+        if exact:  # the same τ as the refresh
+            out["edge_f1_exact"] = [
+                edge_f1(r["adjacency"], torch.tensor(rho) > r["tau"])
+                for r, rho in zip(refreshes, exact, strict=True)
+            ]
+        part = problem.notes.get("group_of_task")
+        if part is not None:
+            from sklearn.metrics import adjusted_rand_score
+
+            out["ari"] = [float(adjusted_rand_score(part, r["labels"])) for r in refreshes]
         if spec.keep_trace:
             out["active"] = stepper.trace["active"]
             out["rho"] = [{"step": r["step"], "rho": r["rho"]} for r in refreshes]

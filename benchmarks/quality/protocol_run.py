@@ -1,0 +1,119 @@
+"""``python -m benchmarks.quality --protocol``: the tuned protocol's sweep
+(:mod:`benchmarks.quality.protocol`), the grid extension (:mod:`benchmarks.quality.bracket`) and
+the report, written to ``results.json`` / ``results.md``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.quality import bracket, figures, graphs, protocol, views
+from benchmarks.quality.cli import (
+    DEFAULT_OUT,
+    FULL,
+    N_VAL,
+    PROTOCOL_OUT,
+    PROTOCOL_STEPS,
+    QUICK,
+    QUICK_PROTOCOL,
+    _optimizer_note,
+    _subset,
+)
+from benchmarks.quality.methods import METHODS, MethodConfig
+from benchmarks.quality.runner import default_jobs, run_sweep
+
+__all__ = ["run_protocol"]
+
+
+def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """The tuned protocol (:mod:`benchmarks.quality.protocol`): writes results.json / .md."""
+    from benchmarks.quality.problems import build_problem
+
+    table = QUICK if args.quick else FULL
+    # quick: a subset by default, so that it stays under a minute
+    problems = _subset(args.problems, list(table), "problems")
+    if args.quick and args.problems is None:
+        problems = list(QUICK_PROTOCOL[0])
+    methods = _subset(args.methods, METHODS, "methods")
+    if args.quick and args.methods is None:
+        methods = list(QUICK_PROTOCOL[1])
+    if "uniform" not in methods:
+        methods = ["uniform", *methods]
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 5)))
+    cfg = MethodConfig(refresh_period=args.refresh_period or (8 if args.quick else 32))
+    explicit = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+    plan: dict[str, tuple[int, int, dict[str, Any], list[float]]] = {}
+    for name in problems:
+        steps, lr, every, kwargs = table[name]
+        if not args.quick:  # longer budgets: the best-validation checkpoint picks the stop
+            steps, every = PROTOCOL_STEPS[name]
+        lrs = explicit or protocol.lr_grid(args.lr or lr, args.lr_points, args.lr_span)
+        n_val = N_VAL[name][1 if args.quick else 0]
+        plan[name] = (args.steps or steps, every, {**kwargs, "n_val": n_val}, lrs)
+    built = {}
+    for n in problems:
+        try:
+            built[n] = build_problem(n, 0, **plan[n][2])
+        except FileNotFoundError as err:  # Multi-Fashion without its data package
+            print(f"skipping {n}: {err}")
+            del plan[n]
+    problems = list(built)
+    num_tasks = {n: p.num_tasks for n, p in built.items()}
+    # the oracle-groups control needs a planted partition
+    skip = {n: {"songoku_oracle"} for n, p in built.items() if "group_of_task" not in p.notes}
+    specs = protocol.protocol_specs(
+        plan, methods, seeds, cfg, num_tasks, single_task=not args.no_single_task, skip=skip
+    )
+    extend = args.lr_extend if args.lr_extend is not None else (1 if args.quick else 2)
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        records = run_sweep(specs, jobs=jobs, progress=args.progress)
+        base = {n: len(plan[n][3]) for n in problems}
+        while extra := bracket.extension_specs(specs, records, base, extend):
+            print(f"{len(extra)} runs beyond a selected grid edge")
+            specs += extra
+            records += run_sweep(extra, jobs=jobs, progress=args.progress)
+    finally:
+        torch.set_num_threads(threads)
+    settings = {
+        "mode": "protocol-quick" if args.quick else "protocol",
+        "seeds": seeds,
+        "methods": methods,
+        "problems": {n: {"steps": plan[n][0], "n_val": plan[n][2]["n_val"]} for n in problems},
+        "lr grids": {n: plan[n][3] for n in problems},
+        "lr extension": extend,
+        "headlines": {n: p.headline for n, p in built.items()},
+        "tie_rel": args.tie_rel,
+        "tau": cfg.tau,
+        "conflict": protocol.conflict_summary(records, cfg.tau),
+        "selection": protocol.SELECTION_RULE,
+        "optimizer": _optimizer_note(methods),
+        "SON-GOKU": f"R = {cfg.refresh_period}, tau = {cfg.tau}, beta = {cfg.ema_beta}",
+        "torch": torch.__version__,
+        "sweep wall-clock s": round(time.perf_counter() - t0, 1),
+    }
+    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    rows = protocol.summarize(records, tie_rel=args.tie_rel)
+    chosen = protocol.select(records)
+    settings["graphs"] = graphs.graph_rows(chosen)
+    settings["equal_time"] = views.equal_time_rows(chosen)
+    settings["figures"] = []
+    if not args.no_figures:
+        if figures.available():
+            settings["figures"] = views.validation_curves(chosen, out)
+        else:
+            print("matplotlib is not installed: no figures")
+    payload = {"settings": settings, "records": records, "summary": rows}
+    (out / "results.json").write_text(json.dumps(payload, allow_nan=True))
+    (out / "results.md").write_text(protocol.markdown(rows, settings))
+    print(f"wrote {out / 'results.md'} ({len(records)} runs)")
+    return payload
