@@ -61,16 +61,19 @@ def _group(params: dict[str, Tensor]) -> Any:
     return groups[0] if groups else None
 
 
+def _fsdp_modules(model: nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def _reshard(model: nn.Module) -> None:
     """Register the sharded parameters (the root keeps its unsharded ones after forward by
     default; its next backward all-gathers them again)."""
     if not any(not _is_dtensor(p) for p in model.parameters()):
         return
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for module in _fsdp_modules(model):
+        module.reshard()
 
 
 def _local(g: Tensor | None) -> Tensor | None:
@@ -102,6 +105,7 @@ def per_task_backward(
     *,
     state: Any = None,
     all_reduce: bool = True,
+    keep_unsharded: bool = False,
     **hparams: Any,
 ) -> tuple[Any, Aggregated]:
     """Aggregate ``K`` task losses of an FSDP2 model; ``p.grad += wᵀ J`` (sharded ``DTensor``).
@@ -117,6 +121,10 @@ def per_task_backward(
         state: the aggregator's state from the previous call (``None``: ``agg.init(K)``).
         all_reduce: sum the ranks' partial Gramians (``K × K``). ``False`` gives each rank's
             weights from its own shard only (wrong and rank-dependent; for tests and ablations).
+        keep_unsharded: keep the parameters unsharded between the ``K`` backward passes
+            (``set_reshard_after_backward(False)`` for all but the last, which reshards): one
+            all-gather per FSDP unit instead of ``K``, at the price of holding every unsharded
+            parameter until the last task's backward.
 
     Returns:
         ``(state, Aggregated)``; ``Aggregated.grad`` maps names to the rank's new ``p.grad``,
@@ -129,8 +137,9 @@ def per_task_backward(
             f"per_task_backward: {aggregator.name!r} needs the full per-task rows; on FSDP only "
             "aggregators that are a weighting of the Gramian are supported"
         )
-    if not isinstance(all_reduce, bool):
-        raise TypeError(f"per_task_backward: `all_reduce` must be a bool, got {all_reduce!r}")
+    for flag, value in (("all_reduce", all_reduce), ("keep_unsharded", keep_unsharded)):
+        if not isinstance(value, bool):
+            raise TypeError(f"per_task_backward: `{flag}` must be a bool, got {value!r}")
     if isinstance(model, nn.Module):
         _reshard(model)
         named: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -146,14 +155,17 @@ def per_task_backward(
     group = _group(named)
     params = list(named.values())
     prior = [p.grad for p in params]
-    rows = _rows(items, params)
+    fsdp = _fsdp_modules(model) if keep_unsharded and isinstance(model, nn.Module) else []
+    rows = _rows(items, params, fsdp)
     for p, g in zip(params, prior, strict=True):
         p.grad = g
     return _aggregate(named, rows, aggregator, state, group, all_reduce, prior)
 
 
-def _rows(items: Sequence[Tensor], params: list[Tensor]) -> Tensor:
-    """``(K, n_r)``: row ``k`` is this rank's shard of ``∂L_k/∂θ`` (FSDP reduce-scatters it)."""
+def _rows(items: Sequence[Tensor], params: list[Tensor], fsdp: list[Any]) -> Tensor:
+    """``(K, n_r)``: row ``k`` is this rank's shard of ``∂L_k/∂θ`` (FSDP reduce-scatters it).
+
+    ``fsdp``: the FSDP modules kept unsharded between the passes (empty: FSDP's own setting)."""
     locals_ = [_local(p) for p in params]
     n = sum(t.numel() for t in locals_ if t is not None)
     dtype = torch.promote_types(params[0].dtype, torch.float32)
@@ -162,6 +174,8 @@ def _rows(items: Sequence[Tensor], params: list[Tensor]) -> Tensor:
     for i in live:
         for p in params:
             p.grad = None
+        for module in fsdp:
+            module.set_reshard_after_backward(i == live[-1], recurse=False)
         items[i].backward(retain_graph=i != live[-1])
         offset = 0
         for p, t in zip(params, locals_, strict=True):

@@ -56,7 +56,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         mesh = init_device_mesh("cpu", (2,))
         result: dict[str, object] = {}
-        for mode in (True, False):
+        for mode, kept in ((True, False), (False, False), ("kept", True)):
             model = _model()
             fully_shard(model[0], mesh=mesh)
             fully_shard(model, mesh=mesh)
@@ -67,7 +67,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
                 opt.zero_grad()
                 state, agg = per_task_backward(
-                    _losses(model, x[half], y[half]), model, "upgrad", state=state, all_reduce=mode
+                    _losses(model, x[half], y[half]),
+                    model,
+                    "upgrad",
+                    state=state,
+                    all_reduce=bool(mode),
+                    keep_unsharded=kept,
                 )
                 weights.append(agg.weights.clone())
                 if step == 0:
@@ -134,6 +139,13 @@ def test_ranks_take_identical_decisions_equal_to_one_process(ranks):
             torch.testing.assert_close(r["paramsTrue"][n], params[n], rtol=1e-5, atol=1e-6)
 
 
+def test_keep_unsharded_changes_only_the_communication(ranks):
+    for r in ranks:
+        assert torch.equal(r["wkept"], r["wTrue"])
+        for n in r["gradTrue"]:
+            torch.testing.assert_close(r["gradkept"][n], r["gradTrue"][n], rtol=1e-6, atol=1e-7)
+
+
 def test_control_without_the_gramian_all_reduce_fails(ranks):
     w, grad, _ = _oracle()
     w0, w1 = ranks[0]["wFalse"], ranks[1]["wFalse"]
@@ -164,6 +176,8 @@ def test_bad_input():
         per_task_backward(_losses(model, x, y), model, "graddrop")
     with pytest.raises(TypeError, match="`model`"):
         per_task_backward(_losses(model, x, y), [torch.zeros(2)], "upgrad")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`keep_unsharded`"):
+        per_task_backward(_losses(model, x, y), model, "upgrad", keep_unsharded=None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`all_reduce`"):
         per_task_backward(_losses(model, x, y), model, "upgrad", all_reduce=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`losses`"):
