@@ -84,9 +84,38 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             result[f"params{mode}"] = {
                 n: p.full_tensor().detach().clone() for n, p in model.named_parameters()
             }
+        result["refused"] = _refusals(mesh)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _refusals(mesh) -> list[str]:
+    """The paths without FSDP support refuse a sharded model with NotImplementedError."""
+    from torch.distributed.fsdp import fully_shard
+
+    from gradfn import GradientConductor, SonGokuScheduler, TaskSpec
+    from gradfn.aggregators import backward
+
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    x, y = _data(0)
+    fn = {f"t{k}": (lambda m, b, k=k: _losses(m, *b)[k]) for k in range(K)}
+    attempts = [
+        lambda: SonGokuScheduler(
+            model, [TaskSpec(n, f) for n, f in fn.items()], torch.optim.SGD(model.parameters())
+        ),
+        lambda: GradientConductor(model, fn, dict.fromkeys(fn, 1.0), accumulation_steps=K),
+        lambda: backward(_losses(model, x, y), model, "upgrad"),
+    ]
+    out = []
+    for attempt in attempts:
+        try:
+            attempt()
+            out.append("accepted")
+        except NotImplementedError as err:
+            out.append(str(err))
+    return out
 
 
 def _oracle() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -153,6 +182,13 @@ def test_control_without_the_gramian_all_reduce_fails(ranks):
     for wr in (w0, w1):
         assert not torch.allclose(wr[0], w[0], atol=1e-3)
     assert any(not torch.allclose(ranks[0]["gradFalse"][n], grad[n], atol=1e-4) for n in grad)
+
+
+def test_paths_without_fsdp_support_refuse_a_sharded_model(ranks):
+    for r in ranks:
+        assert len(r["refused"]) == 3
+        for message in r["refused"]:
+            assert "fully_shard" in message and "per_task_backward" in message, message
 
 
 def test_without_process_group_is_the_row_path():
