@@ -74,14 +74,20 @@ def _worker(rank: int, world: int, port: int, width: int, out: str) -> None:
         fully_shard(model, mesh=mesh)
         x, y = _batch(rank, world)
         cpu = torch.device("cpu")
-        runs: dict[str, Callable[[], None]] = {
-            "fsdp per_task_backward": lambda: per_task_backward(_losses(model, x, y), model, "upgrad")
-            and None,
-            "fsdp keep_unsharded": lambda: per_task_backward(
-                _losses(model, x, y), model, "upgrad", keep_unsharded=True
-            )
-            and None,
-            "fsdp sum(losses).backward()": lambda: sum(_losses(model, x, y)).backward(),  # type: ignore[union-attr]
+
+        def per_task(keep: bool) -> Callable[[], None]:
+            def run() -> None:
+                per_task_backward(_losses(model, x, y), model, "upgrad", keep_unsharded=keep)
+
+            return run
+
+        def single() -> None:
+            torch.stack(_losses(model, x, y)).sum().backward()
+
+        runs = {
+            "fsdp per_task_backward": per_task(False),
+            "fsdp keep_unsharded": per_task(True),
+            "fsdp sum(losses).backward()": single,
         }
         peaks = {name: peak_mib(fn, model, cpu) for name, fn in runs.items()}
         shard = sum(p.to_local().numel() * 4 for p in model.parameters()) / 2**20
@@ -100,12 +106,15 @@ def _plain(width: int) -> dict[str, float]:
     model = _model(width)
     x, y = _batch(0, 1)
     cpu = torch.device("cpu")
+
+    def rows_or_streaming(gramian: str) -> Callable[[], None]:
+        def run() -> None:
+            A.backward(_losses(model, x, y), model, "upgrad", gramian=gramian)
+
+        return run
+
     return {
-        f"no FSDP, gramian={g!r}": peak_mib(
-            lambda g=g: A.backward(_losses(model, x, y), model, "upgrad", gramian=g) and None,
-            model,
-            cpu,
-        )
+        f"no FSDP, gramian={g!r}": peak_mib(rows_or_streaming(g), model, cpu)
         for g in ("rows", "streaming")
     }
 

@@ -71,7 +71,11 @@ class CountCollectives:
     """Counts FSDP's all-gathers and reduce-scatters and the all-reduces (calls and bytes of the
     full-size tensor) while active, by wrapping the ``torch.distributed`` functions."""
 
-    NAMES: ClassVar[dict[str, int]] = {"all_gather_single": 0, "reduce_scatter_single": 1, "all_reduce": 0}
+    NAMES: ClassVar[dict[str, int]] = {
+        "all_gather_single": 0,
+        "reduce_scatter_single": 1,
+        "all_reduce": 0,
+    }
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
