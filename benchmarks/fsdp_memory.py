@@ -16,7 +16,7 @@ time order over the step, the sharded parameters excluded), the maximum over the
 
 Usage::
 
-    python -m benchmarks.fsdp_memory            # an 8.4 M-parameter MLP, K = 8
+    python -m benchmarks.fsdp_memory            # a 3.2 M-parameter MLP, K = 8
     python -m benchmarks.fsdp_memory --quick    # a smaller MLP (smoke run)
 """
 
