@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfn._internal.compat import TORCH_FLOORS, require_torch
+from gradfn._internal.sharded import reject_sharded
 from gradfn.integrations.amp import poison_like
 from gradfn.integrations.distributed import is_distributed, make_reducer
 from gradfn.typing import Reducer
@@ -36,6 +37,7 @@ def unwrap(model: nn.Module, process_group: Any = None) -> tuple[nn.Module, bool
     DDP's own gradient hooks never fire); DDP's group is the default ``process_group``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    reject_sharded("SonGokuScheduler / GradientConductor", model)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if process_group is None and ddp:
         process_group = model.process_group

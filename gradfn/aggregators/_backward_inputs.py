@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from gradfn._internal.sharded import reject_sharded
 from gradfn.aggregators._base import Aggregated, Aggregator
 from gradfn.aggregators._registry import aggregator as _build
 
@@ -83,6 +84,7 @@ def named_params(params: nn.Module | Mapping[str, Tensor] | Iterable[Tensor]) ->
         )
     if not named:
         raise ValueError("backward: `params` holds no tensor that requires grad")
+    reject_sharded("backward", params if isinstance(params, nn.Module) else None, named.values())
     return named
 
 

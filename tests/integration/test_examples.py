@@ -4,7 +4,7 @@ Each example runs in a fresh interpreter (as a user would run it) with a timeout
 the exit status and, where ``RUNS`` names one, the line the script prints when it has done its
 job. Every example is run with ``--quick``, as docs/getting-started.md documents; one without an
 entry in ``RUNS`` is run as ``python examples/<name> --quick``.
-``ddp.py`` runs on two processes (gloo on the CPU) through ``torch.distributed.run``.
+``ddp.py`` and ``fsdp.py`` run on two processes (gloo on the CPU) through ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ RUNS: list[tuple[str, list[str] | None, list[str], str | None]] = [
     ("plot_interference.py", None, ["--quick", "--out", "{tmp}/rho.png"], "wrote"),
     ("tensorboard_songoku.py", None, ["--quick", "--logdir", "{tmp}/tb"], "refreshes; wrote"),
     ("ddp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
+    ("fsdp.py", TORCHRUN, ["--quick"], "ranks agree: True"),
     ("amp.py", None, ["--quick"], "amp run finished"),
     ("lightning_multitask.py", None, ["--quick"], "resumed run equals the uninterrupted run: True"),
 ]
