@@ -123,8 +123,9 @@ def test_random_configurations_take_the_reference_decisions(seed, k, smooth):
     assert first_divergence(seed, k, smooth, "auto", raw=True) is None
 
 
-def momentum_gap(seed: int, k: int, smooth: bool, steps: int = 5) -> float:
-    """Largest ``|Δ p.grad| / max |p.grad|`` over the tensors and steps, with momentum."""
+def _momentum_grads(seed: int, k: int, smooth: bool, steps: int):
+    """``(ours, emulation)`` ``p.grad`` pairs, tensor by tensor and step by step, with momentum;
+    both sides are given the same parameters at every step."""
     names = list(LOSSES)[:k]
     losses = {name: LOSSES[name] for name in names}
     lambdas = dict(zip(names, LAMBDAS, strict=False))
@@ -141,7 +142,6 @@ def momentum_gap(seed: int, k: int, smooth: bool, steps: int = 5) -> float:
     )
     ref = ReferenceGCond(theirs, losses, lambdas, 2, smooth=smooth)
     gen = torch.Generator().manual_seed(1000 + seed)
-    gap = 0.0
     for _ in range(steps):
         batches = [
             (torch.randn(6, 4, generator=gen), 3 * torch.randn(6, 2, generator=gen))
@@ -151,49 +151,25 @@ def momentum_gap(seed: int, k: int, smooth: bool, steps: int = 5) -> float:
             it = iter(batches)
             model.step(lambda: next(it))  # noqa: B023
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-            scale = float(b.grad.abs().max()) + 1e-30
-            gap = max(gap, float((a.grad - b.grad).abs().max()) / scale)
+            yield a.grad, b.grad
             with torch.no_grad():
                 a.sub_(0.1 * a.grad)
                 b.copy_(a)
-    return gap
+
+
+def momentum_gap(seed: int, k: int, smooth: bool, steps: int = 5) -> float:
+    """Largest ``|Δ p.grad| / max |p.grad|`` over the tensors and steps, with momentum."""
+    return max(
+        float((a - b).abs().max()) / (float(b.abs().max()) + 1e-30)
+        for a, b in _momentum_grads(seed, k, smooth, steps)
+    )
 
 
 def momentum_mismatch(seed: int, k: int, smooth: bool, steps: int = 5) -> float:
     """Fraction of ``p.grad`` entries (over the tensors and steps, with momentum) that differ in
     any bit from the emulation's."""
-    names = list(LOSSES)[:k]
-    losses = {name: LOSSES[name] for name in names}
-    lambdas = dict(zip(names, LAMBDAS, strict=False))
-    ours = Net(seed)
-    theirs = copy.deepcopy(ours)
-    gc = GradientConductor(
-        ours,
-        losses,
-        lambdas,
-        2,
-        reference=True,
-        stochastic_accumulation=False,
-        use_smooth_logic=smooth,
-    )
-    ref = ReferenceGCond(theirs, losses, lambdas, 2, smooth=smooth)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    differ = total = 0
-    for _ in range(steps):
-        batches = [
-            (torch.randn(6, 4, generator=gen), 3 * torch.randn(6, 2, generator=gen))
-            for _ in range(2)
-        ]
-        for model in (gc, ref):
-            it = iter(batches)
-            model.step(lambda: next(it))  # noqa: B023
-        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-            differ += int((a.grad != b.grad).sum())
-            total += a.grad.numel()
-            with torch.no_grad():
-                a.sub_(0.1 * a.grad)
-                b.copy_(a)
-    return differ / total
+    pairs = [(int((a != b).sum()), a.numel()) for a, b in _momentum_grads(seed, k, smooth, steps)]
+    return sum(d for d, _ in pairs) / sum(n for _, n in pairs)
 
 
 def test_bfloat16_momentum_rounds_like_the_reference():
