@@ -45,6 +45,7 @@ from gradfn.typing import PyTree
 __all__ = [
     "ResolveResult",
     "Rule",
+    "check_resolve_options",
     "check_thresholds",
     "cross_gramian",
     "gramian_and_cross",
@@ -97,6 +98,39 @@ def check_thresholds(thresholds: Sequence[float], name: str = "thresholds") -> t
     if not t[0] <= t[1] <= t[2]:
         raise ValueError(f"`{name}` must be non-decreasing (critical <= main <= weak), got {t!r}")
     return t
+
+
+def check_resolve_options(
+    fn: str,
+    k: int,
+    thresholds: Sequence[float],
+    rule: str,
+    dominance: str,
+    eps: float,
+    norm_floor: float | None,
+    remap_power: float,
+    tie_breaking_weights: Sequence[float],
+    max_iters: int | None,
+) -> tuple[tuple[float, ...], float, float, tuple[float, ...], int]:
+    """The resolution's options checked (errors name ``fn`` and the argument): the thresholds,
+    ``eps``, the norm floor (``eps`` when ``None``), the two tie-breaking weights and
+    ``max_iters`` (``2K`` when ``None``)."""
+    t = check_thresholds(thresholds)
+    if rule not in ("smooth", "zones"):
+        raise ValueError(f"{fn}: `rule` must be 'smooth' or 'zones', got {rule!r}")
+    if dominance not in ("loses", "wins"):
+        raise ValueError(f"{fn}: `dominance` must be 'loses' or 'wins', got {dominance!r}")
+    eps = check_nonnegative("eps", eps)
+    floor = eps if norm_floor is None else check_nonnegative("norm_floor", norm_floor)
+    if not (check_finite("remap_power", remap_power) > 0):
+        raise ValueError(f"{fn}: `remap_power` must be > 0, got {remap_power!r}")
+    w = tuple(float(x) for x in tie_breaking_weights)
+    if len(w) != 2:
+        raise ValueError(f"{fn}: `tie_breaking_weights` must hold 2 numbers, got {w!r}")
+    max_iters = 2 * k if max_iters is None else max_iters
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"{fn}: `max_iters` must be an int >= 0, got {max_iters!r}")
+    return t, eps, floor, w, max_iters
 
 
 def pair_cosines(gram: Tensor, eps: float, norm_floor: float) -> tuple[Tensor, Tensor]:
@@ -167,29 +201,21 @@ def resolve_gramian(
         raise ValueError(
             f"resolve_gramian: `gram` must be a square (K, K) tensor, got {gram!r:.80}"
         )
-    t = check_thresholds(thresholds)
-    if rule not in ("smooth", "zones"):
-        raise ValueError(f"resolve_gramian: `rule` must be 'smooth' or 'zones', got {rule!r}")
-    if dominance not in ("loses", "wins"):
-        raise ValueError(
-            f"resolve_gramian: `dominance` must be 'loses' or 'wins', got {dominance!r}"
-        )
-    eps = check_nonnegative("eps", eps)
-    if norm_floor is not None:
-        norm_floor = check_nonnegative("norm_floor", norm_floor)
-    if not (check_finite("remap_power", remap_power) > 0):
-        raise ValueError(f"resolve_gramian: `remap_power` must be > 0, got {remap_power!r}")
-    w = tuple(float(x) for x in tie_breaking_weights)
-    if len(w) != 2:
-        raise ValueError(f"resolve_gramian: `tie_breaking_weights` must hold 2 numbers, got {w!r}")
     if (prev_cross is None) != (prev_sq_norms is None):
         raise ValueError("resolve_gramian: give both `prev_cross` and `prev_sq_norms`, or neither")
     k = gram.shape[0]
-    if max_iters is None:
-        max_iters = 2 * k
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
-        raise ValueError(f"resolve_gramian: `max_iters` must be an int >= 0, got {max_iters!r}")
-    floor = eps if norm_floor is None else float(norm_floor)
+    t, eps, floor, w, max_iters = check_resolve_options(
+        "resolve_gramian",
+        k,
+        thresholds,
+        rule,
+        dominance,
+        eps,
+        norm_floor,
+        remap_power,
+        tie_breaking_weights,
+        max_iters,
+    )
 
     dtype, device = gram.dtype, gram.device
     ema = torch.ones(k, dtype=dtype, device=device) if norm_ema is None else norm_ema.to(dtype)

@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
-from gradfn._internal.checks import check_finite, check_nonnegative
 from gradfn.conflict._arbitrator import DominanceRule
-from gradfn.conflict._resolve import ResolveResult, Rule, check_thresholds
+from gradfn.conflict._resolve import ResolveResult, Rule, check_resolve_options
 from gradfn.typing import PyTree
 
 __all__ = ["resolve_vectors", "vector_dots"]
@@ -124,28 +123,24 @@ def resolve_vectors(
         float32 on the coefficient matrix (the vectors differ from ``combine(C, g⁰)`` by the
         rounding).
     """
-    t_ = check_thresholds(thresholds)
-    t = (t_[0], t_[1], t_[2])
-    if rule not in ("smooth", "zones"):
-        raise ValueError(f"resolve_vectors: `rule` must be 'smooth' or 'zones', got {rule!r}")
-    if dominance not in ("loses", "wins"):
-        raise ValueError(
-            f"resolve_vectors: `dominance` must be 'loses' or 'wins', got {dominance!r}"
-        )
     if (prev is None) != (prev_sq_norms is None):
         raise ValueError("resolve_vectors: give both `prev` and `prev_sq_norms`, or neither")
-    eps = check_nonnegative("eps", eps)
-    if norm_floor is not None:
-        norm_floor = check_nonnegative("norm_floor", norm_floor)
-    if not (check_finite("remap_power", remap_power) > 0):
-        raise ValueError(f"resolve_vectors: `remap_power` must be > 0, got {remap_power!r}")
     leaves = tree.leaves(grads)
     k, device = leaves[0].shape[0], leaves[0].device
-    max_iters = 2 * k if max_iters is None else max_iters
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
-        raise ValueError(f"resolve_vectors: `max_iters` must be an int >= 0, got {max_iters!r}")
-    floor_sq = (eps if norm_floor is None else float(norm_floor)) ** 2
-    w_stab, w_str = (float(x) for x in tie_breaking_weights)
+    t_, eps, floor, (w_stab, w_str), max_iters = check_resolve_options(
+        "resolve_vectors",
+        k,
+        thresholds,
+        rule,
+        dominance,
+        eps,
+        norm_floor,
+        remap_power,
+        tie_breaking_weights,
+        max_iters,
+    )
+    t = (t_[0], t_[1], t_[2])
+    floor_sq = floor**2
     f32 = torch.float32
     ema = torch.ones(k, dtype=f32, device=device) if norm_ema is None else norm_ema.to(f32)
     history = torch.empty(0, dtype=torch.int64, device=device) if history is None else history
