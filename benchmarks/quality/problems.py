@@ -30,7 +30,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["PROBLEMS", "Problem", "build_problem", "diabetes", "multidigits", "planted"]
+__all__ = [
+    "PROBLEMS",
+    "Problem",
+    "build_problem",
+    "classification_fns",
+    "diabetes",
+    "multidigits",
+    "planted",
+]
 
 Batch = tuple[Tensor, ...]
 
@@ -118,6 +126,31 @@ def _sampler(n: int, batch_size: int, tensors: Batch) -> Callable[[torch.Generat
 # MultiDigits
 
 
+def classification_fns(
+    model: nn.Module, names: list[str]
+) -> tuple[Callable[..., list[Tensor]], Callable[..., dict[str, float]]]:
+    """``loss_fn(params, batch)``: one cross-entropy per head of ``model`` (its outputs in the
+    order of ``names``, labels ``y[:, k]``); ``metrics(params, x, y)``: each head's accuracy
+    ``acc_<name>`` and ``primary_acc``, the mean of the ``left`` and ``right`` accuracies."""
+
+    def loss_fn(params: dict[str, Tensor], batch: Batch) -> list[Tensor]:
+        x, y = batch
+        logits = functional_call(model, params, (x,))
+        return [nn.functional.cross_entropy(o, y[:, k]) for k, o in enumerate(logits)]
+
+    def metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            logits = functional_call(model, params, (x,))
+        acc = {
+            f"acc_{n}": float((o.argmax(1) == y[:, k]).float().mean())
+            for k, (n, o) in enumerate(zip(names, logits, strict=True))
+        }
+        acc["primary_acc"] = 0.5 * (acc["acc_left"] + acc["acc_right"])
+        return acc
+
+    return loss_fn, metrics
+
+
 def multidigits(
     seed: int,
     *,
@@ -162,20 +195,7 @@ def multidigits(
     classes = [10, 10, 2, 2, 10]
     model = TrunkHeads(128, list(hidden), classes)
 
-    def loss_fn(params: dict[str, Tensor], batch: Batch) -> list[Tensor]:
-        x, y = batch
-        logits = functional_call(model, params, (x,))
-        return [nn.functional.cross_entropy(o, y[:, k]) for k, o in enumerate(logits)]
-
-    def metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            logits = functional_call(model, params, (x,))
-        acc = {
-            f"acc_{n}": float((o.argmax(1) == y[:, k]).float().mean())
-            for k, (n, o) in enumerate(zip(names, logits, strict=True))
-        }
-        acc["primary_acc"] = 0.5 * (acc["acc_left"] + acc["acc_right"])
-        return acc
+    loss_fn, metrics = classification_fns(model, names)
 
     def evaluate(params: dict[str, Tensor]) -> dict[str, float]:
         return metrics(params, x_te, y_te)

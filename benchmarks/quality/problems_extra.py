@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from benchmarks.quality.problems import Batch, Problem, _sampler, diabetes, simplex_directions
+from benchmarks.quality.problems import (
+    Batch,
+    Problem,
+    _sampler,
+    classification_fns,
+    diabetes,
+    simplex_directions,
+)
 
 __all__ = ["EXTRA", "FASHION_DIR", "multi_fashion", "overlap_digits", "planted_fixed_sign"]
 
@@ -187,20 +194,7 @@ def _overlap_problem(
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = ["left", "right"]
 
-    def loss_fn(params: dict[str, Tensor], batch: Batch) -> list[Tensor]:
-        x, y = batch
-        logits = functional_call(model, params, (x,))
-        return [nn.functional.cross_entropy(o, y[:, k]) for k, o in enumerate(logits)]
-
-    def metrics(params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            logits = functional_call(model, params, (x,))
-        acc = {
-            f"acc_{n}": float((o.argmax(1) == y[:, k]).float().mean())
-            for k, (n, o) in enumerate(zip(names, logits, strict=True))
-        }
-        acc["primary_acc"] = 0.5 * (acc["acc_left"] + acc["acc_right"])
-        return acc
+    loss_fn, metrics = classification_fns(model, names)
 
     return Problem(
         name=name,
