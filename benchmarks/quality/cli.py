@@ -85,6 +85,12 @@ PROTOCOL_STEPS: dict[str, tuple[int, int]] = {
     "overlap_digits": (2000, 100),
     "multi_fashion": (3000, 150),
 }
+# the tuned protocol's methods: every method once, GCond as its guide recommends (Adam β1 = 0);
+# the fixed-lr benchmark's ablations (GCond's other optimizer couplings, the static one-shot
+# colouring, β = 0) stay there
+PROTOCOL_METHODS: tuple[str, ...] = tuple(
+    m for m in METHODS if m not in ("gcond", "gcond_stoch", "gcond_nomom", "static", "single_step")
+)
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
 DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
@@ -142,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-rel", type=float, default=1e-6, help="protocol: relative tie tolerance")
     p.add_argument(
         "--no-single-task", action="store_true", help="protocol: no single-task baselines (no Δm)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="protocol: reuse the runs already recorded in --out/runs.jsonl (same spec), run "
+        "only the others",
     )
     p.add_argument(
         "--replot",

@@ -17,6 +17,7 @@ from benchmarks.quality.cli import (
     DEFAULT_OUT,
     FULL,
     N_VAL,
+    PROTOCOL_METHODS,
     PROTOCOL_OUT,
     PROTOCOL_STEPS,
     QUICK,
@@ -25,7 +26,8 @@ from benchmarks.quality.cli import (
     _subset,
 )
 from benchmarks.quality.methods import METHODS, MethodConfig
-from benchmarks.quality.runner import default_jobs, run_sweep
+from benchmarks.quality.run_cache import RunCache
+from benchmarks.quality.runner import default_jobs
 
 __all__ = ["run_protocol"]
 
@@ -40,6 +42,8 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick and args.problems is None:
         problems = list(QUICK_PROTOCOL[0])
     methods = _subset(args.methods, METHODS, "methods")
+    if args.methods is None:
+        methods = list(PROTOCOL_METHODS)
     if args.quick and args.methods is None:
         methods = list(QUICK_PROTOCOL[1])
     if "uniform" not in methods:
@@ -73,14 +77,16 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     jobs = args.jobs if args.jobs is not None else default_jobs()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
+    cache = RunCache(out / "runs.jsonl", resume=args.resume)
     t0 = time.perf_counter()
     try:
-        records = run_sweep(specs, jobs=jobs, progress=args.progress)
+        records = cache.sweep(specs, jobs=jobs, progress=args.progress)
         base = {n: len(plan[n][3]) for n in problems}
         while extra := bracket.extension_specs(specs, records, base, extend):
             print(f"{len(extra)} runs beyond a selected grid edge")
             specs += extra
-            records += run_sweep(extra, jobs=jobs, progress=args.progress)
+            records += cache.sweep(extra, jobs=jobs, progress=args.progress)
     finally:
         torch.set_num_threads(threads)
     settings = {
@@ -100,8 +106,6 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "sweep wall-clock s": round(time.perf_counter() - t0, 1),
     }
-    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
-    out.mkdir(parents=True, exist_ok=True)
     rows = protocol.summarize(records, tie_rel=args.tie_rel)
     chosen = protocol.select(records)
     settings["graphs"] = graphs.graph_rows(chosen)

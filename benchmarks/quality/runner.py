@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -196,19 +196,32 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
 
 def run_sweep(
-    specs: Iterable[RunSpec], jobs: int = 1, log: Any = print, progress: bool | None = None
+    specs: Iterable[RunSpec],
+    jobs: int = 1,
+    log: Any = print,
+    progress: bool | None = None,
+    on_record: Callable[[RunSpec, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every spec (in ``jobs`` worker processes when ``jobs > 1``), in order; a progress bar
-    on stderr counts the runs (``progress``: None, when stderr is a terminal)."""
+    on stderr counts the runs (``progress``: None, when stderr is a terminal); ``on_record(spec,
+    record)`` is called as each run's record arrives (in spec order)."""
     specs = list(specs)
     with Progress(len(specs), "quality runs", enable=progress) as bar:
-        return _sweep(specs, jobs, log, bar)
+        return _sweep(specs, jobs, log, bar, on_record)
 
 
-def _sweep(specs: list[RunSpec], jobs: int, log: Any, bar: Progress) -> list[dict[str, Any]]:
+def _sweep(
+    specs: list[RunSpec],
+    jobs: int,
+    log: Any,
+    bar: Progress,
+    on_record: Callable[[RunSpec, dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
 
     def report(i: int, rec: dict[str, Any]) -> None:
+        if on_record is not None:
+            on_record(specs[i], rec)
         head = rec["metrics"][rec["headline"]]
         log(
             f"[{i + 1}/{len(specs)}] {rec['problem']:<12} {rec['method']:<15} seed {rec['seed']}: "

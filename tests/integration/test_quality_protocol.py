@@ -223,6 +223,38 @@ def test_quick_protocol_run(tmp_path):
     assert (tmp_path / "validation_curves_diabetes.png").is_file()
 
 
+def test_resumed_protocol_runs_only_what_is_missing(tmp_path, monkeypatch):
+    from benchmarks.quality import run_cache
+
+    argv = [
+        "--protocol", "--quick", "--problems=diabetes", "--methods=uniform", "--steps=4",
+        "--seeds=2", "--lrs=0.001,0.003", "--lr-extend=0", "--jobs=1", "--no-figures",
+        "--no-single-task", f"--out={tmp_path}",
+    ]  # fmt: skip
+    fresh = cli.main(argv)
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # a run killed mid-write: its truncated line is ignored and the run is done again
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    ran: list[int] = []
+    real = run_cache.run_sweep
+
+    def counting(specs, **kwargs):
+        ran.append(len(specs))
+        return real(specs, **kwargs)
+
+    monkeypatch.setattr(run_cache, "run_sweep", counting)
+    resumed = cli.main([*argv, "--resume"])
+    assert ran == [1]
+    assert resumed["summary"] == fresh["summary"]
+    assert resumed["records"][:3] == fresh["records"][:3]  # read back, timings included
+    assert resumed["records"][3]["metrics"] == fresh["records"][3]["metrics"]  # run again
+    # without --resume the file starts again and every run is done
+    ran.clear()
+    cli.main(argv)
+    assert ran == [4]
+
+
 # ---------------------------------------------------------------------------------------------
 # the learning-rate grid brackets the optimum
 
