@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks.quality.graphs import graph_table
 from benchmarks.quality.methods import LABELS, MethodConfig
 from benchmarks.quality.runner import RunSpec
-from benchmarks.quality.views import equal_time_table
+from benchmarks.quality.views import equal_time_table, overview_table
 
 __all__ = [
     "SELECTION_RULE",
@@ -176,6 +176,7 @@ def summarize(records: list[Record], tie_rel: float = 1e-6) -> dict[str, list[Re
         head, higher = r0["headline"], r0["higher_is_better"]
         vals = [r["metrics"][head] for r in runs]
         row: Record = {"method": method, "lr": r0["lr"], "seeds": [r["seed"] for r in runs]}
+        row["higher"] = higher
         row["grid_edge"] = edges[(problem, method)]
         row["test"] = (_mean(vals), _sd(vals))
         uni = chosen.get((problem, "uniform"))
@@ -275,9 +276,10 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
         f"Seeds {settings['seeds']} (split redrawn per seed); learning-rate grids "
         f"{settings['lr grids']}, extended by up to {settings.get('lr extension', 0)} points "
         "beyond a selected edge (a selection still at an edge is marked *at grid edge*); "
-        "wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
+        f"wins/ties/losses per seed, a tie within {settings['tie_rel']:g} "
         "relative. Δm % and worst-task % against the single-task baselines: lower is better.",
     ]
+    lines += overview_table(rows, settings.get("conflict", {}))
     stats = settings.get("conflict")
     if stats:
         tau = settings["tau"]

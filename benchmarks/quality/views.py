@@ -111,3 +111,58 @@ def validation_curves(chosen: dict[tuple[str, str], list[Record]], out: Path) ->
         plt.close(fig)
         files.append(name)
     return files
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """``better`` / ``worse`` than Uniform when the paired 95 % interval excludes 0 in that
+    direction, ``tie`` when every seed tied, else ``≈`` (no difference shown)."""
+    ci = row.get("vs_uniform")
+    if ci is None:
+        return "–"
+    if "wtl" in row and row["wtl"][1] == sum(row["wtl"]):
+        return "tie"
+    _, lo, hi = ci
+    if math.isnan(lo):
+        return "≈"
+    sign = 1.0 if row.get("higher", True) else -1.0
+    if min(sign * lo, sign * hi) > 0:
+        return "better"
+    if max(sign * lo, sign * hi) < 0:
+        return "worse"
+    return "≈"
+
+
+def overview_table(rows: dict[str, list[dict[str, Any]]], conflict: dict[str, Any]) -> list[str]:
+    """One line per method, one column per problem: the verdict against Uniform on the problem's
+    headline (paired 95 % interval over seeds) and the method's Δm % (lower is better)."""
+    problems = list(rows)
+    if not problems:
+        return []
+    role = {p: " (control)" if conflict.get(p, {}).get("control") else "" for p in problems}
+    lines = [
+        "",
+        "## Overview",
+        "",
+        "Each cell: the verdict against Uniform on the problem's headline metric (*better* / "
+        "*worse*: the paired 95 % interval over seeds excludes 0; *≈*: it does not; *tie*: every "
+        "seed tied) and Δm % against the single-task baselines (lower is better). Selection: "
+        "each method at its own learning rate, chosen on validation.",
+        "",
+        "| Method | " + " | ".join(f"{p}{role[p]}" for p in problems) + " |",
+        "|---|" + "---|" * len(problems),
+    ]
+    methods: list[str] = []
+    for table in rows.values():
+        methods += [r["method"] for r in table if r["method"] not in methods]
+    for m in methods:
+        cells = []
+        for p in problems:
+            row = next((r for r in rows[p] if r["method"] == m), None)
+            if row is None:
+                cells.append("–")
+                continue
+            dm = row.get("delta_m")
+            dm_text = "" if dm is None else f", Δm {dm[0]:+.1f} %"
+            cells.append(f"{verdict(row)}{dm_text}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines

@@ -440,3 +440,22 @@ def test_equal_time_view_by_hand(tmp_path):
     assert "| PCGrad | 15.0 | 1.8500 |" in text
     assert views.validation_curves(chosen, tmp_path) == ["validation_curves_p.png"]
     assert (tmp_path / "validation_curves_p.png").stat().st_size > 1000
+
+
+def test_overview_verdicts_by_hand():
+    lower = {"higher": False, "wtl": (1, 0, 4)}
+    assert views.verdict({**lower, "vs_uniform": (0.2, 0.1, 0.3)}) == "worse"  # mse went up
+    assert views.verdict({**lower, "vs_uniform": (-0.2, -0.3, -0.1)}) == "better"
+    assert views.verdict({**lower, "vs_uniform": (0.1, -0.1, 0.3)}) == "≈"
+    higher = {"higher": True, "wtl": (4, 0, 1)}
+    assert views.verdict({**higher, "vs_uniform": (0.2, 0.1, 0.3)}) == "better"
+    assert views.verdict({**higher, "vs_uniform": (0.0, 0.0, 0.0), "wtl": (0, 5, 0)}) == "tie"
+    assert views.verdict({"method": "uniform"}) == "–"
+    rows = {
+        "a": [{"method": "uniform", "higher": True}, {"method": "pcgrad", **higher,
+              "vs_uniform": (0.2, 0.1, 0.3), "delta_m": (-1.25, -2.0, -0.5)}],
+        "b": [{"method": "uniform", "higher": False}],
+    }  # fmt: skip
+    text = "\n".join(views.overview_table(rows, {"b": {"control": True}}))
+    assert "| Method | a | b (control) |" in text
+    assert "| PCGrad | better, Δm -1.2 % | – |" in text
