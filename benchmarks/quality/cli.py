@@ -93,6 +93,7 @@ PROTOCOL_METHODS: tuple[str, ...] = tuple(
 )
 DEFAULT_OUT = Path("benchmarks/results/quality")
 PROTOCOL_OUT = Path("benchmarks/results/quality_protocol")
+PROTOCOL_FIGURES = Path("docs/assets/quality_protocol")  # the protocol's, with its default --out
 DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md links to them
 
 
@@ -116,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
         "--figures",
         type=Path,
         default=None,
-        help=f"figure folder (default: {DEFAULT_FIGURES} with the default --out, else --out)",
+        help=f"figure folder (default: {DEFAULT_FIGURES}, with --protocol {PROTOCOL_FIGURES}, "
+        "with the default --out, else --out)",
     )
     p.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpus))"

@@ -328,6 +328,7 @@ def markdown(rows: dict[str, list[Record]], settings: dict[str, Any]) -> str:
         if graphs.get(problem):
             lines += graph_table(graphs[problem])
         figure = f"validation_curves_{problem}.png"
-        if figure in settings.get("figures", []):
-            lines += ["", f"![{problem}: validation curves]({figure})"]
+        for path in settings.get("figures", []):
+            if path.rsplit("/", 1)[-1] == figure:
+                lines += ["", f"![{problem}: validation curves]({path})"]
     return "\n".join(lines) + "\n"

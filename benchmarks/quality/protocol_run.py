@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from benchmarks.quality.cli import (
     DEFAULT_OUT,
     FULL,
     N_VAL,
+    PROTOCOL_FIGURES,
     PROTOCOL_METHODS,
     PROTOCOL_OUT,
     PROTOCOL_STEPS,
@@ -113,7 +115,11 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     settings["figures"] = []
     if not args.no_figures:
         if figures.available():
-            settings["figures"] = views.validation_curves(chosen, out)
+            fig_dir = args.figures or (PROTOCOL_FIGURES if out == PROTOCOL_OUT else out)
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            names = views.validation_curves(chosen, fig_dir)
+            # as the report links them: relative to results.md
+            settings["figures"] = [os.path.relpath(fig_dir / n, out) for n in names]
         else:
             print("matplotlib is not installed: no figures")
     payload = {"settings": settings, "records": records, "summary": rows}

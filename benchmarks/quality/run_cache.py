@@ -5,6 +5,7 @@ hours on two cores)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +24,18 @@ def spec_key(spec: RunSpec) -> str:
 class RunCache:
     """Records of finished runs in ``path`` (one JSON object per line: ``{"key", "record"}``).
 
-    ``resume=False`` starts a new file; ``resume=True`` keeps the records already there. A
-    truncated last line (a run killed mid-write) is ignored."""
+    ``resume=False`` starts a new file; ``resume=True`` keeps the records already there, or, where
+    ``path`` is absent, those of its committed compressed copy ``path.gz`` (:meth:`compress`).
+    A truncated last line (a run killed mid-write) is ignored."""
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
+        packed = path.with_name(path.name + ".gz")
+        if resume and not path.is_file() and packed.is_file():
+            path.write_bytes(gzip.decompress(packed.read_bytes()))
+        kept: list[str] = []
         if resume and path.is_file():
             for line in path.read_text().splitlines():
                 try:
@@ -37,8 +43,9 @@ class RunCache:
                 except json.JSONDecodeError:
                     continue
                 self.records[entry["key"]] = entry["record"]
-        else:
-            path.write_text("")
+                kept.append(line)
+        # rewritten with the readable lines only, so that new records never follow a torn one
+        path.write_text("".join(line + "\n" for line in kept))
 
     def _add(self, spec: RunSpec, record: dict[str, Any]) -> None:
         key = spec_key(spec)
@@ -47,6 +54,12 @@ class RunCache:
         self.records[key] = json.loads(line)["record"]
         with self.path.open("a") as f:
             f.write(line + "\n")
+
+    def compress(self) -> Path:
+        """Write ``path.gz`` (reproducible bytes: no timestamp), the copy to commit."""
+        packed = self.path.with_name(self.path.name + ".gz")
+        packed.write_bytes(gzip.compress(self.path.read_bytes(), compresslevel=9, mtime=0))
+        return packed
 
     def sweep(self, specs: list[RunSpec], **kwargs: Any) -> list[dict[str, Any]]:
         """The records of ``specs`` in order, running only those not recorded yet."""

@@ -249,6 +249,14 @@ def test_resumed_protocol_runs_only_what_is_missing(tmp_path, monkeypatch):
     assert resumed["summary"] == fresh["summary"]
     assert resumed["records"][:3] == fresh["records"][:3]  # read back, timings included
     assert resumed["records"][3]["metrics"] == fresh["records"][3]["metrics"]  # run again
+    # the committed compressed copy seeds a checkout that has no runs.jsonl
+    from benchmarks.quality.run_cache import RunCache
+
+    RunCache(tmp_path / "runs.jsonl", resume=True).compress()
+    (tmp_path / "runs.jsonl").unlink()
+    ran.clear()
+    assert cli.main([*argv, "--resume"])["summary"] == fresh["summary"]
+    assert ran == [0]
     # without --resume the file starts again and every run is done
     ran.clear()
     cli.main(argv)
