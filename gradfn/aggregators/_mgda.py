@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_int, check_nonnegative, check_positive
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -105,8 +106,8 @@ def mgda_weights(
         raise ValueError(
             f"mgda_weights: `solver` must be 'active_set' or 'frank_wolfe', got {solver!r}"
         )
-    if epsilon <= 0 or max_iters <= 0 or iters <= 0:
-        raise ValueError("mgda_weights: `epsilon`, `max_iters` and `iters` must be positive")
+    iters, max_iters = check_int("iters", iters, 1), check_int("max_iters", max_iters, 1)
+    reg_eps, epsilon = check_nonnegative("reg_eps", reg_eps), check_positive("epsilon", epsilon)
     if k == 2 and active is None and solver == "active_set":
         host = host_values(gram)  # eager CPU: the closed form in Python floats
         if host is not None:
