@@ -96,8 +96,10 @@ def mgda_weights(
 
     Args:
         gram: ``G`` (``K×K``).
-        solver: ``"active_set"`` (exact; ``iters`` active-set steps on ``G/tr(G) + reg_eps·I``)
-            or ``"frank_wolfe"`` (TorchJD's: ``epsilon``, ``max_iters``).
+        solver: ``"active_set"`` (exact; ``iters`` active-set steps on ``G/tr(G) + ρ·I``,
+            ``ρ = max(reg_eps, K·eps)`` with ``eps`` that of ``G``'s dtype, so a float32
+            Gramian's rounding cannot make the QP indefinite; two tasks: ``ρ = reg_eps``) or
+            ``"frank_wolfe"`` (TorchJD's: ``epsilon``, ``max_iters``).
         active: optional ``(K,)`` bool mask.
     """
     k = check_gram(gram, "mgda_weights")
@@ -120,7 +122,11 @@ def mgda_weights(
     elif k == 2 and active is None:
         w = _two_tasks(normalize_trace(g, 0.0) + reg_eps * eye_like(g))
     else:
-        q = normalize_trace(g, 0.0) + reg_eps * eye_like(g)
+        # a Gramian of float32 rows is only PSD to its rounding (eigenvalues ~±1e-8 of its trace
+        # where rank-deficient): a ridge below that leaves the QP indefinite and the active-set
+        # solver stalls at a vertex ~1 % off; K·eps of its dtype keeps it definite
+        ridge = max(reg_eps, k * torch.finfo(gram.dtype).eps)
+        q = normalize_trace(g, 0.0) + ridge * eye_like(g)
         w = simplex_qp(q, None, None if active is None else a, iters)
     if active is None:
         return finish(w, gram)
