@@ -8,6 +8,8 @@ import numbers
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
+import torch
+
 __all__ = [
     "check_beta",
     "check_callable",
@@ -15,8 +17,10 @@ __all__ = [
     "check_finite",
     "check_float",
     "check_int",
+    "check_key",
     "check_nonnegative",
     "check_optional_int",
+    "check_optional_nonnegative",
     "check_positive",
     "check_seed",
     "is_number",
@@ -98,6 +102,11 @@ def check_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_optional_nonnegative(name: str, value: Any) -> float | None:
+    """:func:`check_nonnegative`, with ``None`` allowed."""
+    return None if value is None else check_nonnegative(name, value)
+
+
 def check_choice(name: str, value: T, choices: Collection[Any]) -> T:
     """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
     if isinstance(value, (list, dict, set)) or value not in choices:
@@ -127,3 +136,16 @@ def check_seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, got {value!r}")
     return int(value)
+
+
+def check_key(name: str, value: Any) -> Any:
+    """A random seed or key: an integer (a numpy one too, returned as a Python int; not a bool)
+    or a one-element integer tensor (e.g. a key from ``fold_in``, returned as is); ``TypeError``
+    naming ``name`` otherwise. Reads no tensor value (no host sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"`{name}` must be an int or an integer tensor, got {value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"`{name}` must be one integer, got shape {tuple(value.shape)}")
+        return value
+    return check_seed(name, value)

@@ -26,6 +26,8 @@ aggregated gradient — never a finite-looking result. :func:`gradfn.aggregators
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,6 +41,7 @@ from gradfn.aggregators._checks import (
     check_active,
     check_grads,
     check_gram,
+    check_gram_of,
     check_pref,
     reject_per_task_sequence,
     single_leaf,
@@ -54,6 +57,7 @@ __all__ = [
     "check_active",
     "check_grads",
     "check_gram",
+    "check_gram_of",
     "check_pref",
     "reject_per_task_sequence",
     "single_leaf",
@@ -99,7 +103,8 @@ def task_count(
     pytree (whose leading axis is ``K`` and whose device is used unless ``device`` is given)."""
     if isinstance(tasks, bool):
         raise TypeError("aggregator init: `tasks` must be K or a task-stacked pytree, got a bool")
-    if isinstance(tasks, int):
+    if isinstance(tasks, numbers.Integral):
+        tasks = operator.index(tasks)  # a numpy integer as an int
         if tasks <= 0:
             raise ValueError(
                 f"aggregator init: the number of tasks `tasks` must be positive, got {tasks}"
@@ -232,7 +237,9 @@ def from_weighting(weights_fn: Callable[..., Tensor], fn: str) -> Callable[..., 
     def aggregate(
         grads: PyTree, *, gram: Tensor | None = None, active: Tensor | None = None, **hparams: Any
     ) -> Aggregated:
-        check_grads(grads, fn)
+        k = check_grads(grads, fn)
+        if gram is not None:
+            check_gram_of(gram, k, fn)
         g = gramian_of(grads) if gram is None else gram
         w = weights_fn(g, active=active, **hparams)
         return Aggregated(combine(grads, w), w)
@@ -338,7 +345,9 @@ def from_stateful_weighting(
         gram: Tensor | None = None,
         **extra: Any,
     ) -> tuple[State, Aggregated]:
-        check_grads(grads, name)
+        k = check_grads(grads, name)
+        if gram is not None:
+            check_gram_of(gram, k, name)
         g = gramian_of(grads) if gram is None else gram
         state, w = weights_fn(state, g, active=active)
         return state, Aggregated(combine(grads, w), w)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_int, check_nonnegative
 from gradfn._internal.compat import is_compiling
 from gradfn.aggregators._base import (
     check_active,
@@ -56,10 +57,10 @@ def cagrad_weights(
     """
     k = check_gram(gram, "cagrad_weights")
     check_active(active, k, "cagrad_weights")
-    if c < 0:
-        raise ValueError(f"cagrad_weights: `c` must be non-negative, got {c}")
-    if iters <= 0 or qp_iters <= 0:
-        raise ValueError("cagrad_weights: `iters` and `qp_iters` must be positive")
+    c, norm_eps = check_nonnegative("c", c), check_nonnegative("norm_eps", norm_eps)
+    stationary_eps = check_nonnegative("stationary_eps", stationary_eps)
+    reg_eps = check_nonnegative("reg_eps", reg_eps)
+    iters, qp_iters = check_int("iters", iters, 1), check_int("qp_iters", qp_iters, 1)
     g, a = restrict(gram, active)
     g = normalize_trace(g, norm_eps)
     on = torch.where(a.sum() > 0, a, torch.ones_like(a))

@@ -13,6 +13,7 @@ __all__ = [
     "check_active",
     "check_grads",
     "check_gram",
+    "check_gram_of",
     "check_pref",
     "reject_per_task_sequence",
     "single_leaf",
@@ -103,6 +104,21 @@ def check_gram(gram: Tensor, fn: str) -> int:
     if not gram.is_floating_point():
         raise TypeError(f"{fn}: `gram` must be floating-point, got {gram.dtype}")
     return gram.shape[0]
+
+
+def check_gram_of(gram: Tensor, k: int, fn: str) -> None:
+    """A precomputed Gramian passed with ``K`` task gradients: a floating ``(K, K)`` tensor."""
+    if not isinstance(gram, Tensor):
+        raise TypeError(
+            f"{fn}: `gram` must be a ({k}, {k}) tensor (the Gramian of the {k} task gradients), "
+            f"got {type(gram).__name__}"
+        )
+    if tuple(gram.shape) != (k, k):
+        raise ValueError(
+            f"{fn}: `gram` must have shape ({k}, {k}) for the {k} task gradients, got "
+            f"{tuple(gram.shape)}"
+        )
+    check_gram(gram, fn)
 
 
 def check_active(active: Tensor | None, k: int, fn: str) -> None:

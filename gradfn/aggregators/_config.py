@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 
 from gradfn import tree
+from gradfn._internal.checks import check_optional_nonnegative
 from gradfn.aggregators._base import (
     Aggregated,
     check_active,
     check_grads,
     check_gram,
+    check_gram_of,
     check_pref,
     finish,
     restrict,
@@ -49,6 +51,7 @@ def config_weights(
     active: Tensor | None = None,
 ) -> Tensor:
     """ConFIG weights from the Gramian (``active``: optional ``(K,)`` bool mask)."""
+    check_gram(gram, "config_weights")
     return _weights(gram, pref, rcond, active, floor=_FLOOR * torch.finfo(gram.dtype).eps)
 
 
@@ -62,6 +65,7 @@ def _weights(
     k = check_gram(gram, "config_weights")
     check_active(active, k, "config_weights")
     check_pref(pref, k, "config_weights")
+    rcond = check_optional_nonnegative("rcond", rcond)
     g, a = restrict(gram, active)
     p = a if pref is None else pref.to(device=g.device, dtype=g.dtype) * a
     if rcond is None:
@@ -93,6 +97,9 @@ def config(
     ``gram``, the Gramian is accumulated in float64 (exact products of float32 entries).
     """
     k = check_grads(grads, "config")
+    rcond = check_optional_nonnegative("rcond", rcond)
+    if gram is not None:
+        check_gram_of(gram, k, "config")
     n = sum(x[0].numel() for x in tree.leaves(grads))
     if rcond is None:
         rcond = max(k, n) * torch.finfo(tree.leaves(grads)[0].dtype).eps

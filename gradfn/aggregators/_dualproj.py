@@ -34,7 +34,7 @@ def dualproj_weights(
     k = check_gram(gram, "dualproj_weights")
     check_active(active, k, "dualproj_weights")
     check_pref(pref, k, "dualproj_weights")
-    _check_eps(norm_eps, reg_eps, iters, "dualproj_weights")
+    norm_eps, reg_eps, iters = _check_eps(norm_eps, reg_eps, iters)
     g, a = regularized(gram, active, norm_eps, reg_eps)
     u = pref_or_mean(pref, a, g)
     v = dual_cone_project(u[None, :], g, iters)[0]

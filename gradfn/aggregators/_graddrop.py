@@ -18,6 +18,7 @@ import optree
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_float, check_key, is_number
 from gradfn._internal.compat import is_compiling
 from gradfn._internal.prng import fold_in, uniform
 from gradfn.aggregators._base import Aggregated, check_active, check_grads
@@ -30,7 +31,7 @@ def graddrop(
     grads: PyTree,
     *,
     seed: int | Tensor = 0,
-    leak: Tensor | None = None,
+    leak: Tensor | float | None = None,
     f: Callable[[Tensor], Tensor] | None = None,
     noise: PyTree | None = None,
     active: Tensor | None = None,
@@ -40,7 +41,8 @@ def graddrop(
 
     Args:
         seed: seeds ``U`` (int or 0-d int64 tensor); ignored when ``noise`` is given.
-        leak: ``(K,)`` leak values ``ℓ_k ∈ [0, 1]`` (default zeros).
+        leak: ``(K,)`` leak values ``ℓ_k ∈ [0, 1]``, or one number in ``[0, 1]`` for every task
+            (default zeros).
         f: monotone map applied to ``P`` (default identity).
         noise: optional ``U``: a pytree like one task's gradient, values in ``[0, 1)``.
         active: optional ``(K,)`` bool mask (inactive rows are dropped before ``P``).
@@ -53,8 +55,14 @@ def graddrop(
     del gram
     k = check_grads(grads, "graddrop")
     check_active(active, k, "graddrop")
-    if leak is not None and (not isinstance(leak, Tensor) or leak.shape != (k,)):
-        raise ValueError(f"graddrop: `leak` must be a ({k},) tensor")
+    seed = check_key("seed", seed)
+    if leak is not None and not isinstance(leak, Tensor):
+        if not is_number(leak):
+            raise TypeError(f"graddrop: `leak` must be a ({k},) tensor or a number, got {leak!r}")
+        leak = check_float("leak", leak, 0.0, 1.0, open_high=False)
+        leak = None if leak == 0.0 else torch.full((k,), leak)
+    elif leak is not None and leak.shape != (k,):
+        raise ValueError(f"graddrop: `leak` must be a ({k},) tensor or a number")
     ls, spec = optree.tree_flatten(grads)
     if noise is not None:
         us = optree.tree_leaves(noise)

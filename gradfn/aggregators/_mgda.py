@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_int, check_nonnegative, check_positive
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -95,8 +96,10 @@ def mgda_weights(
 
     Args:
         gram: ``G`` (``K×K``).
-        solver: ``"active_set"`` (exact; ``iters`` active-set steps on ``G/tr(G) + reg_eps·I``)
-            or ``"frank_wolfe"`` (TorchJD's: ``epsilon``, ``max_iters``).
+        solver: ``"active_set"`` (exact; ``iters`` active-set steps on ``G/tr(G) + ρ·I``,
+            ``ρ = max(reg_eps, K·eps)`` with ``eps`` that of ``G``'s dtype, so a float32
+            Gramian's rounding cannot make the QP indefinite; two tasks: ``ρ = reg_eps``) or
+            ``"frank_wolfe"`` (TorchJD's: ``epsilon``, ``max_iters``).
         active: optional ``(K,)`` bool mask.
     """
     k = check_gram(gram, "mgda_weights")
@@ -105,8 +108,8 @@ def mgda_weights(
         raise ValueError(
             f"mgda_weights: `solver` must be 'active_set' or 'frank_wolfe', got {solver!r}"
         )
-    if epsilon <= 0 or max_iters <= 0 or iters <= 0:
-        raise ValueError("mgda_weights: `epsilon`, `max_iters` and `iters` must be positive")
+    iters, max_iters = check_int("iters", iters, 1), check_int("max_iters", max_iters, 1)
+    reg_eps, epsilon = check_nonnegative("reg_eps", reg_eps), check_positive("epsilon", epsilon)
     if k == 2 and active is None and solver == "active_set":
         host = host_values(gram)  # eager CPU: the closed form in Python floats
         if host is not None:
@@ -119,7 +122,11 @@ def mgda_weights(
     elif k == 2 and active is None:
         w = _two_tasks(normalize_trace(g, 0.0) + reg_eps * eye_like(g))
     else:
-        q = normalize_trace(g, 0.0) + reg_eps * eye_like(g)
+        # a Gramian of float32 rows is only PSD to its rounding (eigenvalues ~±1e-8 of its trace
+        # where rank-deficient): a ridge below that leaves the QP indefinite and the active-set
+        # solver stalls at a vertex ~1 % off; K·eps of its dtype keeps it definite
+        ridge = max(reg_eps, k * torch.finfo(gram.dtype).eps)
+        q = normalize_trace(g, 0.0) + ridge * eye_like(g)
         w = simplex_qp(q, None, None if active is None else a, iters)
     if active is None:
         return finish(w, gram)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_nonnegative
+from gradfn._internal.checks import check_int, check_nonnegative
 from gradfn.aggregators._base import (
     Aggregator,
     check_active,
@@ -83,10 +83,9 @@ def nash_mtl_weights(
         raise ValueError(
             f"nash_mtl_weights: state is for {state.alpha.shape[0]} tasks, gram has {k}"
         )
-    if max_norm < 0 or update_weights_every <= 0 or iters <= 0:
-        raise ValueError(
-            "nash_mtl_weights: need max_norm ≥ 0, update_weights_every ≥ 1 and iters ≥ 1"
-        )
+    max_norm = check_nonnegative("max_norm", max_norm)
+    update_weights_every = check_int("update_weights_every", update_weights_every, 1)
+    iters = check_int("iters", iters, 1)
     fresh = nash_mtl_solve(gram, iters=iters, active=active)
     recompute = (state.step % update_weights_every) == 0
     alpha = torch.where(recompute, fresh, state.alpha.to(fresh.device))
@@ -104,6 +103,8 @@ def nash_mtl(
 ) -> Aggregator:
     """The Nash-MTL :class:`Aggregator` (stateful)."""
     max_norm = check_nonnegative("max_norm", max_norm)
+    update_weights_every = check_int("update_weights_every", update_weights_every, 1)
+    iters = check_int("iters", iters, 1)
 
     def weights(
         state: NashMTLState, gram: Tensor, *, active: Tensor | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_key
 from gradfn._internal.prng import permutations
 from gradfn.aggregators._base import (
     check_active,
@@ -51,6 +52,7 @@ def pcgrad_weights(
     """
     k = check_gram(gram, "pcgrad_weights")
     check_active(active, k, "pcgrad_weights")
+    seed = check_key("seed", seed)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"pcgrad_weights: `reduction` must be 'sum' or 'mean', got {reduction!r}")
     g, a = restrict_or_all(gram, active)

@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from gradfn._internal.checks import check_key
 from gradfn.aggregators._aligned_mtl import aligned_mtl
 from gradfn.aggregators._base import Aggregated, Aggregator, seeded, stateless
 from gradfn.aggregators._cagrad import cagrad
@@ -67,7 +68,7 @@ def aggregator(method: str | Callable[..., Aggregated], **hparams: Any) -> Aggre
         return stateless(_STATELESS[method], method, **hparams)
     if method in _SEEDED:
         _check_hparams(_SEEDED[method], method, hparams)
-        seed = hparams.pop("seed", 0)
+        seed = check_key("seed", hparams.pop("seed", 0))
         return seeded(_SEEDED[method], method, seed, **hparams)
     if method in _FACTORIES:
         _check_hparams(_FACTORIES[method], method, hparams, skip=0)

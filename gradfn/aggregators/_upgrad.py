@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_int, check_nonnegative
 from gradfn.aggregators._base import (
     check_active,
     check_gram,
@@ -28,11 +29,13 @@ from gradfn.aggregators._qp import dual_cone_project
 __all__ = ["upgrad", "upgrad_weights"]
 
 
-def _check_eps(norm_eps: float, reg_eps: float, iters: int, fn: str) -> None:
-    if norm_eps < 0 or reg_eps < 0:
-        raise ValueError(f"{fn}: `norm_eps` and `reg_eps` must be non-negative")
-    if iters <= 0:
-        raise ValueError(f"{fn}: `iters` must be positive, got {iters}")
+def _check_eps(norm_eps: float, reg_eps: float, iters: int) -> tuple[float, float, int]:
+    """``(norm_eps, reg_eps, iters)`` checked: finite numbers ``≥ 0`` and an integer ``≥ 1``."""
+    return (
+        check_nonnegative("norm_eps", norm_eps),
+        check_nonnegative("reg_eps", reg_eps),
+        check_int("iters", iters, 1),
+    )
 
 
 def regularized(
@@ -66,7 +69,7 @@ def upgrad_weights(
     k = check_gram(gram, "upgrad_weights")
     check_active(active, k, "upgrad_weights")
     check_pref(pref, k, "upgrad_weights")
-    _check_eps(norm_eps, reg_eps, iters, "upgrad_weights")
+    norm_eps, reg_eps, iters = _check_eps(norm_eps, reg_eps, iters)
     g, a = regularized(gram, active, norm_eps, reg_eps)
     u = pref_or_mean(pref, a, g)
     v = dual_cone_project(torch.diag(u), g, iters)

@@ -51,6 +51,7 @@ def _select(params: PyTree, wrt: Predicate | None) -> tuple[PyTree, dict[str, Te
     if wrt is None:
         if isinstance(params, Mapping) and len(params) == 0:
             raise ValueError("params is empty: there is nothing to differentiate")
+        _check_leaves(params)
         return params, {}
     if not isinstance(params, Mapping):
         raise TypeError("`wrt` needs `params` to be a mapping of dotted names to tensors")
@@ -62,7 +63,24 @@ def _select(params: PyTree, wrt: Predicate | None) -> tuple[PyTree, dict[str, Te
             f"`wrt` selects no parameter (names available: {sorted(params)[:8]}"
             f"{'...' if len(params) > 8 else ''})"
         )
+    _check_leaves(selected)
     return selected, rest
+
+
+def _check_leaves(selected: PyTree) -> None:
+    """The differentiated leaves must be floating (or complex) tensors: a Python number or an
+    integer tensor cannot carry a gradient."""
+    leaves = optree.tree_leaves(selected)
+    if not leaves:
+        raise ValueError("`params` holds no tensor: there is nothing to differentiate")
+    for x in leaves:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"`params` must be a pytree of floating-point tensors, got a leaf of type "
+                f"{type(x).__name__}"
+            )
+        if not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"`params` leaves must be floating-point tensors, got {x.dtype}")
 
 
 def _merge(selected: PyTree, rest: dict[str, Tensor]) -> PyTree:

@@ -17,6 +17,8 @@ compared leaf by leaf, carried through ``torch.compile(fullgraph=True)``). The s
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,9 +46,10 @@ def task_count(
     tasks: int | Tensor, device: torch.device | str | None = None
 ) -> tuple[int, torch.device | str | None]:
     """``(K, device)`` from ``K`` or a ``(K,)`` loss tensor."""
-    if isinstance(tasks, bool) or not isinstance(tasks, (int, Tensor)):
+    if isinstance(tasks, bool) or not isinstance(tasks, (numbers.Integral, Tensor)):
         raise TypeError(f"weighting init: `tasks` must be K or a (K,) tensor, got {type(tasks)}")
-    if isinstance(tasks, int):
+    if not isinstance(tasks, Tensor):
+        tasks = operator.index(tasks)  # a numpy integer as an int
         if tasks <= 0:
             raise ValueError(f"weighting init: the number of tasks must be positive, got {tasks}")
         return tasks, device

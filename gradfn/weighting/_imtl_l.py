@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradfn._internal.checks import check_finite
 from gradfn.weighting._base import LossWeighting
 from gradfn.weighting._learned import learned
 
@@ -26,4 +27,4 @@ def imtl_l(*, init: float = 0.0) -> LossWeighting:
     def penalty(s: Tensor) -> Tensor:
         return -s.sum()
 
-    return learned("imtl_l", weights, penalty, float(init))
+    return learned("imtl_l", weights, penalty, check_finite("init", init))

@@ -22,10 +22,13 @@ __all__ = ["RLWState", "rlw", "rlw_weights"]
 
 
 class RLWState(NamedTuple):
-    """``seed``, ``count``: 0-d int64; the draw of a call is keyed by ``fold_in(seed, count)``."""
+    """``seed``, ``count``: 0-d int64; the draw of a call is keyed by ``fold_in(seed, count)``.
+    ``weights``: ``(K,)`` float32, the last draw (``1/K`` before the first); its length is the
+    ``K`` that ``update`` checks the losses against."""
 
     seed: Tensor
     count: Tensor  # type: ignore[assignment]  # a field named like tuple.count
+    weights: Tensor
 
 
 def rlw_weights(key: Tensor, num_tasks: int) -> Tensor:
@@ -40,13 +43,15 @@ def rlw(*, seed: int = 0) -> LossWeighting:
     seed = check_seed("seed", seed)
 
     def init(tasks: int | Tensor, *, device: torch.device | str | None = None) -> RLWState:
-        _, device = task_count(tasks, device)
+        k, device = task_count(tasks, device)
         z = torch.zeros((), dtype=torch.int64, device=device)
-        return RLWState(z + seed, z)
+        return RLWState(z + seed, z, torch.full((k,), 1.0 / k, device=device))
 
     def update(state: RLWState, losses: Tensor, params: Any = None) -> tuple[RLWState, Tensor]:
-        losses = check_losses(losses, None, "rlw")
+        losses = check_losses(losses, state.weights.shape[0], "rlw")
         w = rlw_weights(fold_in(state.seed, state.count), losses.shape[0])
-        return RLWState(state.seed, state.count + 1), w.to(losses.device)
+        return RLWState(state.seed, state.count + 1, w.to(state.weights.device)), w.to(
+            losses.device
+        )
 
     return LossWeighting(init, update, "rlw")

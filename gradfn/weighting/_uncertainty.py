@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradfn._internal.checks import check_choice
+from gradfn._internal.checks import check_choice, check_finite
 from gradfn.weighting._base import LossWeighting
 from gradfn.weighting._learned import learned
 
@@ -38,4 +38,4 @@ def uncertainty(*, kind: str = "simplified", init: float = 0.0) -> LossWeighting
     def penalty(s: Tensor) -> Tensor:
         return d * s.sum()
 
-    return learned("uncertainty", weights, penalty, float(init))
+    return learned("uncertainty", weights, penalty, check_finite("init", init))

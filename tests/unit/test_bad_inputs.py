@@ -73,6 +73,12 @@ BAD: dict[str, Callable[[], Any]] = {
     "init: K = 0": lambda: A.aggregator("upgrad").init(0),
     "init: bool K": lambda: A.aggregator("gradvac").init(True),
     "per_task_grads: losses not callable": lambda: per_task_grads(3, {"w": torch.ones(2)}, None),
+    "per_task_grads: params a list of floats": lambda: per_task_grads(
+        lambda p, b: [p[0] * p[1]], [1.0, 2.0], None
+    ),
+    "per_task_grads: int params": lambda: per_task_grads(
+        lambda p, b: [p["w"].sum()], {"w": torch.ones(2, dtype=torch.int64)}, None
+    ),
     "config: num_tasks 0": lambda: SonGokuConfig(num_tasks=0),
     "config: lambdas empty": lambda: ConductorConfig(lambdas=(), accumulation_steps=1),
     "config: lambdas string": lambda: ConductorConfig(lambdas="ab", accumulation_steps=1),

@@ -22,7 +22,13 @@ import gradfn.aggregators as A
 from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
 
 BAD = [math.nan, math.inf, -math.inf]
-MODULES = ("gradfn.transforms", "gradfn.schedules", "gradfn.algorithms", "gradfn.conflict")
+MODULES = (
+    "gradfn.transforms",
+    "gradfn.schedules",
+    "gradfn.algorithms",
+    "gradfn.conflict",
+    "gradfn.weighting",
+)
 
 
 class _Net(nn.Module):
@@ -63,6 +69,9 @@ EXEMPT = {
     "stability": "kernel: previous-step tensors; `eps` from ConductorConfig",
     "knn_k_for_density": "integer helper; `density` is checked by GraphRule",
     "interference": "a diagnostic of a Gramian: `eps` only guards a division",
+    "dwa_weights": "kernel: a DWA state; `temperature` comes from the checked dwa()",
+    "famo_weights": "kernel: a FAMO state; its settings come from the checked famo()",
+    "famo_update_logits": "kernel: a FAMO state; its settings come from the checked famo()",
 }
 
 

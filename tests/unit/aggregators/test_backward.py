@@ -130,6 +130,26 @@ def test_accumulates_and_keeps_unreached_grads():
             torch.testing.assert_close(g, 2 * first[n])
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("constant", [torch.ones((), dtype=F64), "detached"])
+def test_a_constant_loss_is_a_zero_row(strategy, constant):
+    """A loss with no graph (a constant, or a detached value) among others is a valid input: its
+    row of the Jacobian is zero, so ``mean`` gives half the other task's gradient."""
+    model, x = setup(2)
+    live = losses_of(model, x)[1]
+    dead = live.detach() if constant == "detached" else constant
+    _, out = A.backward([dead, live], model, "mean", strategy=strategy)
+    ref = torch.autograd.grad(
+        losses_of(model, x)[1] / 2, list(model.parameters()), allow_unused=True
+    )
+    for (n, p), r in zip(model.named_parameters(), ref, strict=True):
+        if r is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12, msg=n)
+    assert out.weights.shape == (2,)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_non_finite_gradient_writes_nothing(shared):
     model, x = setup(2)

@@ -95,3 +95,26 @@ def test_weighted_loss_module_checkpoints_its_state(method, tmp_path):
         strict=True,
     ):
         torch.testing.assert_close(x_, y_)
+
+
+@pytest.mark.parametrize("method", W.METHODS)
+def test_a_numpy_task_count_is_the_int(method):
+    import numpy as np
+
+    m = W.weighting(method)
+    got, want = m.init(np.int64(3)), m.init(3)
+    for x_, y_ in zip(
+        torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True
+    ):
+        assert torch.equal(x_, y_)
+    if m.init_params is not None:
+        assert m.init_params(np.int64(3)).shape == (3,)
+    with pytest.raises(TypeError, match="tasks"):
+        m.init(np.bool_(True))
+
+
+@pytest.mark.parametrize("method", VALUE_BASED)
+def test_the_wrong_number_of_losses_fails_naming_them(method):
+    m = W.weighting(method)
+    with pytest.raises(ValueError, match="`losses` has 2 tasks"):
+        m.update(m.init(3), torch.ones(2))
