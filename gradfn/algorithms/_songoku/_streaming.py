@@ -121,7 +121,12 @@ def _sketch(
     assert config.sketch_dim is not None
     losses = [parts[i] for i in idx.tolist()]
     sk, _ = streamed_sketch(
-        losses, tree_leaves(shared), config.sketch_dim, config.seed, retain_graph=True
+        losses,
+        tree_leaves(shared),
+        config.sketch_dim,
+        config.seed,
+        retain_graph=True,
+        gramian=False,
     )
     return sk
 
