@@ -14,6 +14,7 @@ from torch import nn
 import gradfn.algorithms._songoku._step as step_module
 import gradfn.weighting as W
 from gradfn import SonGokuScheduler, TaskSpec, TauSchedule, songoku
+from gradfn.algorithms._songoku import group_lists
 
 K = 4
 SIGNS = (1.0, 0.5, -1.0, -0.7)  # two pairs of opposed tasks: the graph splits them
@@ -163,3 +164,43 @@ def test_functional_songoku_checks_rows():
         songoku(loss_fn, num_tasks=2, rows="streaming")
     with pytest.raises(ValueError, match="`rows` must be one of"):
         songoku(loss_fn, num_tasks=2, rows="auto")
+
+
+@pytest.mark.parametrize("weighting", [None, "dwa"])
+def test_functional_streaming_with_a_reducer_matches_the_rows(weighting):
+    # the reducer is called on what each path averages across ranks (identity: one rank)
+    calls = {"rows": 0, "streaming": 0}
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 4, generator=g, dtype=torch.float64)}
+    params["h"] = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    signs = torch.tensor([1.0, -0.8, 0.6], dtype=torch.float64)
+
+    def loss_fn(p, x):
+        z = torch.tanh(x @ p["w"])
+        return [((z * p["h"][k]).sum(1) - signs[k] * x.sum(1)).pow(2).mean() for k in range(3)]
+
+    def run(rows):
+        def reduce(tree):
+            calls[rows] += 1
+            return tree
+
+        extra = {} if weighting is None else {"loss_weighting": W.weighting(weighting)}
+        algo = songoku(
+            loss_fn, num_tasks=3, shared=["w"], refresh_period=2, tau_schedule=-0.5,
+            sketch_dim=16, reduce=reduce, rows=rows, **extra,
+        )  # fmt: skip
+        p = {n: v.clone() for n, v in params.items()}
+        state, trace = algo.init(p), []
+        for x in torch.randn(7, 6, 5, generator=torch.Generator().manual_seed(2)).double():
+            state, grads = algo.update(state, p, x)
+            p = {n: v - 0.1 * grads[n] for n, v in p.items()}
+            trace.append(group_lists(state))
+        return p, state, trace
+
+    p_r, s_r, t_r = run("rows")
+    p_s, s_s, t_s = run("streaming")
+    assert t_s == t_r and any(len(groups) > 1 for groups in t_r)
+    for n in params:
+        torch.testing.assert_close(p_s[n], p_r[n], rtol=0, atol=1e-10)
+    torch.testing.assert_close(s_s.ema, s_r.ema, rtol=1e-5, atol=1e-6)
+    assert calls["rows"] > 0 and calls["streaming"] > 0
