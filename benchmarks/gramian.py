@@ -19,10 +19,18 @@ order from the step's start, parameters excluded, ``.grad`` set to None before t
 ``max_memory_allocated`` minus the memory allocated before the step). The target bound is one
 parameter copy + ``K`` × the largest parameter + the forward's own peak (the activations).
 
+``--songoku``: SON-GOKU with a sketched EMA (``sketch_dim=256``) on the 1.8M-parameter MLP,
+``SonGokuScheduler(rows="rows")`` vs ``rows="streaming"`` (the sketches from one batched backward,
+the update from one backward of the group's loss), K ∈ {8, 32}, every task active at every step
+(τ = 1: one group, the first refresh window's case), SGD. Time per step in interleaved rounds;
+peak memory over a fresh scheduler's first three steps (its setup and the row path's kept row
+buffers included, parameters excluded).
+
 Usage::
 
     python -m benchmarks.gramian            # K in {2, 8, 32}, and the 1.8 M-parameter MLP at K = 8
     python -m benchmarks.gramian --quick    # a smoke run
+    python -m benchmarks.gramian --songoku  # the SON-GOKU table only
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import gradfn.aggregators as A
 from benchmarks._common import add_common_args, environment, interleave, ratio_spread, setup
 from benchmarks.backward import peak_mib
 from benchmarks.per_task_grads import CNNHeads, LargeMLPHeads, MLPHeads
+from gradfn import SonGokuScheduler, TaskSpec, TauSchedule
 
 
 def losses_of(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
@@ -75,6 +84,77 @@ def runners(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Callabl
     return {"rows": rows, "rows-vmap": rows_vmap, "streaming": streaming, "autogram": autogram}
 
 
+def songoku_runners(
+    model: nn.Module, batch: tuple[Tensor, Tensor], k: int
+) -> dict[str, Callable[[], None]]:
+    """A SON-GOKU step per path (persistent schedulers, for timing) and a fresh scheduler's
+    first three steps per path (for the peak memory), keyed ``"rows"``, ``"streaming"``,
+    ``"fresh-rows"``, ``"fresh-streaming"``."""
+
+    def task(i: int) -> TaskSpec:
+        def loss(m: nn.Module, b: tuple[Tensor, Tensor]) -> Tensor:
+            return nn.functional.cross_entropy(m.heads[i](m.trunk(b[0])), b[1][:, i])
+
+        return TaskSpec(f"t{i}", loss)
+
+    def make(rows: str) -> SonGokuScheduler:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        tau = TauSchedule("constant", tau_target=1.0)  # one group: every task active
+        tasks = [task(i) for i in range(k)]
+        return SonGokuScheduler(model, tasks, opt, tau_schedule=tau, sketch_dim=256, rows=rows)
+
+    steps = {f"t{i}": batch for i in range(k)}
+
+    def persistent(rows: str) -> Callable[[], None]:
+        sched = make(rows)
+
+        def run() -> None:
+            sched.step(steps)
+
+        return run
+
+    def fresh(rows: str) -> Callable[[], None]:
+        def run() -> None:
+            sched = make(rows)
+            for _ in range(3):
+                sched.step(steps)
+
+        return run
+
+    return {
+        "rows": persistent("rows"),
+        "streaming": persistent("streaming"),
+        "fresh-rows": fresh("rows"),
+        "fresh-streaming": fresh("streaming"),
+    }
+
+
+def songoku_table(device: torch.device, ks: list[int], rounds: int, batch_size: int) -> None:
+    """The SON-GOKU rows-vs-streaming table (module docstring)."""
+    print(
+        "| model | K | rows ms | streaming ms | rows / streaming | peak MiB rows / streaming "
+        "| K × n MiB (the rows) | bound MiB (params + K·leaf + fwd) |"
+    )
+    print("|---" * 8 + "|")
+    for k in ks:
+        model, x, y = build("MLP-1.8M", k, batch_size, device)
+        run = songoku_runners(model, (x, y), k)
+        timed = {name: run[name] for name in ("rows", "streaming")}
+        t = interleave(timed, device, rounds=rounds, warmup=2)
+        mem = {name: peak_mib(run[f"fresh-{name}"], model, device) for name in timed}
+        params = list(model.parameters())
+        one = sum(p.numel() * p.element_size() for p in params) / 2**20
+        leaf = max(p.numel() * p.element_size() for p in params) / 2**20
+        bound = one + k * leaf + forward_peak(model, (x, y), device)
+        print(
+            f"| MLP-1.8M | {k} | {t['rows'].ms()} | {t['streaming'].ms()} "
+            f"| {ratio_spread(t['rows'], t['streaming'])} "
+            f"| {mem['rows']:.1f} / {mem['streaming']:.1f} | {k * one:.1f} | {bound:.1f} |",
+            flush=True,
+        )
+    print("\nratios > 1: streaming faster (median [min–max] of the per-round ratios).")
+
+
 def forward_peak(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> float:
     """The forward's own peak (the activations autograd saves), in MiB."""
     box: list[list[Tensor]] = []
@@ -98,6 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K in {2, 8}, few rounds")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell")
+    parser.add_argument("--songoku", action="store_true", help="the SON-GOKU table only")
     add_common_args(parser)
     args = parser.parse_args()
     device = setup(args)
@@ -105,6 +186,10 @@ def main() -> None:
     ks = [2, 8] if args.quick else [2, 8, 32]
     rounds = args.rounds or (3 if args.quick else 7)
     batch_size = 64
+    if args.songoku:
+        print(f"{environment(device)}, batch {batch_size}, SON-GOKU, {rounds} interleaved rounds\n")
+        songoku_table(device, [2] if args.quick else [8, 32], rounds, batch_size)
+        return
     print(f"{environment(device)}, batch {batch_size}, UPGrad, {rounds} interleaved rounds\n")
     print(
         "| model | K | rows ms | rows / streaming | rows-vmap / streaming | autogram / streaming "

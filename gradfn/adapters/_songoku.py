@@ -30,6 +30,7 @@ from gradfn.adapters._tasks import (
 from gradfn.algorithms import SonGoku, SonGokuState, songoku
 from gradfn.algorithms._songoku import group_lists, make_config, task_grads
 from gradfn.algorithms._songoku._config import from_reference
+from gradfn.algorithms._songoku._streaming import choose_rows, usage_grads
 from gradfn.autodiff import functional_loss
 from gradfn.integrations.distributed import check_same_config
 from gradfn.schedules import TauSchedule
@@ -48,7 +49,10 @@ class SonGokuScheduler:
     calling the model, or a direct submodule, on the same input objects share one forward and
     one dropout mask; False: one forward per task), ``quarantine_after`` (None: off; ``n``: a task
     whose loss is non-finite at ``n`` consecutive active steps is left out from then on, so the
-    others keep training; docs: Reliability). ``device`` is accepted for compatibility.
+    others keep training; docs: Reliability), ``rows`` and ``memory_budget`` (with ``sketch_dim``:
+    ``"streaming"`` never holds the ``K × n`` per-task rows; ``"auto"`` picks it, with a warning,
+    when they exceed ``memory_budget`` bytes, by default a CUDA device's free memory; the path
+    in use is ``self.rows``; docs: Scaling). ``device`` is accepted for compatibility.
     Which parameters each task touches is read from autograd during the first step (every task is
     active then): parameters two or more tasks use are shared, the others are heads.
     """
@@ -77,6 +81,8 @@ class SonGokuScheduler:
         scaler: Any = None,
         share_forward: bool = True,
         quarantine_after: int | None = None,
+        rows: str = "auto",
+        memory_budget: int | None = None,
         **options: Any,
     ) -> None:
         self._module, ddp, process_group = unwrap(model, process_group)
@@ -120,8 +126,12 @@ class SonGokuScheduler:
                 **options,
             )
         )
+        self.rows = choose_rows(
+            rows, memory_budget, self._config, [*self._params.values()], "SonGokuScheduler"
+        )
         check_same_config(
             {"task_names": self.names, "ddp_sync": ddp_sync, "share_forward": share_forward}
+            | {"rows": self.rows}
             | {f.name: getattr(self._config, f.name) for f in dataclasses.fields(self._config)},
             group=process_group,
             what="SonGokuScheduler",
@@ -140,7 +150,9 @@ class SonGokuScheduler:
     def _build(self, usage: Tensor, shared: list[str], heads: list[list[str]]) -> None:
         self._usage, self._shared_names, self._heads = usage, shared, heads
         config = dataclasses.replace(self._config, shared=frozenset(shared))
-        self._algo = songoku(self._f, config, reduce=self._reduce, donate_state=True)
+        self._algo = songoku(
+            self._f, config, reduce=self._reduce, donate_state=True, rows=self.rows
+        )
 
     def _setup(self, batches: Mapping[str, Any], scale: Tensor | None) -> Any:
         missing = [n for n in self.names if n not in batches]
@@ -149,7 +161,7 @@ class SonGokuScheduler:
                 f"step: the first step trains every task, so batches_by_task needs a batch for each; missing {missing}"
             )
         every = torch.ones(len(self.tasks), dtype=torch.bool, device=self._named[0][1].device)
-        first = task_grads(
+        first = (usage_grads if self.rows == "streaming" else task_grads)(
             self._config, self._f, self._params, batches, every, loss_scale=scale, return_usage=True
         )
         usage = torch.stack([first.usage[n].cpu() for n, _ in self._named], dim=1)

@@ -25,6 +25,7 @@ from gradfn.adapters._common import (
 from gradfn.adapters._reference_io import append_jsonl, dump_graph
 from gradfn.adapters._tasks import check_batches, heads_of
 from gradfn.algorithms._songoku import active_mask, task_grads
+from gradfn.algorithms._songoku._streaming import usage_grads
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -193,7 +194,7 @@ def _learn(
     if probe is not None:
         mask = mask | probe
     config = sched._algo.config if sched._algo is not None else sched._config
-    out = task_grads(
+    out = (usage_grads if sched.rows == "streaming" else task_grads)(
         config, sched._f, sched._params, used, mask, loss_scale=scale, return_usage=True
     )
     rows = torch.stack([out.usage[n].cpu() for n, _ in sched._named], dim=1)

@@ -21,7 +21,14 @@ from torch import Tensor
 from gradfn.aggregators._base import Aggregated, Aggregator
 from gradfn.autodiff._gramian import stream_gramian
 
-__all__ = ["GRAMIAN_PATHS", "choose_gramian", "rows_bytes", "streaming_backward"]
+__all__ = [
+    "GRAMIAN_PATHS",
+    "check_memory_budget",
+    "choose_gramian",
+    "over_budget",
+    "rows_bytes",
+    "streaming_backward",
+]
 
 GRAMIAN_PATHS = ("auto", "rows", "streaming")
 
@@ -38,6 +45,22 @@ def _budget(memory_budget: int | None, device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     return None  # the CPU: no estimate of what is free, the rows are used
+
+
+def check_memory_budget(what: str, memory_budget: object) -> None:
+    """``ValueError`` (naming ``what``) unless ``memory_budget`` is None or a positive int."""
+    if isinstance(memory_budget, bool) or not (
+        memory_budget is None or (isinstance(memory_budget, int) and memory_budget > 0)
+    ):
+        raise ValueError(f"{what}: `memory_budget` must be a positive int, got {memory_budget!r}")
+
+
+def over_budget(k: int, tensors: list[Tensor], memory_budget: int | None) -> tuple[int, int] | None:
+    """``(need, budget)`` in bytes when the ``K × n`` rows of ``tensors`` exceed
+    ``memory_budget`` (default: the free memory of a CUDA device, none on the CPU), else None."""
+    need = rows_bytes(k, tensors)
+    budget = _budget(memory_budget, tensors[0].device)
+    return None if budget is None or need <= budget else (need, budget)
 
 
 def choose_gramian(
@@ -57,10 +80,7 @@ def choose_gramian(
     the aggregator is a weighting of the Gramian, and ``features=`` is not used; a warning says
     so.
     """
-    if isinstance(memory_budget, bool) or not (
-        memory_budget is None or (isinstance(memory_budget, int) and memory_budget > 0)
-    ):
-        raise ValueError(f"backward: `memory_budget` must be a positive int, got {memory_budget!r}")
+    check_memory_budget("backward", memory_budget)
     if gramian == "rows":
         return "rows"
     leaves = all(t.grad_fn is None for t in shared)
@@ -82,10 +102,10 @@ def choose_gramian(
                 "'auto' or 'vmap', got 'loop'"
             )
         return "streaming"
-    need = rows_bytes(k, shared)
-    budget = _budget(memory_budget, shared[0].device)
-    if budget is None or need <= budget or not able:
+    over = over_budget(k, shared, memory_budget) if able else None
+    if over is None:
         return "rows"
+    need, budget = over
     warnings.warn(
         f"backward: the {k} per-task rows need {need / 2**20:.1f} MiB, over the memory budget "
         f"({budget / 2**20:.1f} MiB): the Gramian is computed leaf by leaf "

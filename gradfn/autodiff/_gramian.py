@@ -56,8 +56,9 @@ class _Sink:
         n_gram: int,
         n_sum: int,
         also: Callable[[int, Tensor], None] | None = None,
+        gram: bool = True,
     ) -> None:
-        self.k, self.also = k, also
+        self.k, self.also, self.want_gram = k, also, gram
         self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
         self.parts: list[Tensor | None] = [None] * n_gram
         self.sums: list[Tensor | None] = [None] * n_sum
@@ -71,6 +72,8 @@ class _Sink:
             return
         if self.also is not None:
             self.also(index, rows)
+        if not self.want_gram:
+            return
         r = rows.reshape(self.k, -1)
         if r.dtype is not torch.float32 and r.dtype is not torch.float64:
             r = r.to(torch.float32)
@@ -114,6 +117,7 @@ def stream_gramian(
     *,
     retain_graph: bool = False,
     also: Callable[[int, Tensor], None] | None = None,
+    gram: bool = True,
 ) -> Streamed:
     """``G`` of ``losses`` w.r.t. ``inputs`` and ``Σ_k ∂L_k/∂x`` for ``x`` in ``summed``, from
     one batched backward that never holds more than the leaves in flight (module docstring).
@@ -122,6 +126,8 @@ def stream_gramian(
     ``retain_graph``: keep the graph for a later backward (the weighted one).
     ``also(j, rows)``: called with each Gramian leaf's index and ``(K, *shape)`` rows while they
     exist (e.g. to sketch them); it must not keep them.
+    ``gram=False``: only ``also`` and the sums, no Gramian work (``K² n``): ``gram`` is returned
+    zero and ``parts`` ``None``.
     """
     k = len(losses)
     leaves = [*inputs, *summed]
@@ -134,7 +140,7 @@ def stream_gramian(
     if len({id(x) for x in leaves}) != len(leaves):
         raise ValueError("gramian: an input appears twice in `inputs`")
     device = leaves[0].device
-    sink = _Sink(k, device, len(inputs), len(summed), also)
+    sink = _Sink(k, device, len(inputs), len(summed), also, gram)
     live = [i for i, loss in enumerate(losses) if loss.requires_grad]
     reached = [False] * len(inputs)
     if live:

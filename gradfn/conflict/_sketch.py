@@ -147,12 +147,14 @@ def streamed_sketch(
     chunk: int | None = None,
     method: str = "countsketch",
     retain_graph: bool = False,
-) -> tuple[Tensor, Tensor]:
+    gramian: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """``(sketches (K, dim), G (K, K))`` of ``K`` losses w.r.t. ``inputs`` without the rows.
 
     The projection is linear per leaf, so each leaf's ``K`` rows are projected (and folded into
     ``G``) while they exist, in the one batched backward of :func:`gradfn.autodiff.gramian`:
     equal to ``sketch(rows, dim, seed)`` for the rows of ``inputs`` in that order.
+    ``gramian=False``: ``G`` is not computed (its ``K² n`` work is skipped) and returned as None.
     """
     chunk = _check(dim, method, chunk)
     box: list[Tensor] = []
@@ -161,7 +163,9 @@ def streamed_sketch(
         s = sketch_leaf(rows.reshape(rows.shape[0], -1), index, dim, seed, method, chunk)
         box.append(s if not box else box.pop() + s)
 
-    out = stream_gramian(list(losses), list(inputs), retain_graph=retain_graph, also=also)
+    out = stream_gramian(
+        list(losses), list(inputs), retain_graph=retain_graph, also=also, gram=gramian
+    )
     k = len(losses)
     sk = box[0] if box else torch.zeros(k, dim, dtype=torch.float32, device=out.gram.device)
-    return sk, out.gram
+    return sk, out.gram if gramian else None

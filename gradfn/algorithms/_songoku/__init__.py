@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from gradfn._internal.checks import check_callable
+from gradfn._internal.checks import check_callable, check_choice
 from gradfn.aggregators import Aggregated, Aggregator, aggregator
 from gradfn.algorithms._base import Algorithm
 from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._driver import refresh, refresh_due, update
 from gradfn.algorithms._songoku._state import SonGokuState, group_lists, init_state
 from gradfn.algorithms._songoku._step import TaskGrads, active_mask, step, task_grads
+from gradfn.algorithms._songoku._streaming import check_streaming, streaming_step
 from gradfn.algorithms._songoku._touched import touched_mask
 from gradfn.conflict import GraphRule
 from gradfn.transforms import EmptyState
@@ -141,6 +142,7 @@ def songoku(
     *,
     reduce: Reducer | None = None,
     donate_state: bool = False,
+    rows: str = "rows",
     **options: Any,
 ) -> SonGoku:
     """Build SON-GOKU for ``loss_fn(params, batch) -> K losses`` (dict / tuple / 1-D tensor).
@@ -160,6 +162,10 @@ def songoku(
             ``K × n`` buffers kept from step to step (no fresh memory to fault in at every step),
             so the returned gradients may be views of them, valid until the next step. Under ``torch.compile`` the update stays
             functional. Keep the default when you hold on to old states or gradients.
+        rows: ``"rows"`` (the per-task rows of the active tasks, then their sketch or EMA) or
+            ``"streaming"`` (needs ``sketch_dim``, no ``aggregator``; eager only): the sketches
+            come from one batched backward leaf by leaf and the update from one backward of the
+            group's weighted loss, so the ``K × n`` rows never exist (same groups and update).
 
     The per-call ``loss_scale=`` (a 0-d tensor, e.g. ``GradScaler.scale(torch.ones(()))``) of
     ``update``, ``step`` and ``refresh`` multiplies the losses before differentiation and divides
@@ -179,14 +185,33 @@ def songoku(
         raise TypeError("songoku: give a `config` or keyword options, not both")
     elif not isinstance(config, SonGokuConfig):
         raise TypeError(f"`config` must be a SonGokuConfig, got {type(config).__name__}")
+    check_choice("rows", rows, ("rows", "streaming"))
+    if rows == "streaming":
+        check_streaming(config, "songoku")
     donate = bool(donate_state)
     # donated: the per-task row buffers are kept and reused from step to step (eager CPU)
     workspace: dict[Any, Any] | None = {} if donate else None
+    stream = rows == "streaming"
     return SonGoku(
         init=partial(init_state, config),
-        update=partial(update, config, loss_fn, reduce=reduce, donate=donate, workspace=workspace),
-        step=partial(step, config, loss_fn, reduce=reduce, donate=donate, workspace=workspace),
-        refresh=partial(refresh, config, loss_fn, reduce=reduce, donate=donate),
+        update=partial(
+            update,
+            config,
+            loss_fn,
+            reduce=reduce,
+            donate=donate,
+            workspace=workspace,
+            streaming=stream,
+        ),
+        step=partial(
+            streaming_step if stream else step,
+            config,
+            loss_fn,
+            reduce=reduce,
+            donate=donate,
+            workspace=workspace,
+        ),
+        refresh=partial(refresh, config, loss_fn, reduce=reduce, donate=donate, streaming=stream),
         refresh_due=partial(refresh_due, config),
         config=config,
     )

@@ -14,6 +14,7 @@ from gradfn.algorithms._songoku._ema import blend_rows, observe
 from gradfn.algorithms._songoku._recolor import recolor
 from gradfn.algorithms._songoku._state import SonGokuState, shared_names
 from gradfn.algorithms._songoku._step import TaskGrads, step, task_grads
+from gradfn.algorithms._songoku._streaming import sketched, streaming_step
 from gradfn.typing import LossFn, Params, Reducer
 
 __all__ = ["refresh", "refresh_due", "update"]
@@ -35,12 +36,14 @@ def refresh(
     loss_scale: Tensor | None = None,
     reduce: Reducer | None = None,
     donate: bool = False,
+    streaming: bool = False,
 ) -> SonGokuState:
     """Recolour: (optional EMA update on ``batch``), ``τ(t)``, ``ρ``, graph, colouring.
 
     ``batch`` holds fresh per-task data for ``loss_fn``; ``probe`` (K,) bool selects the tasks
     whose EMA it updates (default: all; none: the batch is not evaluated). Tasks with a non-finite
-    loss or gradient keep their EMA.
+    loss or gradient keep their EMA. ``streaming``: the sketches come from one batched backward
+    without the per-task rows (:func:`~gradfn.algorithms._songoku._streaming.sketched`).
     """
     if batch is not None and (probe is None or bool(probe.any())):
         k = config.num_tasks
@@ -50,19 +53,22 @@ def refresh(
             if probe is None
             else probe.to(device=device, dtype=torch.bool)
         )
-        wrt = None if config.shared is None else config.is_shared
-        tg = task_grads(config, loss_fn, params, batch, mask, wrt=wrt, loss_scale=loss_scale)
-        losses = tg.losses
-        obs = observe(config, {n: tg.rows[n] for n in shared_names(config, params)})
+        if streaming:
+            losses, obs, idx = sketched(config, loss_fn, params, batch, mask, loss_scale)
+        else:
+            wrt = None if config.shared is None else config.is_shared
+            tg = task_grads(config, loss_fn, params, batch, mask, wrt=wrt, loss_scale=loss_scale)
+            losses, idx = tg.losses, tg.idx
+            obs = observe(config, {n: tg.rows[n] for n in shared_names(config, params)})
         if reduce is not None:
             losses, obs = reduce((losses, obs))
-        finite = torch.isfinite(losses.to(torch.float32)).index_select(0, tg.idx)
+        finite = torch.isfinite(losses.to(torch.float32)).index_select(0, idx)
         for leaf in [obs] if isinstance(obs, Tensor) else list(obs.values()):
             finite = finite & torch.isfinite(leaf.flatten(1)).all(dim=1)
-        upd = mask.index_select(0, tg.idx) & finite
+        upd = mask.index_select(0, idx) & finite
         state = state._replace(
-            ema=blend_rows(state.ema, obs, tg.idx, upd, config.ema_beta, donate=donate),
-            ema_count=state.ema_count.index_add(0, tg.idx, upd.to(torch.int64)),
+            ema=blend_rows(state.ema, obs, idx, upd, config.ema_beta, donate=donate),
+            ema_count=state.ema_count.index_add(0, idx, upd.to(torch.int64)),
         )
     return recolor(config, state)
 
@@ -83,6 +89,7 @@ def update(
     donate: bool = False,
     grads: TaskGrads | None = None,
     workspace: dict[Any, Any] | None = None,
+    streaming: bool = False,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """``step``, then ``refresh`` when ``t`` reaches a multiple of ``R`` (eager driver).
 
@@ -97,6 +104,7 @@ def update(
             optimizer step: a refresh batch is then evaluated at the updated parameters, as the
             reference implementation does).
         grads: this step's per-task gradients, already computed (see ``step``).
+        streaming: the sketched path without the per-task rows (:func:`streaming_step`).
     """
     due = refresh_due(config, state)
     k = config.num_tasks
@@ -108,7 +116,7 @@ def update(
     )
     if due and config.ema_mode == "refresh" and probe is None and not bool(covered.all()):
         probe = ~covered
-    state, out = step(
+    state, out = (streaming_step if streaming else step)(
         config,
         loss_fn,
         state,
@@ -135,5 +143,6 @@ def update(
             loss_scale=loss_scale,
             reduce=reduce,
             donate=donate,
+            streaming=streaming,
         )
     return state, out

@@ -262,14 +262,22 @@ def _weight_rows(
     """The loss weighting's step: ``w = update(state, L)`` over the ``K`` losses, restricted to
     the active group ``S`` and renormalised, ``w̃_k = |S| w_k / Σ_{j∈S} w_j`` (uniform weights
     give the plain group sum, Eq. 6); the rows scaled by ``w̃`` (the gradients of ``w̃_k L_k``)."""
-    assert config.loss_weighting is not None
-    lw_state, w = config.loss_weighting.update(lw_state, losses.detach())
-    w = torch.where(active, w.to(torch.float32), 0.0)
-    w = w * (active.to(torch.float32).sum() / w.sum())
+    lw_state, w = group_weights(config, lw_state, losses, active)
     w_r = w.index_select(0, idx)
     return lw_state, {
         n: g * w_r.reshape((-1,) + (1,) * (g.dim() - 1)).to(g.dtype) for n, g in rows.items()
     }
+
+
+def group_weights(
+    config: SonGokuConfig, lw_state: State, losses: Tensor, active: Tensor
+) -> tuple[State, Tensor]:
+    """The loss weighting's ``(state, w̃ (K,) float32)``: ``w̃_k = |S| w_k / Σ_{j∈S} w_j`` on the
+    active group ``S``, 0 elsewhere (see :func:`_weight_rows`)."""
+    assert config.loss_weighting is not None
+    lw_state, w = config.loss_weighting.update(lw_state, losses.detach())
+    w = torch.where(active, w.to(torch.float32), 0.0)
+    return lw_state, w * (active.to(torch.float32).sum() / w.sum())
 
 
 def _guarded(

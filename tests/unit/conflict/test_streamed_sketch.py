@@ -30,6 +30,11 @@ def test_equals_the_sketch_of_the_rows(method, chunk):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     flat = torch.cat([v.reshape(4, -1) for v in stacked.values()], dim=1)
     torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    alone, none = streamed_sketch(
+        losses, params, 16, seed=3, method=method, chunk=chunk, retain_graph=True, gramian=False
+    )
+    assert none is None  # the sketches alone: the same, without the Gramian's work
+    torch.testing.assert_close(alone, got, rtol=0, atol=0)
     other, _ = streamed_sketch(
         [x * 1.0 for x in losses], params, 16, seed=4, method=method, chunk=chunk
     )
