@@ -39,6 +39,7 @@ import gradfn.weighting as W
 from benchmarks._common import add_common_args, environment, interleave, ratio_spread, setup
 
 TARGET = {"gradnorm": 1.5, "gradnorm-features": 1.5}
+GRADNORM_OWN = ("gradnorm", "gradnorm-autograd")
 
 
 class _Model(nn.Module):
@@ -103,6 +104,30 @@ def _own_work(method: str, k: int, device: torch.device) -> Callable[[], object]
     return call
 
 
+def _gradnorm_work(method: str, k: int, device: torch.device, batch: int) -> Callable[[], object]:
+    """GradNorm's own work alone: ``weighted_loss`` (the ``K`` passes to the layer, the norms,
+    the weights' update and ``Σ_k w_k L_k``) on one forward's graph, kept; ``gradnorm`` records
+    the layer's call once and hands it to each call as a forward would."""
+    torch.manual_seed(0)
+    model = _Model(k).to(device)
+    x = torch.randn(batch, 256, device=device)
+    y = torch.randint(0, 10, (batch, k), device=device)
+    capture = W.LinearCapture(model.last) if method == "gradnorm" else None
+    params: object = capture if capture is not None else list(model.last.parameters())
+    _, out = model(x)
+    losses = [nn.functional.cross_entropy(o, y[:, i]) for i, o in enumerate(out)]
+    recorded = list(capture.calls) if capture is not None else []
+    gn = W.gradnorm()
+    state = gn.init(k, device=device)
+
+    def call() -> object:
+        if capture is not None:
+            capture.calls = list(recorded)
+        return W.weighted_loss(gn, state, losses, params)
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
@@ -147,7 +172,9 @@ def main() -> None:
         "",
         "The same methods' own work alone (weights, penalty, the backward of `Σ_k w_k L_k` into a "
         "`(K,)` leaf of losses; `sum`: `Σ_k L_k`), interleaved, in µs per call; estimate = "
-        "`1 + (own − own(sum)) / step(sum)`: the step ratio with the timing noise of the whole step taken out.",
+        "`1 + (own − own(sum)) / step(sum)`: the step ratio with the timing noise of the whole step taken out. "
+        "GradNorm's own work: `weighted_loss` on one forward's graph (the `K` passes to its layer, "
+        "the norms, the weights' update and `Σ_k w_k L_k`), no backward.",
         "",
         "| K | method | own work µs [min–max] | estimated step ratio |",
         "|---|---|---|---|",
@@ -158,7 +185,12 @@ def main() -> None:
         step_sum = steps[k]
         runners = {m: _own_work(m, k, device) for m in ("sum", *own)}
         t = interleave(runners, device, rounds=rounds, calls=50, warmup=20)
-        for m in own:
+        # GradNorm's calls take milliseconds: fewer per sample, beside the same `sum`
+        runners = {"sum": runners["sum"]}
+        runners.update({m: _gradnorm_work(m, k, device, args.batch) for m in GRADNORM_OWN})
+        slow = interleave(runners, device, rounds=rounds, calls=args.calls, warmup=3)
+        t.update({m: slow[m] for m in GRADNORM_OWN})
+        for m in (*own, *GRADNORM_OWN):
             lo, hi = t[m].spread
             estimate = 1 + (t[m].median - t["sum"].median) / step_sum
             row = (
