@@ -58,15 +58,23 @@ class LinearCapture:
         self.overflow = False
         self.checked = False
         self.disabled = False
-        ref = weakref.ref(self)
+        self._hook()
 
-        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            capture = ref()
-            if capture is not None:
-                capture._record(args[0] if args else kwargs.get("input"), output)
-
-        self._handle = layer.register_forward_hook(hook, prepend=True, with_kwargs=True)
+    def _hook(self) -> None:
+        self._handle = self.layer.register_forward_hook(
+            _Recorder(self), prepend=True, with_kwargs=True
+        )
         weakref.finalize(self, self._handle.remove)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the recorded calls; the copy hooks its own layer."""
+        state = dict(self.__dict__, calls=[], overflow=False)
+        del state["_handle"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hook()
 
     def _record(self, x: Any, y: Any) -> None:
         if not (isinstance(x, Tensor) and isinstance(y, Tensor) and y.requires_grad):
@@ -92,6 +100,29 @@ class LinearCapture:
         """Detach the forward hook and forget the recorded calls."""
         self._handle.remove()
         self.calls = []
+
+
+class _Recorder:
+    """The forward hook: hands each call to its capture while that lives (a weak reference);
+    pickled or copied with the layer, it records nothing."""
+
+    def __init__(self, capture: LinearCapture) -> None:
+        self.ref: Callable[[], LinearCapture | None] = weakref.ref(capture)
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        capture = self.ref()
+        if capture is not None:
+            capture._record(args[0] if args else kwargs.get("input"), output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.ref = _none
+
+
+def _none() -> None:
+    return None
 
 
 def _rows(ts: list[Tensor]) -> Tensor:

@@ -4,6 +4,8 @@ and every case where the exact path must serve instead."""
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -163,3 +165,21 @@ def test_other_layers_take_the_exact_path_and_bad_input():
         W.LinearCapture(conv)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_calls"):
         W.LinearCapture(nn.Linear(2, 2), max_calls=0)
+
+
+def test_a_model_with_a_capture_pickles_and_copies():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    wl = W.WeightedLoss(W.gradnorm(), 2, layer=model[0])
+    x = torch.randn(5, 4)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the hook goes along, inert
+    buf.seek(0)
+    torch.load(buf, weights_only=False)(x)
+    assert wl.capture is not None and wl.capture.calls == []
+    model2, wl2 = copy.deepcopy((model, wl))  # the copy records its own layer's calls
+    out = model2(x)
+    assert wl2.capture is not None and len(wl2.capture.calls) == 1 and wl.capture.calls == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wl2([out[:, 0].pow(2).mean(), out[:, 1].abs().mean()]).backward()
+    assert wl2.capture.checked and not wl2.capture.disabled
