@@ -4,7 +4,8 @@ For ``Y = X Wᵀ (+ b)`` (``X``: ``(N, in)``, ``Y``: ``(N, out)``; the rows of e
 layer in the step stacked along ``N``) and ``Δ_k = ∂L_k/∂Y`` (``(N, out)``): ``∇_W L_k = Δ_kᵀ X``
 and ``∇_b L_k = Δ_kᵀ 1``, so
 
-``‖∇_{W,b} L_k‖² = ⟨Δ_k Δ_kᵀ, X Xᵀ + 1 1ᵀ⟩`` (``N × N`` Gramians, ``N² out`` per task), or
+``‖∇_{W,b} L_k‖² = ⟨Δ_k Δ_kᵀ, X Xᵀ + 1 1ᵀ⟩`` (``N × N`` Gramians, ``¾ N² out`` per task from the
+blocks of ``Δ_k Δ_kᵀ`` on and below its diagonal; ``N² out`` as ``⟨Δ_k, M Δ_k⟩`` when ``N > out``), or
 ``‖Δ_kᵀ X‖² + ‖Δ_kᵀ 1‖²`` (``N out in`` per task), whichever costs less.
 
 The ``Δ_k`` take ``K`` backward passes that stop at the layer's output (a batched one for a
@@ -14,7 +15,7 @@ The ``Δ_k`` take ``K`` backward passes that stop at the layer's output (a batch
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -131,8 +132,9 @@ def _rows(ts: list[Tensor]) -> Tensor:
     return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
-def _output_grads(losses: Sequence[Tensor] | Tensor, ys: list[Tensor]) -> list[Tensor | None]:
-    """``Δ_k`` per task, each ``(N, out)`` over the stacked calls (None: no path to the layer)."""
+def _output_grads(losses: Sequence[Tensor] | Tensor, ys: list[Tensor]) -> Iterator[Tensor | None]:
+    """``Δ_k`` task by task, each ``(N, out)`` over the stacked calls (None: no path to the
+    layer)."""
 
     def rows(grads: Sequence[Tensor | None]) -> Tensor | None:
         if all(g is None for g in grads):
@@ -151,50 +153,53 @@ def _output_grads(losses: Sequence[Tensor] | Tensor, ys: list[Tensor]) -> list[T
         except RuntimeError:  # an op without a batching rule: one task at a time below
             pass
         else:
-            return [rows([None if g is None else g[i] for g in batched]) for i in range(k)]
-    items = list(losses.unbind(0)) if isinstance(losses, Tensor) else list(losses)
-    out: list[Tensor | None] = []
-    for loss in items:
+            for i in range(k):
+                yield rows([None if g is None else g[i] for g in batched])
+            return
+    for loss in list(losses.unbind(0)) if isinstance(losses, Tensor) else list(losses):
         if not loss.requires_grad:
-            out.append(None)
-            continue
-        out.append(rows(torch.autograd.grad(loss, ys, retain_graph=True, allow_unused=True)))
-    return out
+            yield None
+        else:
+            yield rows(torch.autograd.grad(loss, ys, retain_graph=True, allow_unused=True))
 
 
 def linear_grad_norms(
     losses: Sequence[Tensor] | Tensor, layer: nn.Linear, calls: list[tuple[Tensor, Tensor]]
 ) -> Tensor:
     """``(K,)``: ``‖∇_{W,b} L_k‖`` over the layer's parameters that require grad, from the calls'
-    ``(X, Y)`` (module docstring); in the weight's dtype, computed in at least float32."""
+    ``(X, Y)`` (module docstring); in the weight's dtype, computed in at least float32. One
+    task's ``Δ_k`` at a time (a sequence of losses)."""
     use_w = layer.weight.requires_grad
     use_b = layer.bias is not None and layer.bias.requires_grad
-    ys = [y for _, y in calls]
-    deltas = _output_grads(losses, ys)
     dtype = torch.promote_types(layer.weight.dtype, torch.float32)
     with torch.no_grad():
         x = _rows([x for x, _ in calls]).to(dtype)
-        n, d_in = x.shape
-        d_out = layer.weight.shape[0]
-        k = sum(d is not None for d in deltas)
-        if use_w and n * (k * d_out + d_in) < k * d_out * d_in:
-            sq_norm = _gramian_sq_norm(x, use_b, d_out)
-        else:
+    n, d_in = x.shape
+    d_out = layer.weight.shape[0]
+    k = len(losses)
+    gram_per_task = (0.75 if n <= d_out else 1.0) * n * n * d_out  # _gramian_sq_norm
+    if use_w and n * n * d_in + k * gram_per_task < k * n * d_out * d_in:
+        sq_norm = _gramian_sq_norm(x, use_b, d_out)
+    else:
 
-            def sq_norm(d: Tensor) -> Tensor:  # ‖Δᵀ X‖² + ‖Δᵀ 1‖²
-                q = (d.T @ x).pow_(2).sum() if use_w else x.new_zeros(())
-                return q + d.sum(0).pow(2).sum() if use_b else q
+        def sq_norm(d: Tensor) -> Tensor:  # ‖Δᵀ X‖² + ‖Δᵀ 1‖²
+            q = (d.T @ x).pow_(2).sum() if use_w else x.new_zeros(())
+            return q + d.sum(0).pow(2).sum() if use_b else q
 
-        sq = [x.new_zeros(()) if d is None else sq_norm(d.to(dtype)) for d in deltas]
-        return torch.stack(sq).clamp_min(0).sqrt().to(layer.weight.dtype)
+    sq = []
+    for delta in _output_grads(losses, [y for _, y in calls]):
+        with torch.no_grad():
+            sq.append(x.new_zeros(()) if delta is None else sq_norm(delta.to(dtype)))
+    return torch.stack(sq).clamp_min(0).sqrt().to(layer.weight.dtype)
 
 
 def _gramian_sq_norm(x: Tensor, bias: bool, d_out: int) -> Callable[[Tensor], Tensor]:
     """``Δ ↦ ⟨Δ Δᵀ, M⟩``, ``M = X Xᵀ (+ 1 1ᵀ)``."""
     n = x.shape[0]
-    m = x @ x.T
-    if bias:
-        m += 1.0
+    with torch.no_grad():
+        m = x @ x.T
+        if bias:
+            m += 1.0
     if n > d_out:
         return lambda d: (m @ d).mul_(d).sum()
     # from the blocks of Δ Δᵀ on and below the diagonal (halves at h = N/2: 3/4 of the work),
