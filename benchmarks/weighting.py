@@ -2,10 +2,13 @@
 
 A step is ``zero_grad`` + forward + the method's weights + one backward of ``Σ_k w_k L_k`` +
 ``SGD.step``; the baseline ``sum`` is the same step with ``w = 1`` (one plain backward of the
-summed loss). GradNorm also takes ``K`` ``autograd.grad`` passes down to the trunk's last layer;
-``gradnorm`` measures the norms at the
-trunk's last layer's weights (the paper), ``gradnorm-features`` at the trunk's output ``h`` (the
-``autograd.grad`` passes stop there; LibMTL's ``rep_grad`` mode). FAMO's step includes its logit
+summed loss). GradNorm's norms are at the trunk's last layer (an ``nn.Linear``, the paper's
+choice): ``gradnorm`` passes the layer (``WeightedLoss(layer=model.last)``: ``K`` backward passes
+stop at the layer's output, the norms of its weight and bias gradients come from ``N × N``
+Gramians, no weight gradient formed), ``gradnorm-autograd`` its parameters (``K``
+``autograd.grad`` passes to the weight and bias, each forming the ``512 × 512`` weight
+gradient: the same values), ``gradnorm-features`` the trunk's output ``h`` (the passes stop
+there; LibMTL's ``rep_grad`` mode; other values). FAMO's step includes its logit
 update (from the next step's losses, no extra forward). The
 learned weightings (uncertainty, IMTL-L) train their ``(K,)`` parameter with the model.
 
@@ -25,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import warnings
 from collections.abc import Callable
@@ -36,6 +40,7 @@ import gradfn.weighting as W
 from benchmarks._common import add_common_args, environment, interleave, ratio_spread, setup
 
 TARGET = {"gradnorm": 1.5, "gradnorm-features": 1.5}
+GRADNORM_OWN = ("gradnorm", "gradnorm-autograd")
 
 
 class _Model(nn.Module):
@@ -60,7 +65,11 @@ def _runner(method: str, k: int, device: torch.device, batch: int) -> Callable[[
         wl = None
     else:
         name = "gradnorm" if method.startswith("gradnorm") else method
-        layer = model.last if method == "gradnorm" else None
+        layers: dict[str, object] = {
+            "gradnorm": model.last,  # an nn.Linear: the norms from its calls
+            "gradnorm-autograd": list(model.last.parameters()),
+        }
+        layer = layers.get(method)
         wl = W.WeightedLoss(W.weighting(name), k, layer=layer, device=device)
         params += list(wl.parameters())
     opt = torch.optim.SGD(params, lr=1e-3)
@@ -96,6 +105,30 @@ def _own_work(method: str, k: int, device: torch.device) -> Callable[[], object]
     return call
 
 
+def _gradnorm_work(method: str, k: int, device: torch.device, batch: int) -> Callable[[], object]:
+    """GradNorm's own work alone: ``weighted_loss`` (the ``K`` passes to the layer, the norms,
+    the weights' update and ``Σ_k w_k L_k``) on one forward's graph, kept; ``gradnorm`` records
+    the layer's call once and hands it to each call as a forward would."""
+    torch.manual_seed(0)
+    model = _Model(k).to(device)
+    x = torch.randn(batch, 256, device=device)
+    y = torch.randint(0, 10, (batch, k), device=device)
+    capture = W.LinearCapture(model.last) if method == "gradnorm" else None
+    params: object = capture if capture is not None else list(model.last.parameters())
+    _, out = model(x)
+    losses = [nn.functional.cross_entropy(o, y[:, i]) for i, o in enumerate(out)]
+    recorded = list(capture.calls) if capture is not None else []
+    gn = W.gradnorm()
+    state = gn.init(k, device=device)
+
+    def call() -> object:
+        if capture is not None:
+            capture.calls = list(recorded)
+        return W.weighted_loss(gn, state, losses, params)
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
@@ -125,13 +158,13 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     steps: dict[int, float] = {}
     for k in ks:
-        names = ("sum", *W.METHODS, "gradnorm-features")
+        names = ("sum", *W.METHODS, "gradnorm-autograd", "gradnorm-features")
         runners = {m: _runner(m, k, device, args.batch) for m in names}
         t = interleave(runners, device, rounds=rounds, calls=args.calls, warmup=3)
         steps[k] = t["sum"].median
         for m in runners:
             ratio = "—" if m == "sum" else ratio_spread(t[m], t["sum"])
-            target = "—" if m == "sum" else f"≤ {TARGET.get(m, 1.1)}×"
+            target = "—" if m in ("sum", "gradnorm-autograd") else f"≤ {TARGET.get(m, 1.1)}×"
             row = f"| {k} | `{m}` | {t[m].ms()} | {ratio} | {target} |"
             lines.append(row)
             print(row, flush=True)
@@ -140,7 +173,10 @@ def main() -> None:
         "",
         "The same methods' own work alone (weights, penalty, the backward of `Σ_k w_k L_k` into a "
         "`(K,)` leaf of losses; `sum`: `Σ_k L_k`), interleaved, in µs per call; estimate = "
-        "`1 + (own − own(sum)) / step(sum)`: the step ratio with the timing noise of the whole step taken out.",
+        "`1 + (own − own(sum)) / step(sum)`: the step ratio with the timing noise of the whole step taken out. "
+        "GradNorm's own work: `weighted_loss` on one forward's graph (the `K` passes to its layer, "
+        "the norms, the weights' update and `Σ_k w_k L_k`), no backward, timed in rounds beside "
+        "the `sum` step itself; its estimate is `1 + own / step(sum)`, the median over rounds.",
         "",
         "| K | method | own work µs [min–max] | estimated step ratio |",
         "|---|---|---|---|",
@@ -151,9 +187,18 @@ def main() -> None:
         step_sum = steps[k]
         runners = {m: _own_work(m, k, device) for m in ("sum", *own)}
         t = interleave(runners, device, rounds=rounds, calls=50, warmup=20)
-        for m in own:
+        # GradNorm's work takes milliseconds: paired round by round with the `sum` step
+        runners = {"step": _runner("sum", k, device, args.batch)}
+        runners.update({m: _gradnorm_work(m, k, device, args.batch) for m in GRADNORM_OWN})
+        slow = interleave(runners, device, rounds=rounds, calls=args.calls, warmup=3)
+        t.update({m: slow[m] for m in GRADNORM_OWN})
+        for m in (*own, *GRADNORM_OWN):
             lo, hi = t[m].spread
-            estimate = 1 + (t[m].median - t["sum"].median) / step_sum
+            if m in GRADNORM_OWN:
+                pairs = zip(slow[m].samples, slow["step"].samples, strict=True)
+                estimate = 1 + statistics.median(a / b for a, b in pairs)
+            else:
+                estimate = 1 + (t[m].median - t["sum"].median) / step_sum
             row = (
                 f"| {k} | `{m}` | {t[m].median * 1e6:.0f} [{lo * 1e6:.0f}–{hi * 1e6:.0f}] "
                 f"| {estimate:.3f}× |"

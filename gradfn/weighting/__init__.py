@@ -15,6 +15,7 @@ from gradfn.weighting._dwa import DWAState, dwa, dwa_init, dwa_observe, dwa_weig
 from gradfn.weighting._famo import FAMOState, famo, famo_init, famo_update_logits, famo_weights
 from gradfn.weighting._gradnorm import GradNormState, gradnorm, gradnorm_init, layer_grad_norms
 from gradfn.weighting._imtl_l import imtl_l
+from gradfn.weighting._linear_norms import LinearCapture
 from gradfn.weighting._module import WeightedLoss
 from gradfn.weighting._rlw import RLWState, rlw, rlw_weights
 from gradfn.weighting._uncertainty import uncertainty
@@ -26,6 +27,7 @@ __all__ = [
     "DWAState",
     "FAMOState",
     "GradNormState",
+    "LinearCapture",
     "LossWeighting",
     "RLWState",
     "WeightedLoss",

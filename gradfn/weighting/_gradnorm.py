@@ -3,9 +3,8 @@ arXiv:1711.02257, Algorithm 1), at one chosen shared layer ``W`` (the paper uses
 layer).
 
 Per step, with weights ``w(t)`` (start at 1, sum ``K``): ``G_k = ‖∇_W w_k L_k‖ = w_k n_k``
-(``n_k = ‖∇_W L_k‖``, one ``autograd.grad`` per task w.r.t. ``W`` only, not a full per-task
-gradient), ``Ḡ = mean_k G_k``, the inverse training rates ``L̃_k = L_k(t) / L_k(0)``,
-``r_k = L̃_k / mean_j L̃_j`` and ``L_grad = Σ_k |G_k − Ḡ r_k^α|`` with the target ``Ḡ r_k^α`` held
+(``n_k = ‖∇_W L_k‖``, never a full per-task gradient), ``Ḡ = mean_k G_k``, the inverse
+training rates ``L̃_k = L_k(t) / L_k(0)``, ``r_k = L̃_k / mean_j L̃_j`` and ``L_grad = Σ_k |G_k − Ḡ r_k^α|`` with the target ``Ḡ r_k^α`` held
 constant (Eq. 2). The step's loss is ``Σ_k w_k(t) L_k``; then ``w`` takes one Adam step (lr
 ``lr``; the paper leaves the optimizer open) on ``∂L_grad/∂w_k = sign(G_k − Ḡ r_k^α) n_k``, is
 floored at ``1e-6`` and renormalised to ``Σ_k w_k = K`` (Adam's moments carry over). Adam makes
@@ -16,11 +15,21 @@ the asymmetry: 0 pulls every ``G_k`` to the same norm, larger values favour slow
 representation ``h`` of the step (a non-leaf tensor; LibMTL's ``rep_grad`` mode): the
 ``autograd.grad`` passes then stop at ``h`` and ``n_k = ‖∂L_k/∂h‖``, much cheaper than a layer's
 weights when the heads are small. A non-finite or non-positive loss, or a non-finite gradient
-norm, leaves the state as it is (the weights of the step are ``w(t)``). Calls ``autograd.grad`` (eager, not for ``torch.compile``).
+norm, leaves the state as it is (the weights of the step are ``w(t)``).
+
+Which path computes ``n_k`` (:func:`layer_grad_norms`): ``params`` a :class:`LinearCapture` of an
+``nn.Linear`` (``WeightedLoss(gradnorm(), K, layer=linear)`` makes one): ``K`` backward passes
+that stop at the layer's output ``Y`` (``Δ_k = ∂L_k/∂Y``), then from its input ``X``
+``‖∇_{W,b} L_k‖² = ⟨Δ_k Δ_kᵀ, X Xᵀ + 1 1ᵀ⟩`` (``N × N`` Gramians, ``N² out`` per task) or
+``‖Δ_kᵀ X‖² + ‖Δ_kᵀ 1‖²`` (``N out in``), whichever costs less; no weight gradient formed. Anything
+else (another layer, the layer's parameters as tensors, the features ``h``): one
+``autograd.grad`` per task to ``params`` (the exact path). Calls ``autograd.grad`` (eager, not
+for ``torch.compile``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,6 +39,7 @@ from torch import Tensor, nn
 from gradfn._internal.checks import check_nonnegative, check_positive
 from gradfn.weighting._adam import AdamMoments, adam_step
 from gradfn.weighting._base import LossWeighting, check_losses, task_count
+from gradfn.weighting._linear_norms import LinearCapture, linear_grad_norms
 
 __all__ = ["GradNormState", "gradnorm", "gradnorm_init", "layer_grad_norms"]
 
@@ -79,8 +89,34 @@ def _layer_params(params: Any) -> list[Tensor]:
 def layer_grad_norms(losses: Sequence[Tensor] | Tensor, params: Any) -> Tensor:
     """``(K,)``: ``n_k = ‖∇_W L_k‖`` over the layer's parameters ``W`` (the graph is kept).
 
-    A sequence: one ``autograd.grad`` per task, each from its own loss. A ``(K,)`` tensor: one
-    batched ``autograd.grad`` (its elements all lead back through every task's graph)."""
+    ``params`` a :class:`LinearCapture`: from the layer's output gradients and inputs, no weight
+    gradient formed (:mod:`gradfn.weighting._linear_norms`; the exact path below where it cannot
+    serve). Else the exact path, ``autograd.grad`` to ``W``: a sequence, one per task, each from
+    its own loss; a ``(K,)`` tensor, one batched call (its elements all lead back through every
+    task's graph)."""
+    if isinstance(params, LinearCapture):
+        calls = params.take()
+        if calls is None:
+            return _exact_norms(losses, params.layer)
+        fast = linear_grad_norms(losses, params.layer, calls)
+        if not params.checked:
+            params.checked = True
+            exact = _exact_norms(losses, params.layer)
+            rtol = 1e-3 if torch.finfo(exact.dtype).bits >= 32 else 5e-2
+            if not torch.allclose(fast, exact, rtol=rtol, atol=rtol * float(exact.abs().max())):
+                params.disabled = True
+                warnings.warn(
+                    "gradnorm: the norms from the layer's calls differ from its parameters' "
+                    "gradients (is its weight used other than through layer(...)?); using "
+                    "autograd.grad to its parameters from now on",
+                    stacklevel=2,
+                )
+                return exact
+        return fast
+    return _exact_norms(losses, params)
+
+
+def _exact_norms(losses: Sequence[Tensor] | Tensor, params: Any) -> Tensor:
     layer = _layer_params(params)
     zero = layer[0].new_zeros(())
     if isinstance(losses, Tensor) and losses.requires_grad:
@@ -110,7 +146,9 @@ def layer_grad_norms(losses: Sequence[Tensor] | Tensor, params: Any) -> Tensor:
 
 def gradnorm(*, alpha: float = 1.5, lr: float = 0.025) -> LossWeighting:
     """The GradNorm :class:`LossWeighting`; ``update(state, losses, params)``: ``losses`` with
-    their graph (a sequence of ``K`` scalars is cheapest), ``params`` the shared layer."""
+    their graph (a sequence of ``K`` scalars is cheapest), ``params`` the shared layer (an
+    ``nn.Module``, its parameters, the features ``h``, or a :class:`LinearCapture` of an
+    ``nn.Linear``: the cheapest; module docstring)."""
     alpha = check_nonnegative("alpha", alpha)
     lr = check_positive("lr", lr)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradfn.weighting._base import LossWeighting, weighted_loss
+from gradfn.weighting._linear_norms import LinearCapture, is_plain_linear
 
 __all__ = ["WeightedLoss"]
 
@@ -24,7 +25,10 @@ class WeightedLoss(nn.Module):
         weighting: e.g. ``weighting.famo()``.
         num_tasks: ``K``.
         layer: GradNorm's shared layer (an ``nn.Module`` or its parameters); else None. Or
-            pass ``layer=`` to each call, e.g. the shared features of the step.
+            pass ``layer=`` to each call, e.g. the shared features of the step. An
+            ``nn.Linear`` module gets a :class:`LinearCapture` (a forward hook): its norms come
+            from its output gradients and inputs, no weight gradient formed; pass its
+            parameters (``list(layer.parameters())``) for ``autograd.grad`` to them instead.
         device: where the state lives.
     """
 
@@ -42,6 +46,9 @@ class WeightedLoss(nn.Module):
         self.weighting = weighting
         self.state = weighting.init(num_tasks, device=device)
         self.layer = layer
+        self.capture: LinearCapture | None = None
+        if weighting.name == "gradnorm" and is_plain_linear(layer):
+            self.capture = LinearCapture(layer)
         self.s: nn.Parameter | None = None
         if weighting.init_params is not None:
             self.s = nn.Parameter(weighting.init_params(num_tasks, device=device).detach())
@@ -49,7 +56,8 @@ class WeightedLoss(nn.Module):
 
     def forward(self, losses: Tensor | Sequence[Tensor], layer: Any = None) -> Tensor:
         """``layer``: GradNorm's layer for this step only (e.g. this step's shared features)."""
-        params = self.s if self.s is not None else self.layer if layer is None else layer
+        own = self.layer if self.capture is None else self.capture
+        params = self.s if self.s is not None else own if layer is None else layer
         self.state, total, w = weighted_loss(self.weighting, self.state, losses, params)
         self.weights = w.detach()
         return total
