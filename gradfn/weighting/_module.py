@@ -45,7 +45,9 @@ class WeightedLoss(nn.Module):
             raise TypeError(f"WeightedLoss: `weighting` must be a LossWeighting, got {weighting!r}")
         self.weighting = weighting
         self.state = weighting.init(num_tasks, device=device)
-        self.layer = layer
+        # the user's layer, not a submodule: its parameters already reach the optimizer (and
+        # the checkpoint) through the model, and must not a second time through this module
+        object.__setattr__(self, "layer", layer)
         self.capture: LinearCapture | None = None
         if weighting.name == "gradnorm" and is_plain_linear(layer):
             self.capture = LinearCapture(layer)

@@ -183,3 +183,14 @@ def test_a_model_with_a_capture_pickles_and_copies():
         warnings.simplefilter("error")
         wl2([out[:, 0].pow(2).mean(), out[:, 1].abs().mean()]).backward()
     assert wl2.capture.checked and not wl2.capture.disabled
+
+
+def test_weighted_loss_does_not_own_the_models_layer():
+    # the layer's parameters reach the optimizer and the checkpoint through the model only
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    wl = W.WeightedLoss(W.gradnorm(), 2, layer=model[0])
+    assert wl.layer is model[0]
+    assert list(wl.parameters()) == []
+    assert not any(k.startswith("layer") for k in wl.state_dict())
+    opt = torch.optim.SGD([*model.parameters(), *wl.parameters()], lr=0.1)
+    assert len(opt.param_groups[0]["params"]) == 2  # no duplicates
