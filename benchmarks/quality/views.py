@@ -98,9 +98,12 @@ def validation_curves(chosen: dict[tuple[str, str], list[Record]], out: Path) ->
             n = min(len(r["curve"]) for r in runs)
             steps = [runs[0]["curve"][j]["step"] for j in range(n)]
             y = [sum(r["curve"][j][key] for r in runs) / len(runs) for j in range(n)]
-            style = "-" if method == "uniform" else "--"
             label = f"{LABELS.get(method, method)} (lr {runs[0]['lr']:g})"
-            ax.plot(steps, y, style, lw=1.2, color=_colour(i), label=label)
+            if method == "uniform":  # the reference every other curve is read against
+                ax.plot(steps, y, "-", lw=2.4, color="black", label=label, zorder=5)
+            else:
+                style = ("--", ":", "-.")[(i // 10) % 3]
+                ax.plot(steps, y, style, lw=1.2, color=_colour(i), label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(f"{problem}: validation curves at the selected lr (mean over seeds)")
