@@ -13,6 +13,9 @@ communication (Jacobian descent, Quinton & Rey 2024, arXiv:2406.16232).
 
 Communication per step: ``K`` backward passes, each one all-gather and one reduce-scatter per
 FSDP unit (the single-task step has one of each), plus one all-reduce of ``K²`` floats.
+
+:func:`songoku_backward` and :func:`conductor_backward` run SON-GOKU and GradientConductor the
+same way (their own module, ``gradfn.integrations._fsdp_algorithms``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from gradfn import tree
 from gradfn.aggregators._backward_inputs import Losses, loss_list, resolve
 from gradfn.aggregators._base import Aggregated, Aggregator
 
-__all__ = ["per_task_backward"]
+__all__ = ["conductor_backward", "per_task_backward", "songoku_backward"]
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -221,3 +224,7 @@ def _aggregate(
             p.grad = _as_grad(p, part)
             out[name] = p.grad
     return state, Aggregated(out, w)
+
+
+# after the helpers above, which the algorithms' module imports
+from gradfn.integrations._fsdp_algorithms import conductor_backward, songoku_backward  # noqa: E402
