@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -149,7 +150,9 @@ def _sgd(model: nn.Module) -> None:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # a bug that makes the ranks decide differently makes them differentiate different tasks:
+    # FSDP's collectives then mismatch, and the timeout turns a hang into a failure
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
