@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradfn._internal.checks import check_bool
 from gradfn.aggregators._backward_inputs import loss_list
 from gradfn.algorithms._conductor import ConductorConfig, ConductorState
 from gradfn.algorithms._conductor._process import init_state as conductor_init
@@ -137,14 +138,17 @@ def songoku_backward(
 
     Returns:
         ``(state, grads)``: ``grads`` maps names to the rank's new ``p.grad``. A skipped step (a
-        non-finite loss or gradient on any rank) adds zeros. Communication per step: one backward
+        non-finite loss or gradient on any rank) adds zeros, and so does a step to a parameter
+        no active task reaches (a momentum optimizer still moves it: set its ``p.grad`` to None
+        if that matters). Communication per step: one backward
         per differentiated task, one all-reduce of ``K`` losses and one of the skip flag, plus
         one of ``K²`` floats on a refresh (every ``R`` steps) or with a Gramian aggregator.
     """
     where = "songoku_backward"
+    check_bool("donate_state", donate_state)
     cfg = _songoku_config(config, options, where)
     named = _named(model, where)
-    psum, world = _psum(_group(named), all_reduce, where)
+    psum, world = _psum(_group(named, where), all_reduce, where)
     items = loss_list(losses)
     k = cfg.num_tasks
     if len(items) != k:
@@ -231,7 +235,7 @@ def conductor_backward(
     where = "conductor_backward"
     cfg = _conductor_config(config, options, where)
     named = _named(model, where)
-    psum, world = _psum(_group(named), all_reduce, where)
+    psum, world = _psum(_group(named, where), all_reduce, where)
     local = {n: _local(p).detach() for n, p in named.items()}  # type: ignore[union-attr]
     if state is None:
         state = conductor_init(cfg, local)

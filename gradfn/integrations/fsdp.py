@@ -40,8 +40,9 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _group(params: dict[str, Tensor]) -> Any:
-    """The process group of the sharded parameters (``None``: none is sharded)."""
+def _group(params: dict[str, Tensor], where: str = "per_task_backward") -> Any:
+    """The process group of the sharded parameters (``None``: none is sharded); ``where``
+    names the caller in the errors."""
     from torch.distributed.tensor import Shard
 
     groups = []
@@ -51,14 +52,14 @@ def _group(params: dict[str, Tensor]) -> Any:
         mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
         if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in placements):
             raise ValueError(
-                f"per_task_backward: parameter {name!r} is placed as {placements} on a "
+                f"{where}: parameter {name!r} is placed as {placements} on a "
                 f"{mesh.ndim}-D mesh; only fully_shard on a 1-D mesh (Shard(0)) is supported"
             )
         groups.append(mesh.get_group())
     plain = [n for n, p in params.items() if not _is_dtensor(p)]
     if groups and plain and dist.get_world_size(groups[0]) > 1:
         raise ValueError(
-            f"per_task_backward: parameters {plain[:3]} are not sharded by fully_shard; call "
+            f"{where}: parameters {plain[:3]} are not sharded by fully_shard; call "
             "fully_shard on the root module so that every parameter is"
         )
     return groups[0] if groups else None

@@ -292,15 +292,26 @@ def test_a_non_finite_shard_on_one_rank_skips_the_step_on_every_rank(ranks):
 
 
 def test_without_process_group_equals_the_single_process_algorithms():
-    for config in SONGOKU.values():
+    for config, donate in zip(SONGOKU.values(), (True, False), strict=True):
         model, state = _model(), None
         for step, (want, want_grads) in enumerate(_oracle_songoku(config)):
+            x, y = _batch(step)
             state, grads = songoku_backward(
-                _losses(model(_batch(step)[0]), _batch(step)[1]), model, config, state
+                _losses(model(x), y), model, config, state, donate_state=donate
             )
             _same(_record_songoku(state), want, exact=False)
             _same({n: g.clone() for n, g in grads.items()}, want_grads, exact=False)
             _sgd(model)
+    config = CONDUCTOR["lion"]
+    model, state, n = _model(), None, config.accumulation_steps
+    for cycle, (want, want_grads) in enumerate(_oracle_conductor(config)):
+        micro = [_batch(cycle * n + i) for i in range(n)]
+        state, grads = conductor_backward(
+            (_losses(model(x), y) for x, y in micro), model, config, state
+        )
+        _same(_record_conductor(state), want, exact=False)
+        _same({k: g.clone() for k, g in grads.items()}, want_grads, exact=False, f32=True)
+        _sgd(model)
 
 
 def test_bad_input():
@@ -316,6 +327,8 @@ def test_bad_input():
         songoku_backward(_losses(model(x), y), model, CONDUCTOR["lion"])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`state` must be a SonGokuState"):
         songoku_backward(_losses(model(x), y), model, SONGOKU["sum"], state=())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`donate_state`"):
+        songoku_backward(_losses(model(x), y), model, SONGOKU["sum"], donate_state=None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`all_reduce`"):
         songoku_backward(_losses(model(x), y), model, SONGOKU["sum"], all_reduce=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`model`"):
