@@ -10,7 +10,9 @@ parameters and reduce-scatters that task's gradient into the sharded ``p.grad``)
 rank's partial Gramian from its shards and all-reduces it (``K × K`` numbers), so UPGrad's
 weights are bit-identical on every rank; the rank's shard of ``Σ_k w_k g_k`` is written to
 ``p.grad`` for the optimizer. The script counts the collectives of one step against a plain
-``sum(losses).backward()`` and checks at the end that the ranks agree.
+``sum(losses).backward()``, then runs a few steps of SON-GOKU (``songoku_backward``) and one
+cycle of GradientConductor (``conductor_backward``) on the same sharded model, counting their
+collectives too, and checks at the end that the ranks agree.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradfn.integrations.fsdp import per_task_backward
+from gradfn.algorithms import ConductorConfig, SonGokuConfig
+from gradfn.integrations.fsdp import conductor_backward, per_task_backward, songoku_backward
 
 K = 3
 
@@ -174,13 +177,37 @@ def main() -> None:
         opt.zero_grad()
         losses = losses_of(model, batch)
         state, _ = per_task_backward(losses, model, "upgrad", state=state, keep_unsharded=True)
+    songoku_state, counts = None, {}
+    config = SonGokuConfig(num_tasks=K, refresh_period=2, tau_schedule=0.0)
+    for t in range(4):  # the second step recolours: count it
+        batch = shard(steps + 1 + t, rank, world, 16 * world, device)
+        with CountCollectives() as songoku_count:
+            opt.zero_grad()
+            songoku_state, _ = songoku_backward(
+                losses_of(model, batch), model, config, songoku_state
+            )
+        counts[t] = songoku_count
+        opt.step()
+    gcond = ConductorConfig(lambdas=[1.0] * K, accumulation_steps=2, stochastic=False)
+    micro = [shard(steps + 5 + i, rank, world, 16 * world, device) for i in range(2)]
+    with CountCollectives() as gcond_count:
+        opt.zero_grad()
+        gcond_state, _ = conductor_backward((losses_of(model, b) for b in micro), model, gcond)
+    opt.step()
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     ok = agree(weights) and agree(torch.cat([p.detach().reshape(-1) for p in full]))
+    ok = ok and agree(songoku_state.groups) and agree(gcond_state.stats.raw_norms)
     if rank == 0:
         print(f"one step, W={world}, K={K} (forward included):")
         print(f"  sum(losses).backward(): {plain.line()}")
         print(f"  per_task_backward:      {per_task.line()}")
         print(f"  ... keep_unsharded=True: {kept.line()}")
+        print(f"  songoku_backward, refresh step (all tasks): {counts[1].line()}")
+        print(f"  songoku_backward, one group: {counts[2].line()}")
+        print(f"  conductor_backward, one cycle of 2 micro-batches: {gcond_count.line()}")
+        print(
+            f"SON-GOKU groups: {[g.nonzero().flatten().tolist() for g in songoku_state.groups[: int(songoku_state.num_groups)]]}"
+        )
         print(f"ranks agree: {ok}")
     if launched:
         dist.destroy_process_group()

@@ -26,7 +26,8 @@ def reject_sharded(
     if is_sharded(model, tensors):
         raise NotImplementedError(
             f"{where}: parameters sharded by FSDP2 (fully_shard) are not supported here; use "
-            "gradfn.integrations.fsdp.per_task_backward(losses, model, aggregator) with an "
-            "aggregator that is a weighting of the Gramian (see the FSDP section of the scaling "
-            "docs)"
+            "gradfn.integrations.fsdp: per_task_backward(losses, model, aggregator) with an "
+            "aggregator that is a weighting of the Gramian, songoku_backward(losses, model, "
+            "config, state) for SON-GOKU or conductor_backward(microbatch_losses, model, config, "
+            "state) for GradientConductor (see the FSDP section of the scaling docs)"
         )

@@ -13,6 +13,9 @@ communication (Jacobian descent, Quinton & Rey 2024, arXiv:2406.16232).
 
 Communication per step: ``K`` backward passes, each one all-gather and one reduce-scatter per
 FSDP unit (the single-task step has one of each), plus one all-reduce of ``K²`` floats.
+
+:func:`songoku_backward` and :func:`conductor_backward` run SON-GOKU and GradientConductor the
+same way (their own module, ``gradfn.integrations._fsdp_algorithms``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from gradfn import tree
 from gradfn.aggregators._backward_inputs import Losses, loss_list, resolve
 from gradfn.aggregators._base import Aggregated, Aggregator
 
-__all__ = ["per_task_backward"]
+__all__ = ["conductor_backward", "per_task_backward", "songoku_backward"]
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -37,8 +40,9 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _group(params: dict[str, Tensor]) -> Any:
-    """The process group of the sharded parameters (``None``: none is sharded)."""
+def _group(params: dict[str, Tensor], where: str = "per_task_backward") -> Any:
+    """The process group of the sharded parameters (``None``: none is sharded); ``where``
+    names the caller in the errors."""
     from torch.distributed.tensor import Shard
 
     groups = []
@@ -48,14 +52,14 @@ def _group(params: dict[str, Tensor]) -> Any:
         mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
         if mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in placements):
             raise ValueError(
-                f"per_task_backward: parameter {name!r} is placed as {placements} on a "
+                f"{where}: parameter {name!r} is placed as {placements} on a "
                 f"{mesh.ndim}-D mesh; only fully_shard on a 1-D mesh (Shard(0)) is supported"
             )
         groups.append(mesh.get_group())
     plain = [n for n, p in params.items() if not _is_dtensor(p)]
     if groups and plain and dist.get_world_size(groups[0]) > 1:
         raise ValueError(
-            f"per_task_backward: parameters {plain[:3]} are not sharded by fully_shard; call "
+            f"{where}: parameters {plain[:3]} are not sharded by fully_shard; call "
             "fully_shard on the root module so that every parameter is"
         )
     return groups[0] if groups else None
@@ -221,3 +225,7 @@ def _aggregate(
             p.grad = _as_grad(p, part)
             out[name] = p.grad
     return state, Aggregated(out, w)
+
+
+# after the helpers above, which the algorithms' module imports
+from gradfn.integrations._fsdp_algorithms import conductor_backward, songoku_backward  # noqa: E402

@@ -189,6 +189,7 @@ def test_paths_without_fsdp_support_refuse_a_sharded_model(ranks):
         assert len(r["refused"]) == 3
         for message in r["refused"]:
             assert "fully_shard" in message and "per_task_backward" in message, message
+            assert "songoku_backward" in message and "conductor_backward" in message, message
 
 
 def test_without_process_group_is_the_row_path():

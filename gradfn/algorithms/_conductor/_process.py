@@ -34,6 +34,8 @@ from gradfn.typing import PyTree, State
 
 __all__ = ["ConductorState", "ConductorStats", "init_state", "make_process", "pipeline"]
 
+Psum = Callable[[Tensor], Tensor]  # sums a tensor over the ranks (the same result on each)
+
 
 class ConductorStats(NamedTuple):
     """What the last cycle measured (recorded whether it was applied or skipped): ``losses``
@@ -135,7 +137,7 @@ class ConductorState(NamedTuple):
         return self.stats.final_grad_norm
 
 
-def _post(config: ConductorConfig) -> GradientTransform:
+def _post(config: ConductorConfig, psum: Psum | None = None) -> GradientTransform:
     if config.use_lion:
         return lion(
             config.momentum_beta,
@@ -143,15 +145,16 @@ def _post(config: ConductorConfig) -> GradientTransform:
             config.trust_ratio_clip,
             eps=config.eps,
             dtype=config.accumulation_dtype,
+            psum=psum,
         )
     return momentum(config.momentum_beta, dtype=config.accumulation_dtype)
 
 
-def pipeline(config: ConductorConfig) -> GradientTransform:
+def pipeline(config: ConductorConfig, psum: Psum | None = None) -> GradientTransform:
     """``resolution ▷ post`` over task-stacked ``A`` (unguarded: :func:`make_process` wraps it
     in the skip policy); ``return_raw_grad`` returns the resolved sum while the momentum still
-    advances."""
-    res, post = resolution(config), _post(config)
+    advances. ``psum``: see :func:`make_process`."""
+    res, post = resolution(config), _post(config, psum)
 
     def init(params: PyTree) -> tuple[State, State]:
         return res.init(params), post.init(params)
@@ -187,6 +190,7 @@ def make_process(
     *,
     select: Literal["where", "host"] = "where",
     backend: str | None = None,
+    psum: Psum | None = None,
 ) -> Callable[..., tuple[ConductorState, PyTree]]:
     """``process(state, grads, losses, raw_losses, params) -> (state, grads)`` for one cycle:
     ``apply_if_finite(resolution ▷ post)`` with the skip decided on the ``K×K`` Gramian.
@@ -196,9 +200,12 @@ def make_process(
     dtype's momentum output; ``return_raw_grad``: the float32 resolved sum). ``select="host"``:
     a skipped cycle is decided with one host read instead of ``torch.where`` copies (eager).
     ``backend``: compile it with ``torch.compile(fullgraph=True)``; with ``select="host"`` all
-    but the skip decision is compiled, which stays eager.
+    but the skip decision is compiled, which stays eager. ``psum``: sums a tensor over ranks
+    that each hold a shard of every ``A_k`` (FSDP): the partial Gramian and cross-Gramian
+    (``2K²`` floats, one call), the output's squared norm and Lion's per-tensor squared norms are
+    summed, so every decision is the full gradients' and the same on every rank.
     """
-    inner = pipeline(config)
+    inner = pipeline(config, psum)
 
     def unguarded(
         state: tuple[State, State],
@@ -209,12 +216,16 @@ def make_process(
     ) -> tuple[tuple[State, State], PyTree, Tensor, ConductorStats]:
         # the Gramian and the cross-Gramian with the previous A_k in one pass over the A_k
         gram, cross = gramian_and_cross(grads, state[0].prev)
+        if psum is not None:
+            gram, cross = psum(torch.stack((gram, cross.to(gram.dtype)))).unbind(0)
         # a NaN / Inf anywhere in the A_k shows on the Gramian's diagonal: one K×K test
         bad = ~torch.isfinite(gram).all() | ~torch.isfinite(losses).all()
         new, out = inner.update(state, grads, params, gram=gram, cross=cross)
-        out_norm = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm([x.float() for x in tree.leaves(out)]))
-        )
+        norms = torch.stack(torch._foreach_norm([x.float() for x in tree.leaves(out)]))
+        if psum is None:
+            out_norm = torch.linalg.vector_norm(norms)
+        else:
+            out_norm = torch.sqrt(psum((norms**2).sum()))
         stats = ConductorStats(
             losses=losses.float(),
             raw_losses=raw_losses.float(),

@@ -3,7 +3,10 @@ Welsh–Powell groups and minimum-coverage duplication (arXiv:2509.16959, §3–
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from gradfn.algorithms._songoku._config import SonGokuConfig
 from gradfn.algorithms._songoku._state import SonGokuState
@@ -14,14 +17,20 @@ from gradfn.tree import gramian
 __all__ = ["recolor"]
 
 
-def recolor(config: SonGokuConfig, state: SonGokuState) -> SonGokuState:
+def recolor(
+    config: SonGokuConfig,
+    state: SonGokuState,
+    psum: Callable[[Tensor], Tensor] | None = None,
+) -> SonGokuState:
     """The state with new groups from its EMAs (pure, tensor-only; fixed-length loops).
+    ``psum``: the EMAs are shards (FSDP); their partial Gramian is summed over the ranks.
 
     The cycle restarts at group 0 (group 1 with ``legacy_pointer``), and ``τ`` is evaluated at
     ``t`` = completed steps. ``ρ > τ`` is decided in the EMAs' precision (float64 EMAs: float64).
     """
     # ρ and τ are compared in the EMA's precision (float64 EMAs: float64); the state keeps float32
-    rho = interference(gramian(state.ema, dtype=None), config.eps)
+    gram = gramian(state.ema, dtype=None)
+    rho = interference(gram if psum is None else psum(gram), config.eps)
     tau = tau_value(config.tau_schedule, state.step, dtype=rho.dtype)
     adj, tau_used = config.graph.adjacency(rho, tau)
     rho = rho.to(torch.float32)

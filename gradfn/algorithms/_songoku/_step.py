@@ -25,6 +25,8 @@ from gradfn.typing import LossFn, Params, PyTree, Reducer, State
 
 __all__ = ["TaskGrads", "active_mask", "step", "task_grads"]
 
+Psum = Callable[[Tensor], Tensor]  # sums a tensor over the ranks (the same result on each)
+
 
 class TaskGrads(NamedTuple):
     """Per-task gradients of some tasks: ``losses`` (K,) of every task, ``rows`` task-stacked
@@ -129,8 +131,10 @@ def _aggregate(
     idx: Tensor,
     active: Tensor,
     red: Tensor,
+    psum: Psum | None = None,
 ) -> tuple[State, dict[str, Tensor], Tensor]:
-    """``(aggregator state, shared gradient, head weights (K,))`` of the active group."""
+    """``(aggregator state, shared gradient, head weights (K,))`` of the active group
+    (``psum``: the rows are shards, their partial Gramian is summed over the ranks)."""
     k = config.num_tasks
     w_sum = active.to(torch.float32) * red
     agg = config.aggregator
@@ -138,6 +142,8 @@ def _aggregate(
         return agg_state, weighted_sum(shared_r, w_sum.index_select(0, idx)), w_sum
     if agg.weighting is not None:  # K×K only: the Gramian of the rows, weights, one weighted sum
         gram_r = gramian(shared_r, dtype=None)
+        if psum is not None:
+            gram_r = psum(gram_r)
         gram = torch.zeros(k, k, dtype=gram_r.dtype, device=gram_r.device)
         gram = gram.index_put((idx[:, None], idx[None, :]), gram_r)
         agg_state, w = agg.weighting(agg_state, gram, active=active)
@@ -166,6 +172,7 @@ def step(
     donate: bool = False,
     grads: TaskGrads | None = None,
     workspace: dict[Any, Any] | None = None,
+    psum: Psum | None = None,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """One step: ``(state, grads)``, ``grads`` with the structure of ``params``.
 
@@ -173,7 +180,8 @@ def step(
     them on the step that triggers a refresh). ``grads``: per-task gradients already computed
     for this step (unscaled, this rank's), e.g. to learn which parameters each task reaches.
     ``workspace`` (eager): row buffers reused from step to step; the returned gradients may then
-    be views of them, valid until the next step.
+    be views of them, valid until the next step. ``psum`` (with ``grads``, FSDP): sums a tensor
+    over ranks that each hold a shard of every row (the in-group Gramian, the skip test).
     A non-finite loss of an active task or gradient skips the step: the state is unchanged apart
     from ``skipped`` and ``losses``, and the returned gradients are zeros.
     """
@@ -230,7 +238,9 @@ def step(
         if config.aggregator is None and not is_compiling() and config.reduction == "sum":
             out, covered = _sum_rows(rows, active.index_select(0, idx))
         if not covered:
-            agg_state, shared_g, w_heads = _aggregate(config, agg_state, shared_r, idx, active, red)
+            agg_state, shared_g, w_heads = _aggregate(
+                config, agg_state, shared_r, idx, active, red, psum
+            )
             other_g = weighted_sum(other_r, w_heads.index_select(0, idx)) if other_r else {}
             out = {n: (shared_g[n] if n in name_set else other_g[n]) for n in params}
         if reduce is not None and late_reduce:
@@ -248,6 +258,7 @@ def step(
         (agg_state, lw_state),
         donate,
         covered,
+        psum,
     )
 
 
@@ -292,16 +303,20 @@ def _guarded(
     states: tuple[State, State],
     donate: bool,
     covered: bool = False,
+    psum: Psum | None = None,
 ) -> tuple[SonGokuState, dict[str, Tensor]]:
     """The skip policy: a non-finite active loss, gradient or EMA observation leaves the state
     as it was (apart from ``skipped`` and ``losses``) and returns zero gradients.
     ``covered``: the gradients are the sum of every observed row, so their test covers the rows
-    (a NaN or an infinity in any row reaches the sum)."""
+    (a NaN or an infinity in any row reaches the sum). ``psum``: the skip is decided when any
+    rank's shard is non-finite."""
     losses = losses.to(torch.float32)
     bad = (~torch.isfinite(losses) & active).any() | tree_any_nonfinite(grads)
     upd_r = ema_mask.index_select(0, idx)
     if obs is not None and not covered:
         bad = bad | (upd_r & ~finite_rows(obs)).any()
+    if psum is not None:
+        bad = psum(bad.to(torch.float32).reshape(1)).reshape(()) > 0
     beta = config.ema_beta
     moved = dict(
         step=state.step + 1,
