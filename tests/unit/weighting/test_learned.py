@@ -89,3 +89,28 @@ def test_learned_weightings_check_their_parameter():
         u.update(u.init(2), torch.ones(2), torch.zeros(3))
     with pytest.raises(ValueError, match="kind"):
         W.uncertainty(kind="gaussian")
+
+
+def test_imtl_l_is_uncertainty_with_the_sign_of_s_flipped_under_adam():
+    # e^{s}L - s is e^{-s'}L + s' with s' = -s; Adam's step is odd in the gradient, so the
+    # two trainings stay bit-identical from s = 0 (the docs' weighting page says so)
+    def train(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        lw = W.weighting(name)
+        state = lw.init(2)
+        s = lw.init_params(2).detach().requires_grad_(True)
+        opt = torch.optim.Adam([*model.parameters(), s], lr=0.05)
+        x, y = torch.randn(16, 3), torch.randn(16, 2) * torch.tensor([100.0, 0.01])
+        for _ in range(20):
+            out = model(x)
+            losses = [((out[:, k] - y[:, k]) ** 2).mean() for k in range(2)]
+            state, total, _ = W.weighted_loss(lw, state, losses, s)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        return model.weight.detach(), s.detach()
+
+    (w_u, s_u), (w_i, s_i) = train("uncertainty"), train("imtl_l")
+    assert torch.equal(w_u, w_i) and torch.equal(s_u, -s_i)
+    assert not torch.equal(s_u, torch.zeros(2))  # s moved
