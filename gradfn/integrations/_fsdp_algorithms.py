@@ -83,24 +83,33 @@ def _unflatten(flat: Tensor, local: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _per_task(
-    named: dict[str, Tensor], losses: list[Tensor], dtype: torch.dtype | None = None
+    named: dict[str, Tensor],
+    losses: list[Tensor],
+    dtype: torch.dtype | None = None,
+    reached: dict[int, list[bool]] | None = None,
 ) -> Tensor:
-    """``(len(losses), n_r)``: this rank's shards of the losses' gradients (``p.grad`` kept)."""
+    """``(len(losses), n_r)``: this rank's shards of the losses' gradients (``p.grad`` kept);
+    ``reached[j]``: the parameters loss ``j``'s backward reached."""
     params = list(named.values())
     prior = [p.grad for p in params]
     try:
-        rows = _rows(losses, params, [])
+        rows = _rows(losses, params, [], reached)
     finally:
         for p, g in zip(params, prior, strict=True):
             p.grad = g
     return rows if dtype is None else rows.to(dtype)
 
 
-def _write(named: dict[str, Tensor], out: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``p.grad += out[name]`` (the rank's shard, a ``DTensor`` when ``p`` is one)."""
+def _write(
+    named: dict[str, Tensor], out: Mapping[str, Tensor], touched: list[bool] | None = None
+) -> dict[str, Tensor]:
+    """``p.grad += out[name]`` (the rank's shard, a ``DTensor`` when ``p`` is one); a parameter
+    not ``touched`` whose ``p.grad`` is None keeps None (and is left out of the result)."""
     grads = {}
     with torch.no_grad():
-        for name, p in named.items():
+        for q, (name, p) in enumerate(named.items()):
+            if touched is not None and not touched[q] and p.grad is None:
+                continue
             part = out[name].to(p.dtype)
             if p.grad is not None:
                 part = part + _local(p.grad)  # type: ignore[operator]
@@ -137,10 +146,11 @@ def songoku_backward(
         donate_state: update the EMAs in place (the state passed in is given up).
 
     Returns:
-        ``(state, grads)``: ``grads`` maps names to the rank's new ``p.grad``. A skipped step (a
-        non-finite loss or gradient on any rank) adds zeros, and so does a step to a parameter
-        no active task reaches (a momentum optimizer still moves it: set its ``p.grad`` to None
-        if that matters). Communication per step: one backward
+        ``(state, grads)``: ``grads`` maps names to the rank's new ``p.grad``. A parameter that
+        no active task reaches (an inactive task's head) keeps ``p.grad`` None, as in the
+        paper, so that a momentum optimizer does not move it; it is left out of ``grads``. A
+        skipped step (a non-finite loss or gradient on any rank) adds zeros to the others.
+        Communication per step: one backward
         per differentiated task, one all-reduce of ``K`` losses and one of the skip flag, plus
         one of ``K²`` floats on a refresh (every ``R`` steps) or with a Gramian aggregator.
     """
@@ -163,7 +173,11 @@ def songoku_backward(
     probe = torch.ones_like(active) if due and cfg.ema_mode == "refresh" else None
     needed = active if cfg.ema_mode == "active" or probe is None else active | probe
     idx = torch.nonzero(needed).flatten()
-    rows = _per_task(named, [items[i] for i in idx.tolist()])
+    reached: dict[int, list[bool]] = {}
+    rows = _per_task(named, [items[i] for i in idx.tolist()], reached=reached)
+    # the parameters some active task reaches (alike on every rank: the same graph)
+    hit = [reached[j] for j, i in enumerate(idx.tolist()) if bool(active[i]) and j in reached]
+    touched = [any(col) for col in zip(*hit, strict=True)] if hit else [False] * len(named)
     values = torch.stack([loss.detach().float().reshape(()) for loss in items])
     if psum is not None:
         values = psum(values) / world
@@ -173,7 +187,7 @@ def songoku_backward(
     )
     if due and not bool(state.skipped):
         state = recolor(cfg, state, psum)
-    return state, _write(named, out)
+    return state, _write(named, out, touched)
 
 
 def _songoku_config(config: Any, options: dict[str, Any], where: str) -> SonGokuConfig:

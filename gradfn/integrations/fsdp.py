@@ -166,10 +166,17 @@ def per_task_backward(
     return _aggregate(named, rows, aggregator, state, group, all_reduce, prior)
 
 
-def _rows(items: Sequence[Tensor], params: list[Tensor], fsdp: list[Any]) -> Tensor:
+def _rows(
+    items: Sequence[Tensor],
+    params: list[Tensor],
+    fsdp: list[Any],
+    reached: dict[int, list[bool]] | None = None,
+) -> Tensor:
     """``(K, n_r)``: row ``k`` is this rank's shard of ``∂L_k/∂θ`` (FSDP reduce-scatters it).
 
-    ``fsdp``: the FSDP modules kept unsharded between the passes (empty: FSDP's own setting)."""
+    ``fsdp``: the FSDP modules kept unsharded between the passes (empty: FSDP's own setting).
+    ``reached[k]`` (filled when given): which parameters loss ``k``'s backward reached (FSDP
+    leaves an unreached parameter's ``p.grad`` None, alike on every rank)."""
     locals_ = [_local(p) for p in params]
     n = sum(t.numel() for t in locals_ if t is not None)
     dtype = torch.promote_types(params[0].dtype, torch.float32)
@@ -182,6 +189,8 @@ def _rows(items: Sequence[Tensor], params: list[Tensor], fsdp: list[Any]) -> Ten
             module.set_reshard_after_backward(i == live[-1], recurse=False)
         items[i].backward(retain_graph=i != live[-1])
         offset = 0
+        if reached is not None:
+            reached[i] = [p.grad is not None for p in params]
         for p, t in zip(params, locals_, strict=True):
             assert t is not None
             g = _local(p.grad)

@@ -121,6 +121,28 @@ class _Kink(nn.Module):
         return h + self.w.abs().sqrt().sum()
 
 
+class _Spare(nn.Module):
+    """The test model plus a head that no task uses (like an inactive task's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _model()
+        self.spare = nn.Linear(16, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _spare_step(model: nn.Module, rank: int) -> dict[str, Any]:
+    x, y = _half(_batch(0), rank)
+    _, grads = songoku_backward(_losses(model(x), y), model, SONGOKU["sum"])
+    return {
+        "names": sorted(grads),
+        "spare": [p.grad is None for p in model.spare.parameters()],
+        "body": [p.grad is not None for p in model.body.parameters()],
+    }
+
+
 def _poisoned(mesh: Any) -> dict[str, bool]:
     """One step of each algorithm where one rank's shard of a gradient is non-finite."""
     from torch.distributed.fsdp import fully_shard
@@ -188,6 +210,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     _sgd(model)
                 result[f"conductor-{name}-{reduce}"] = trace
         result["poisoned"] = _poisoned(mesh)
+        from torch.distributed.fsdp import fully_shard
+
+        spare = _Spare()
+        fully_shard(spare, mesh=mesh)
+        result["spare"] = _spare_step(spare, rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -284,6 +311,13 @@ def test_control_without_the_all_reduce_fails(ranks, key):
         want, want_grads = oracle[len(trace) - 1]
         assert not torch.allclose(rec[stat], want[stat], atol=1e-3)
         assert any(not torch.allclose(grads[n], want_grads[n], atol=1e-4) for n in grads)
+
+
+def test_a_parameter_no_active_task_reaches_keeps_no_gradient(ranks):
+    # as in the paper: an untouched head gets no p.grad, so a momentum optimizer leaves it
+    for out in [r["spare"] for r in ranks] + [_spare_step(_Spare(), 0)]:  # sharded, plain
+        assert out["spare"] == [True, True] and all(out["body"])
+        assert out["names"] == sorted(n for n, _ in _Spare().body.named_parameters(prefix="body"))
 
 
 def test_a_non_finite_shard_on_one_rank_skips_the_step_on_every_rank(ranks):
