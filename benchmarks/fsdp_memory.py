@@ -185,9 +185,9 @@ def _worlds(text: str) -> list[int]:
     try:
         worlds = [int(w) for w in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--worlds: integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"integers, got {text!r}") from None
     if not worlds or min(worlds) < 1:
-        raise argparse.ArgumentTypeError(f"--worlds: each W must be ≥ 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"each W must be ≥ 1, got {text!r}")
     return worlds
 
 
