@@ -88,3 +88,13 @@ def test_no_formula_is_left_as_inline_code(page):
     spans = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", prose)
     bad = [s for s in spans if any(c in MATH_CHARS for c in s)]
     assert not bad, f"docs/{page}: formulas as inline code (write them as $…$): {bad}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_no_control_characters(page):
+    # a LaTeX command written into an unescaped Python string ("\tilde", "\rvert", "\frac")
+    # leaves a tab, carriage return or form feed in the page and breaks the formula
+    with open(DOCS / page, encoding="utf-8", newline="") as f:  # keeps a "\r" visible
+        text = f.read()
+    bad = sorted({repr(c) for c in text if ord(c) < 32 and c != "\n"})
+    assert not bad, f"{page}: control characters {bad}"
