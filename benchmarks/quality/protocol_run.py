@@ -1,6 +1,7 @@
 """``python -m benchmarks.quality --protocol``: the tuned protocol's sweep
 (:mod:`benchmarks.quality.protocol`), the grid extension (:mod:`benchmarks.quality.bracket`) and
-the report, written to ``results.json`` / ``results.md``."""
+the report, written to ``results.json`` (settings and summary) / ``results.md``; every run's
+record is in ``runs.jsonl``, compressed to ``runs.jsonl.gz`` (the copy to commit)."""
 
 from __future__ import annotations
 
@@ -123,7 +124,10 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print("matplotlib is not installed: no figures")
     payload = {"settings": settings, "records": records, "summary": rows}
-    (out / "results.json").write_text(json.dumps(payload, allow_nan=True))
+    # the records themselves (every run, with its curve and trace) are in runs.jsonl(.gz)
+    summary = {"settings": settings, "summary": rows}
+    (out / "results.json").write_text(json.dumps(summary, allow_nan=True, indent=1))
+    cache.compress()
     (out / "results.md").write_text(protocol.markdown(rows, settings))
     print(f"wrote {out / 'results.md'} ({len(records)} runs)")
     return payload
