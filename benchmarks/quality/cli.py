@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         "--protocol",
         action="store_true",
         help="tuned protocol: validation split, lr sweep selected on validation, single-task "
-        f"baselines, paired intervals (default --out {PROTOCOL_OUT})",
+        f"baselines, paired intervals (default --out {PROTOCOL_OUT}, with --quick "
+        f"{PROTOCOL_OUT / 'quick'})",
     )
     p.add_argument("--lr-points", type=int, default=3, help="protocol: lr grid size (default 3)")
     p.add_argument(

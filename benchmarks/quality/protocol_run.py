@@ -80,7 +80,9 @@ def run_protocol(args: argparse.Namespace) -> dict[str, Any]:
     jobs = args.jobs if args.jobs is not None else default_jobs()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out: Path = args.out if args.out != DEFAULT_OUT else PROTOCOL_OUT
+    out: Path = args.out
+    if out == DEFAULT_OUT:  # a smoke run never overwrites the committed results
+        out = PROTOCOL_OUT / "quick" if args.quick else PROTOCOL_OUT
     cache = RunCache(out / "runs.jsonl", resume=args.resume)
     t0 = time.perf_counter()
     try:

@@ -467,3 +467,16 @@ def test_overview_verdicts_by_hand():
     text = "\n".join(views.overview_table(rows, {"b": {"control": True}}))
     assert "| Method | a | b (control) |" in text
     assert "| PCGrad | better, Δm -1.2 % | – |" in text
+
+
+def test_a_quick_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
+    from benchmarks.quality import protocol_run
+
+    monkeypatch.setattr(protocol_run, "PROTOCOL_OUT", tmp_path)
+    argv = ["--protocol", "--problems=diabetes", "--methods=uniform", "--steps=4", "--seeds=2",
+            "--lrs=0.001", "--lr-extend=0", "--jobs=1", "--no-figures", "--no-single-task"]  # fmt: skip
+    cli.main([*argv, "--quick"])
+    assert (tmp_path / "quick" / "results.md").is_file()
+    assert not (tmp_path / "results.md").exists() and not (tmp_path / "runs.jsonl.gz").exists()
+    cli.main(argv)  # the full protocol writes to its own folder
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "runs.jsonl.gz").is_file()
