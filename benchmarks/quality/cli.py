@@ -99,7 +99,11 @@ DEFAULT_FIGURES = Path("docs/assets/quality")  # served by the docs; results.md 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed (under a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny budgets, 1 seed (under a minute; default --out {DEFAULT_OUT / 'quick'})",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     p.add_argument("--problems", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from benchmarks.quality.protocol_run import run_protocol
 
         return run_protocol(args)
+    if args.quick and args.out == DEFAULT_OUT:  # a smoke run never overwrites the committed results
+        args.out = DEFAULT_OUT / "quick"
     if args.figures is None:
         args.figures = DEFAULT_FIGURES if args.out == DEFAULT_OUT else args.out
     if args.replot:

@@ -172,3 +172,11 @@ def test_toy_front_trades_one_loss_for_the_other():
     front = pareto_front(50)
     assert front.shape == (50, 2)
     assert bool((front[1:, 0] < front[:-1, 0]).all()) and bool((front[1:, 1] > front[:-1, 1]).all())
+
+
+def test_a_quick_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_OUT", tmp_path)
+    cli.main(["--quick", "--problems=diabetes", "--methods=uniform", "--seeds=1", "--steps=2",
+              "--no-toy", "--no-figures", "--jobs=1"])  # fmt: skip
+    assert (tmp_path / "quick" / "results.json").is_file()
+    assert not (tmp_path / "results.json").exists()
