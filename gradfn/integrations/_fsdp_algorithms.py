@@ -173,10 +173,11 @@ def songoku_backward(
     probe = torch.ones_like(active) if due and cfg.ema_mode == "refresh" else None
     needed = active if cfg.ema_mode == "active" or probe is None else active | probe
     idx = torch.nonzero(needed).flatten()
+    ids, on = idx.tolist(), active.tolist()  # one host transfer each
     reached: dict[int, list[bool]] = {}
-    rows = _per_task(named, [items[i] for i in idx.tolist()], reached=reached)
+    rows = _per_task(named, [items[i] for i in ids], reached=reached)
     # the parameters some active task reaches (alike on every rank: the same graph)
-    hit = [reached[j] for j, i in enumerate(idx.tolist()) if bool(active[i]) and j in reached]
+    hit = [reached[j] for j, i in enumerate(ids) if on[i] and j in reached]
     touched = [any(col) for col in zip(*hit, strict=True)] if hit else [False] * len(named)
     values = torch.stack([loss.detach().float().reshape(()) for loss in items])
     if psum is not None:
