@@ -34,26 +34,11 @@ from gradfn.algorithms._songoku._driver import refresh_due
 from gradfn.algorithms._songoku._recolor import recolor
 from gradfn.algorithms._songoku._state import init_state as songoku_init
 from gradfn.algorithms._songoku._step import TaskGrads, step
-from gradfn.integrations.fsdp import _as_grad, _group, _local, _reshard, _rows
+from gradfn.integrations.fsdp import _as_grad, _group, _local, _named, _rows
 
 __all__ = ["conductor_backward", "songoku_backward"]
 
 Psum = Callable[[Tensor], Tensor]
-
-
-def _named(model: Any, where: str) -> dict[str, Tensor]:
-    if isinstance(model, nn.Module):
-        _reshard(model)
-        named: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    elif isinstance(model, Mapping):
-        named = dict(model)
-    else:
-        raise TypeError(
-            f"{where}: `model` must be an nn.Module or a mapping, got {type(model).__name__}"
-        )
-    if not named:
-        raise ValueError(f"{where}: `model` has no trainable parameter")
-    return named
 
 
 def _psum(group: Any, all_reduce: bool, where: str) -> tuple[Psum | None, int]:

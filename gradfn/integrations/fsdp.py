@@ -80,6 +80,22 @@ def _reshard(model: nn.Module) -> None:
         module.reshard()
 
 
+def _named(model: Any, where: str) -> dict[str, Tensor]:
+    """The trainable parameters by name: of an ``nn.Module`` (resharded first) or a mapping."""
+    if isinstance(model, nn.Module):
+        _reshard(model)
+        named: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    elif isinstance(model, Mapping):
+        named = dict(model)
+    else:
+        raise TypeError(
+            f"{where}: `model` must be an nn.Module or a mapping, got {type(model).__name__}"
+        )
+    if not named:
+        raise ValueError(f"{where}: `model` has no trainable parameter")
+    return named
+
+
 def _local(g: Tensor | None) -> Tensor | None:
     if g is None:
         return None
@@ -144,18 +160,7 @@ def per_task_backward(
     for flag, value in (("all_reduce", all_reduce), ("keep_unsharded", keep_unsharded)):
         if not isinstance(value, bool):
             raise TypeError(f"per_task_backward: `{flag}` must be a bool, got {value!r}")
-    if isinstance(model, nn.Module):
-        _reshard(model)
-        named: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    elif isinstance(model, Mapping):
-        named = dict(model)
-    else:
-        raise TypeError(
-            f"per_task_backward: `model` must be an nn.Module or a mapping, got "
-            f"{type(model).__name__}"
-        )
-    if not named:
-        raise ValueError("per_task_backward: `model` has no trainable parameter")
+    named = _named(model, "per_task_backward")
     group = _group(named)
     params = list(named.values())
     prior = [p.grad for p in params]
