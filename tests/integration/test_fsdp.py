@@ -8,25 +8,17 @@ The control (``all_reduce=False``, each rank's partial Gramian only) must miss i
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradfn.aggregators import aggregator
 from gradfn.integrations.fsdp import per_task_backward
+from tests._utils.two_ranks import run_two_ranks
 
 K, BATCH, STEPS = 3, 8, 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Sequential:
@@ -149,11 +141,7 @@ def _oracle() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Te
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
-        )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    return run_two_ranks(_worker)
 
 
 def test_ranks_take_identical_decisions_equal_to_one_process(ranks):

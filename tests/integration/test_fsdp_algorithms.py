@@ -9,20 +9,18 @@ The oracle is one process running gradfn's single-process algorithm (``songoku``
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call
 
 from gradfn.algorithms import ConductorConfig, SonGokuConfig, conductor, songoku
 from gradfn.integrations.fsdp import conductor_backward, songoku_backward
+from tests._utils.two_ranks import run_two_ranks
 
 K, BATCH, STEPS, LR = 3, 8, 4, 0.1
 SONGOKU = {
@@ -49,12 +47,6 @@ CONDUCTOR = {
 CYCLES = 2
 CONTROL_STEPS = 2  # SON-GOKU's first refresh is at step 2 (refresh_period=2)
 CONTROLS = ("songoku-upgrad", "conductor-lion")  # one per algorithm (each run costs backwards)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Sequential:
@@ -249,11 +241,7 @@ def _oracle_conductor(config: ConductorConfig) -> list[tuple[dict, dict]]:
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
-        )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    return run_two_ranks(_worker)
 
 
 def _same(
