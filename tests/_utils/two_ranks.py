@@ -20,10 +20,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(worker: Callable[[int, int, str], None]) -> list[Any]:
-    """Spawn ``worker`` on ranks 0 and 1 and return what each saved, by rank."""
+def run_two_ranks(
+    worker: Callable[[int, int, str], None], *, weights_only: bool = True
+) -> list[Any]:
+    """Spawn ``worker`` on ranks 0 and 1 and return what each saved, by rank (``weights_only``:
+    as in :func:`torch.load`)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             worker, args=(free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
         )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=weights_only)
+            for r in range(2)
+        ]

@@ -2,13 +2,10 @@
 mean."""
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gradfn.integrations.distributed import (
     all_reduce_mean,
@@ -17,12 +14,7 @@ from gradfn.integrations.distributed import (
     make_reducer,
     world_size,
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests._utils.two_ranks import run_two_ranks
 
 
 def _rank_tree(rank: int) -> dict[str, torch.Tensor]:
@@ -69,11 +61,7 @@ def test_identity_without_process_group():
 
 
 def test_two_ranks_average_in_float32_buckets():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
-        )
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    results = run_two_ranks(_worker)
     t0, t1 = _rank_tree(0), _rank_tree(1)
     for r in results:
         assert r["ws"] == 2 and r["dist"]

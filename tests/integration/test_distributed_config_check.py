@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradfn.adapters import GradientConductor, SonGokuScheduler, TaskSpec
 from gradfn.integrations.distributed import check_same_config
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests._utils.two_ranks import run_two_ranks
 
 
 def _outcome(fn) -> str:
@@ -66,11 +58,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_a_setting_that_differs_between_ranks_raises_on_every_rank_naming_it():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
-        )
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    results = run_two_ranks(_worker)
     for r in results:
         assert r["same"] == "ok" and r["songoku_ok"] == "ok" and r["gcond_ok"] == "ok", r
         assert r["plain"].startswith("ValueError: t:") and "['x']" in r["plain"], r

@@ -10,13 +10,10 @@ to the oracle's. All scenarios run inside one pair of spawned workers (spawning 
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradfn import aggregators
@@ -25,16 +22,11 @@ from gradfn.algorithms import conductor, songoku
 from gradfn.integrations.distributed import make_reducer
 from tests._utils.asserts import assert_trees_close, assert_trees_equal
 from tests._utils.models import TrunkHeads
+from tests._utils.two_ranks import run_two_ranks
 
 K = 3
 BATCH = 8  # global batch per step; each of the 2 ranks gets 4 rows
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,13 +205,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_match_one_process_on_the_union():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker, args=(_free_port(), out_dir), nprocs=2, join=True, start_method="spawn"
-        )
-        ranks = [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)
-        ]
+    ranks = run_two_ranks(_worker, weights_only=False)
     per_rank = [r["per_rank"] for r in ranks]
     ranks = [r["union"] for r in ranks]
     oracle = _scenarios(0, 1, False)
